@@ -1,0 +1,10 @@
+"""poa_keras: pretrain elastic vision backbones once, deploy every size (Keras 3: JAX,
+TensorFlow, PyTorch)."""
+__version__ = "0.1.0"
+
+from poa_keras import elastic, presets  # noqa: E402
+from poa_keras.backbones import Backbone, ElasticViT  # noqa: E402
+from poa_keras.elastic import SubnetSampler, ViTSubnet  # noqa: E402
+
+__all__ = ["Backbone", "ElasticViT", "SubnetSampler", "ViTSubnet", "elastic", "presets",
+           "__version__"]

@@ -1,0 +1,378 @@
+"""ElasticViT: a DINOv2-style Vision Transformer whose every (width, depth) sub-network can be run
+by slicing (``model(x, subnet=spec)``) or extracted as a standalone ViT (``model.extract(spec)``).
+
+Layout: patch embedding (strided conv) -> [mask token] -> cls token -> learned position
+embedding (bicubic-interpolated for other input sizes) -> pre-norm blocks (optional LayerScale,
+stochastic depth) -> final LayerNorm. Images are channels-last (B, H, W, C).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from poa_keras.backbones.base import Backbone
+from poa_keras.elastic.layers import ElasticBlock, ElasticLayerNorm, ElasticPatchEmbed
+from poa_keras.elastic.spec import ViTSubnet, block_ids, grid_values, selection_weights
+
+
+def _cubic(d, a=-0.75):
+    """Keys' cubic convolution kernel (a = -0.75 as torch's bicubic) at distance |d|."""
+    d = abs(d)
+    if d <= 1:
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+    if d < 2:
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_resize_matrix(size_out: int, size_in: int) -> np.ndarray:
+    """(size_out, size_in) matrix M such that M @ v is v resized bicubically.
+
+    Half-pixel centres (align_corners=False), border samples repeated, no antialiasing: the rule
+    of torch's size-based bicubic ``interpolate`` that DINOv2 uses for position embeddings. A
+    fixed matrix makes the result identical on every backend.
+    """
+    m = np.zeros((size_out, size_in), dtype=np.float64)
+    scale = size_in / size_out
+    for i in range(size_out):
+        src = (i + 0.5) * scale - 0.5
+        base = math.floor(src)
+        t = src - base
+        for k in range(-1, 3):
+            m[i, min(max(base + k, 0), size_in - 1)] += _cubic(k - t)
+    return m.astype(np.float32)
+
+
+_PATCH_VARIANTS = (16, 14, 8)
+_SIZES = {  # name: (width, depth, head_dim)
+    "ti": (192, 12, 64),
+    "s": (384, 12, 64),
+    "b": (768, 12, 64),
+    "l": (1024, 24, 64),
+    "h": (1280, 32, 80),
+}
+CONFIGS = {}
+for _size, (_w, _d, _h) in _SIZES.items():
+    for _p in _PATCH_VARIANTS:
+        CONFIGS[f"vit_{_size}{_p}"] = dict(image_size=224, patch_size=_p, embed_dim=_w, depth=_d,
+                                           head_dim=_h)
+CONFIGS.update({
+    # The POA ViT-L/16 elastic teacher: widths 384..1024 (11), depths 12..24 (13), 143 subnets.
+    "vit_l16_elastic": dict(
+        image_size=224, patch_size=16, embed_dim=1024, depth=24, head_dim=64, min_width=384,
+        min_depth=12, layer_scale_init=1e-5, use_mask_token=True, net_select_scale=3,
+        named_subnets={"small": (384, 12), "base": (768, 12), "large": (1024, 24)}),
+    # Tiny elastic ViT for tests: widths 32, 48, 64; depths 2..4.
+    "vit_elastic_test": dict(
+        image_size=32, patch_size=8, embed_dim=64, depth=4, head_dim=16, min_width=32,
+        min_depth=2, layer_scale_init=1e-5, use_mask_token=True, net_select_scale=3,
+        named_subnets={"small": (32, 2), "base": (64, 2), "large": (64, 4)}),
+    # Small elastic ViT for CPU demos: widths 96..192 (4), depths 4..8 (5), 20 subnets.
+    "vit_elastic_demo": dict(
+        image_size=64, patch_size=8, embed_dim=192, depth=8, head_dim=32, min_width=96,
+        min_depth=4, layer_scale_init=1e-5, use_mask_token=True, net_select_scale=3,
+        named_subnets={"small": (96, 4), "base": (192, 4), "large": (192, 8)}),
+})
+del _size, _w, _d, _h, _p
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class ElasticViT(Backbone):
+    """Vision Transformer with elastic width (multiples of `head_dim`) and depth.
+
+    Args:
+        image_size: training resolution; sets the position-embedding grid.
+        patch_size: side of the square patches.
+        embed_dim: full (maximum) width.
+        depth: full (maximum) number of blocks.
+        head_dim: channels per attention head, fixed across widths (heads = width / head_dim).
+        min_width, min_depth: smallest sub-network (default: no elasticity).
+        mlp_ratio: MLP hidden width / width.
+        layer_scale_init: LayerScale initial value, or None for no LayerScale.
+        drop_path_rate: stochastic depth rate (same for every block if `drop_path_uniform`,
+            else linearly increasing from 0).
+        use_mask_token: create a learned mask token for masked-image objectives.
+        net_select_scale: sampling weight of the smallest subnet (see `SubnetSampler`).
+        named_subnets: {name: (width, depth)} of well-known sizes.
+
+    Call: ``model(images, subnet=None, masks=None, training=None)`` with images (B, H, W, C)
+    and optional boolean masks (B, H/p * W/p). Returns ``{"cls": (B, w), "patch_tokens":
+    (B, N, w), "pooled": (B, w)}`` (final-norm tokens; pooled = cls).
+    """
+
+    subnet_class = ViTSubnet
+
+    def __init__(self, image_size=224, patch_size=16, embed_dim=768, depth=12, head_dim=64,
+                 min_width=None, min_depth=None, mlp_ratio=4.0, qkv_bias=True, proj_bias=True,
+                 ffn_bias=True, layer_scale_init=None, drop_path_rate=0.0,
+                 drop_path_uniform=True, norm_epsilon=1e-6, use_mask_token=False, in_channels=3,
+                 net_select_scale=3, named_subnets=None, **kwargs):
+        super().__init__(**kwargs)
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size "
+                             f"{patch_size}")
+        min_width = embed_dim if min_width is None else min_width
+        min_depth = depth if min_depth is None else min_depth
+        for what, value in (("embed_dim", embed_dim), ("min_width", min_width)):
+            if value % head_dim:
+                raise ValueError(f"{what}={value} is not a multiple of head_dim={head_dim}")
+        if not head_dim <= min_width <= embed_dim:
+            raise ValueError(f"min_width={min_width} must lie in [{head_dim}, {embed_dim}]")
+        if not 1 <= min_depth <= depth:
+            raise ValueError(f"min_depth={min_depth} must lie in [1, {depth}]")
+        self.image_size = int(image_size)
+        self.patch_size = int(patch_size)
+        self.embed_dim = int(embed_dim)
+        self.depth = int(depth)
+        self.head_dim = int(head_dim)
+        self.min_width = int(min_width)
+        self.min_depth = int(min_depth)
+        self.mlp_ratio = float(mlp_ratio)
+        self.qkv_bias, self.proj_bias, self.ffn_bias = bool(qkv_bias), bool(proj_bias), \
+            bool(ffn_bias)
+        self.layer_scale_init = layer_scale_init
+        self.drop_path_rate = float(drop_path_rate)
+        self.drop_path_uniform = bool(drop_path_uniform)
+        self.norm_epsilon = float(norm_epsilon)
+        self.use_mask_token = bool(use_mask_token)
+        self.in_channels = int(in_channels)
+        self.net_select_scale = float(net_select_scale)
+        self._named = {k: ViTSubnet(*map(int, v)) for k, v in (named_subnets or {}).items()}
+        for k, spec in self._named.items():
+            self.validate_subnet(spec)
+        self.grid_size = self.image_size // self.patch_size
+
+        policy = self.dtype_policy
+        self.patch_embed = ElasticPatchEmbed(patch_size, embed_dim, in_channels, dtype=policy,
+                                             name="patch_embed")
+        if drop_path_uniform:
+            rates = [drop_path_rate] * depth
+        else:
+            rates = [float(r) for r in np.linspace(0.0, drop_path_rate, depth)]
+        self.blocks = [
+            ElasticBlock(embed_dim, head_dim, mlp_ratio, qkv_bias, proj_bias, ffn_bias,
+                         layer_scale_init, rates[i], norm_epsilon, dtype=policy,
+                         name=f"blocks_{i}")
+            for i in range(depth)
+        ]
+        self.norm = ElasticLayerNorm(embed_dim, norm_epsilon, dtype=policy, name="norm")
+        self.build()
+
+    def build(self, input_shape=None):
+        self.patch_embed.build()
+        self.cls_token = self.add_weight(
+            shape=(1, 1, self.embed_dim), name="cls_token",
+            initializer=keras.initializers.RandomNormal(stddev=1e-6))
+        self.pos_embed = self.add_weight(
+            shape=(1, 1 + self.grid_size ** 2, self.embed_dim), name="pos_embed",
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02))
+        self.mask_token = (self.add_weight(shape=(self.embed_dim,), name="mask_token",
+                                           initializer="zeros")
+                           if self.use_mask_token else None)
+        for block in self.blocks:
+            block.build()
+        self.norm.build()
+        self.built = True
+
+    # -- the grid ------------------------------------------------------------------------------
+    @property
+    def widths(self):
+        return grid_values(self.min_width, self.embed_dim, self.head_dim)
+
+    @property
+    def depths(self):
+        return grid_values(self.min_depth, self.depth, 1)
+
+    @property
+    def full_subnet(self):
+        return ViTSubnet(self.embed_dim, self.depth)
+
+    @property
+    def named_subnets(self):
+        return dict(self._named)
+
+    def subnets(self):
+        """Every (width, depth) of the grid, width-major, smallest first."""
+        return [ViTSubnet(w, d) for w in self.widths for d in self.depths]
+
+    def sampling_counts(self, net_select_scale=None):
+        scale = self.net_select_scale if net_select_scale is None else net_select_scale
+        return selection_weights(len(self.widths), len(self.depths), scale).reshape(-1).tolist()
+
+    def validate_subnet(self, spec):
+        widths, depths = self.widths, self.depths
+        if spec.width not in widths:
+            raise ValueError(f"width={spec.width} is not on the grid of {self.name}; valid "
+                             f"widths: {widths}")
+        if spec.depth not in depths:
+            raise ValueError(f"depth={spec.depth} is out of range for {self.name}; valid "
+                             f"depths: {depths[0]}..{depths[-1]}")
+
+    def subnet_from_kwargs(self, width=None, depth=None):
+        spec = ViTSubnet(self.embed_dim if width is None else int(width),
+                         self.depth if depth is None else int(depth))
+        self.validate_subnet(spec)
+        return spec
+
+    def block_ids(self, subnet=None):
+        """Indices of the blocks a subnet runs (all of them for the full network)."""
+        spec = self.resolve_subnet(subnet)
+        return list(range(self.depth)) if spec is None else block_ids(self.depth, spec.depth)
+
+    def subnet_params(self, subnet=None):
+        """Parameter count of a subnet (equals ``extract(subnet).count_params()``)."""
+        spec = self.resolve_subnet(subnet) or self.full_subnet
+        w, d = spec.width, spec.depth
+        hidden = int(w * self.mlp_ratio)
+        per_block = (
+            4 * w  # two LayerNorms
+            + w * 3 * w + (3 * w if self.qkv_bias else 0)
+            + w * w + (w if self.proj_bias else 0)
+            + w * hidden + w * hidden + ((hidden + w) if self.ffn_bias else 0)
+            + (2 * w if self.layer_scale_init else 0)
+        )
+        embed = self.patch_size ** 2 * self.in_channels * w + w
+        tokens = w + (1 + self.grid_size ** 2) * w + (w if self.use_mask_token else 0)
+        return embed + tokens + d * per_block + 2 * w
+
+    # -- forward -------------------------------------------------------------------------------
+    def _check_images(self, images):
+        shape = tuple(images.shape)
+        if len(shape) != 4:
+            raise ValueError(f"{self.name} expects images of rank 4 (batch, height, width, "
+                             f"channels), got shape {shape}")
+        if shape[-1] != self.in_channels:
+            raise ValueError(f"{self.name} expects {self.in_channels} channels (channels-last), "
+                             f"got shape {shape} with {shape[-1]} channels")
+        for what, size in (("height", shape[1]), ("width", shape[2])):
+            if size is None:
+                raise ValueError(f"{self.name} needs a static image {what}; got shape {shape}")
+            if size % self.patch_size:
+                raise ValueError(f"image {what} {size} is not a multiple of the patch size "
+                                 f"{self.patch_size}")
+        return shape[1] // self.patch_size, shape[2] // self.patch_size
+
+    def _position_embedding(self, grid_h, grid_w, width):
+        pos = self.pos_embed if width == self.embed_dim else self.pos_embed[..., :width]
+        if (grid_h, grid_w) == (self.grid_size, self.grid_size):
+            return pos
+        g = self.grid_size
+        patch_pos = ops.reshape(ops.cast(pos[:, 1:], "float32"), (g, g, width))
+        rows = ops.convert_to_tensor(bicubic_resize_matrix(grid_h, g))
+        cols = ops.convert_to_tensor(bicubic_resize_matrix(grid_w, g))
+        patch_pos = ops.einsum("hi,ijc->hjc", rows, patch_pos)
+        patch_pos = ops.einsum("wj,hjc->hwc", cols, patch_pos)
+        patch_pos = ops.cast(ops.reshape(patch_pos, (1, grid_h * grid_w, width)), pos.dtype)
+        return ops.concatenate([pos[:, :1], patch_pos], axis=1)
+
+    def call(self, images, subnet=None, masks=None, training=None):
+        spec = self.resolve_subnet(subnet)
+        grid_h, grid_w = self._check_images(images)
+        width = self.embed_dim if spec is None else spec.width
+        active = None if width == self.embed_dim else width  # None: no slicing at all
+        x = self.patch_embed(images, active=active)
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError(f"{self.name} was built without a mask token "
+                                 "(use_mask_token=False); it cannot take masks")
+            token = self.mask_token if active is None else self.mask_token[:width]
+            x = ops.where(ops.expand_dims(masks, -1), ops.cast(token, x.dtype), x)
+        cls = self.cls_token if active is None else self.cls_token[..., :width]
+        cls = ops.zeros_like(x[:, :1]) + ops.cast(cls, x.dtype)
+        x = ops.concatenate([cls, x], axis=1)
+        x = x + ops.cast(self._position_embedding(grid_h, grid_w, width), x.dtype)
+        ids = range(self.depth) if spec is None else block_ids(self.depth, spec.depth)
+        for i in ids:
+            x = self.blocks[i](x, active=active, training=training)
+        x = self.norm(x, active=active)
+        return {"cls": x[:, 0], "patch_tokens": x[:, 1:], "pooled": x[:, 0]}
+
+    # -- extraction ----------------------------------------------------------------------------
+    def extract(self, subnet):
+        """A new ElasticViT of exactly this size, alpha folded into its kernels.
+
+        ``extract(s)(x)`` equals ``self(x, subnet=s)``. The final LayerNorm is kept.
+        """
+        spec = self.resolve_subnet(subnet) or self.full_subnet
+        w, d = spec.width, spec.depth
+        config = self.get_config()
+        config.update(
+            embed_dim=w, depth=d, min_width=min(self.min_width, w),
+            min_depth=min(self.min_depth, d), name=f"{self.name}_w{w}_d{d}",
+            named_subnets={},  # the teacher's names mean other blocks in a smaller grid
+        )
+        sub = ElasticViT.from_config(config)
+        hidden = int(w * self.mlp_ratio)
+        np_ = keras.ops.convert_to_numpy
+
+        def put(variable, value):
+            variable.assign(np_(value))
+
+        kernel, bias = self.patch_embed.sliced_weights(w)
+        put(sub.patch_embed.proj.kernel, kernel)
+        put(sub.patch_embed.proj.bias, bias)
+        put(sub.cls_token, self.cls_token[..., :w])
+        put(sub.pos_embed, self.pos_embed[..., :w])
+        if self.use_mask_token:
+            put(sub.mask_token, self.mask_token[:w])
+
+        def copy_norm(src, dst):
+            gamma, beta = src.sliced_weights(w)
+            put(dst.norm.gamma, gamma)
+            put(dst.norm.beta, beta)
+
+        def copy_dense(src, dst, active_in, active_out):
+            kernel, bias = src.sliced_weights(active_in, active_out)
+            put(dst.dense.kernel, kernel)
+            if bias is not None:
+                put(dst.dense.bias, bias)
+
+        for j, i in enumerate(block_ids(self.depth, d)):
+            src, dst = self.blocks[i], sub.blocks[j]
+            copy_norm(src.norm1, dst.norm1)
+            copy_norm(src.norm2, dst.norm2)
+            copy_dense(src.attn.qkv, dst.attn.qkv, w, w)
+            copy_dense(src.attn.proj, dst.attn.proj, w, w)
+            copy_dense(src.mlp.fc1, dst.mlp.fc1, w, hidden)
+            copy_dense(src.mlp.fc2, dst.mlp.fc2, hidden, w)
+            if src.ls1 is not None:
+                put(dst.ls1.gamma, src.ls1.sliced_weights(w))
+                put(dst.ls2.gamma, src.ls2.sliced_weights(w))
+        copy_norm(self.norm, sub.norm)
+        return sub
+
+    # -- configuration -------------------------------------------------------------------------
+    @classmethod
+    def from_config_name(cls, name, **overrides):
+        """Builds a named configuration (see ``CONFIGS``), e.g. "vit_l16_elastic"."""
+        if name not in CONFIGS:
+            raise ValueError(f"unknown ViT configuration {name!r}; known: {sorted(CONFIGS)}")
+        config = dict(CONFIGS[name])
+        config.update(overrides)
+        config.setdefault("name", name)
+        return cls(**config)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            image_size=self.image_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
+            depth=self.depth, head_dim=self.head_dim, min_width=self.min_width,
+            min_depth=self.min_depth, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+            proj_bias=self.proj_bias, ffn_bias=self.ffn_bias,
+            layer_scale_init=self.layer_scale_init, drop_path_rate=self.drop_path_rate,
+            drop_path_uniform=self.drop_path_uniform, norm_epsilon=self.norm_epsilon,
+            use_mask_token=self.use_mask_token, in_channels=self.in_channels,
+            net_select_scale=self.net_select_scale,
+            named_subnets={k: [s.width, s.depth] for k, s in self._named.items()},
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(**config)

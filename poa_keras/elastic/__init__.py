@@ -1,0 +1,12 @@
+"""The one elastic mechanism: subnet specs, the grid and its sampler, elastic layers."""
+from poa_keras.elastic.layers import (ElasticAttention, ElasticBlock, ElasticDense,
+                                      ElasticLayerNorm, ElasticLayerScale, ElasticMLP,
+                                      ElasticPatchEmbed, StochasticDepth)
+from poa_keras.elastic.sampler import SubnetSampler
+from poa_keras.elastic.spec import ViTSubnet, block_ids, grid_values, selection_weights
+
+__all__ = [
+    "ElasticAttention", "ElasticBlock", "ElasticDense", "ElasticLayerNorm", "ElasticLayerScale",
+    "ElasticMLP", "ElasticPatchEmbed", "StochasticDepth", "SubnetSampler", "ViTSubnet",
+    "block_ids", "grid_values", "selection_weights",
+]

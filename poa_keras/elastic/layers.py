@@ -1,0 +1,386 @@
+"""Elastic layers: full-size weights that can run as any first-k slice of themselves.
+
+Every elastic layer wraps ordinary Keras layers (Dense, Conv2D, LayerNormalization) and has two
+forwards:
+
+* ``layer(x)``: the plain full layer, no slicing at all. An extracted sub-network only ever takes
+  this path, so it is an ordinary Keras model (``model.quantize("int8")`` finds plain ``Dense``
+  layers to quantize, ``model.export`` traces plain ops).
+* ``layer(x, active=...)``: the sub-network; the first channels of every weight are used and
+  every elastic linear/conv input is scaled by ``alpha = max_in / active_in``. The scale is folded
+  into the sliced kernel, exactly as an extracted network stores it, so the elastic forward and
+  the extracted network compute the same products.
+
+``sliced_weights(...)`` returns the weights the sub-network uses; extraction copies them.
+"""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+
+def _trunc_normal():
+    # ViT/DINOv2 initialisation of every linear layer of a block.
+    return keras.initializers.TruncatedNormal(stddev=0.02)
+
+
+def _check_not_quantized(layer, owner):
+    if getattr(layer, "quantization_mode", None) is not None:
+        raise ValueError(
+            f"{owner.name}: an elastic (sliced) forward needs float weights, but this layer was "
+            f"quantized ({layer.quantization_mode}). Extract the sub-network first, then quantize "
+            "the extracted model."
+        )
+
+
+def _check_active(active, maximum, what, owner):
+    if not 0 < active <= maximum:
+        raise ValueError(f"{owner}: active {what} {active} must lie in [1, {maximum}]")
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class ElasticDense(keras.layers.Layer):
+    """Linear map whose first `active_in` inputs and first `active_out` outputs can be taken.
+
+    With ``groups > 1`` the outputs are `groups` blocks of `units` (a fused q/k/v projection:
+    ``groups=3``) and the first `active_out` outputs of EACH block are kept.
+
+    Input (..., in_features) -> output (..., groups * units); sliced:
+    (..., active_in) -> (..., groups * active_out).
+    """
+
+    def __init__(self, in_features, units, groups=1, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        self.in_features = int(in_features)
+        self.units = int(units)
+        self.groups = int(groups)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.dense = keras.layers.Dense(
+            self.groups * self.units,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy,
+            name="dense",
+        )
+
+    def build(self, input_shape=None):
+        self.dense.build((None, self.in_features))
+
+    def sliced_weights(self, active_in, active_out):
+        """(kernel * alpha, bias) of the sub-layer: kernel (active_in, groups * active_out)."""
+        _check_not_quantized(self.dense, self)
+        _check_active(active_in, self.in_features, "inputs", self.name)
+        _check_active(active_out, self.units, "outputs", self.name)
+        kernel = self.dense.kernel[:active_in]
+        bias = self.dense.bias if self.use_bias else None
+        if active_out != self.units:
+            parts = [kernel[:, g * self.units: g * self.units + active_out]
+                     for g in range(self.groups)]
+            kernel = parts[0] if self.groups == 1 else ops.concatenate(parts, axis=1)
+            if bias is not None:
+                parts = [bias[g * self.units: g * self.units + active_out]
+                         for g in range(self.groups)]
+                bias = parts[0] if self.groups == 1 else ops.concatenate(parts, axis=0)
+        if active_in != self.in_features:
+            kernel = kernel * (self.in_features / active_in)
+        return kernel, bias
+
+    def call(self, x, active_in=None, active_out=None):
+        if active_in is None and active_out is None:
+            return self.dense(x)
+        active_in = self.in_features if active_in is None else active_in
+        active_out = self.units if active_out is None else active_out
+        kernel, bias = self.sliced_weights(active_in, active_out)
+        y = ops.matmul(x, ops.cast(kernel, x.dtype))
+        if bias is not None:
+            y = y + ops.cast(bias, x.dtype)
+        return y
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            in_features=self.in_features, units=self.units, groups=self.groups,
+            use_bias=self.use_bias,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class ElasticLayerNorm(keras.layers.Layer):
+    """LayerNorm over the ACTIVE channels only (first-w gamma and beta).
+
+    The statistics are those of the active channels, so an extracted network (a plain LayerNorm
+    of width w) computes the same thing.
+    """
+
+    def __init__(self, dim, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = int(dim)
+        self.epsilon = float(epsilon)
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=self.epsilon, dtype=self.dtype_policy, name="norm")
+
+    def build(self, input_shape=None):
+        self.norm.build((None, self.dim))
+
+    def sliced_weights(self, active):
+        _check_active(active, self.dim, "channels", self.name)
+        return self.norm.gamma[:active], self.norm.beta[:active]
+
+    def call(self, x, active=None):
+        if active is None:
+            return self.norm(x)
+        gamma, beta = self.sliced_weights(active)
+        y = ops.layer_normalization(x, gamma, beta, -1, self.epsilon)
+        return ops.cast(y, self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dim=self.dim, epsilon=self.epsilon)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class ElasticPatchEmbed(keras.layers.Layer):
+    """Non-overlapping patch embedding (a strided conv) with elastic output channels.
+
+    Input (B, H, W, C) -> tokens (B, H/p * W/p, dim) (or the first `active` channels).
+    The input channels are never sliced, so alpha is 1 here.
+    """
+
+    def __init__(self, patch_size, dim, in_channels=3, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = int(patch_size)
+        self.dim = int(dim)
+        self.in_channels = int(in_channels)
+        self.proj = keras.layers.Conv2D(
+            self.dim, self.patch_size, strides=self.patch_size, padding="valid",
+            dtype=self.dtype_policy, name="proj")
+
+    def build(self, input_shape=None):
+        self.proj.build((None, None, None, self.in_channels))
+
+    def sliced_weights(self, active):
+        _check_not_quantized(self.proj, self)
+        _check_active(active, self.dim, "channels", self.name)
+        return self.proj.kernel[..., :active], self.proj.bias[:active]
+
+    def call(self, x, active=None):
+        if active is None:
+            y = self.proj(x)
+        else:
+            kernel, bias = self.sliced_weights(active)
+            y = ops.conv(x, ops.cast(kernel, x.dtype), strides=self.patch_size, padding="valid")
+            y = y + ops.cast(bias, y.dtype)
+        b, h, w, c = ops.shape(y)
+        return ops.reshape(y, (b, h * w, c))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(patch_size=self.patch_size, dim=self.dim, in_channels=self.in_channels)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class ElasticLayerScale(keras.layers.Layer):
+    """Per-channel learnable scale (CaiT/DINOv2 LayerScale); first-w gamma when elastic."""
+
+    def __init__(self, dim, init_value=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = int(dim)
+        self.init_value = float(init_value)
+
+    def build(self, input_shape=None):
+        self.gamma = self.add_weight(
+            shape=(self.dim,), initializer=keras.initializers.Constant(self.init_value),
+            name="gamma")
+
+    def sliced_weights(self, active):
+        _check_active(active, self.dim, "channels", self.name)
+        return self.gamma[:active]
+
+    def call(self, x, active=None):
+        gamma = self.gamma if active is None else self.sliced_weights(active)
+        return x * ops.cast(gamma, x.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dim=self.dim, init_value=self.init_value)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class StochasticDepth(keras.layers.Layer):
+    """Drops the whole residual branch per sample with probability `rate` (training only)."""
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop-path rate must lie in [0, 1), got {rate}")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0 else None
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        mask = ops.floor(keep + keras.random.uniform(shape, seed=self.seed_generator,
+                                                     dtype=x.dtype))
+        return x * mask / keep
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rate=self.rate, seed=self.seed)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class ElasticAttention(keras.layers.Layer):
+    """Multi-head self-attention with a fused qkv projection and a fixed head dim.
+
+    Heads = active width / head_dim: narrowing the width removes whole heads. The q, k and v
+    groups of the fused projection are sliced separately (first w rows of each).
+    Input/output (B, N, dim) or (B, N, w) when elastic.
+    """
+
+    def __init__(self, dim, head_dim, qkv_bias=True, proj_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        if dim % head_dim:
+            raise ValueError(f"width {dim} is not a multiple of the head dim {head_dim}")
+        self.dim = int(dim)
+        self.head_dim = int(head_dim)
+        self.qkv_bias = bool(qkv_bias)
+        self.proj_bias = bool(proj_bias)
+        self.qkv = ElasticDense(dim, dim, groups=3, use_bias=qkv_bias, dtype=self.dtype_policy,
+                                kernel_initializer=_trunc_normal(), name="qkv")
+        self.proj = ElasticDense(dim, dim, use_bias=proj_bias, dtype=self.dtype_policy,
+                                 kernel_initializer=_trunc_normal(), name="proj")
+
+    def build(self, input_shape=None):
+        self.qkv.build()
+        self.proj.build()
+
+    def call(self, x, active=None):
+        width = self.dim if active is None else active
+        if width % self.head_dim:
+            raise ValueError(f"{self.name}: active width {width} is not a multiple of the head "
+                             f"dim {self.head_dim}")
+        heads = width // self.head_dim
+        if active is None:
+            qkv = self.qkv(x)
+        else:
+            qkv = self.qkv(x, active_in=width, active_out=width)
+        b, n = ops.shape(x)[0], ops.shape(x)[1]
+        qkv = ops.reshape(qkv, (b, n, 3, heads, self.head_dim))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        y = ops.dot_product_attention(q, k, v)  # (B, N, heads, head_dim)
+        y = ops.reshape(y, (b, n, width))
+        if active is None:
+            return self.proj(y)
+        return self.proj(y, active_in=width, active_out=width)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dim=self.dim, head_dim=self.head_dim, qkv_bias=self.qkv_bias,
+                      proj_bias=self.proj_bias)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class ElasticMLP(keras.layers.Layer):
+    """fc1 -> GELU (exact) -> fc2, hidden width = mlp_ratio * active width."""
+
+    def __init__(self, dim, mlp_ratio=4.0, use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = int(dim)
+        self.mlp_ratio = float(mlp_ratio)
+        self.use_bias = bool(use_bias)
+        self.hidden = int(self.dim * self.mlp_ratio)
+        self.fc1 = ElasticDense(self.dim, self.hidden, use_bias=use_bias,
+                                kernel_initializer=_trunc_normal(), dtype=self.dtype_policy,
+                                name="fc1")
+        self.fc2 = ElasticDense(self.hidden, self.dim, use_bias=use_bias,
+                                kernel_initializer=_trunc_normal(), dtype=self.dtype_policy,
+                                name="fc2")
+
+    def build(self, input_shape=None):
+        self.fc1.build()
+        self.fc2.build()
+
+    def active_hidden(self, active):
+        return int(active * self.mlp_ratio)
+
+    def call(self, x, active=None):
+        if active is None:
+            return self.fc2(keras.activations.gelu(self.fc1(x), approximate=False))
+        hidden = self.active_hidden(active)
+        h = self.fc1(x, active_in=active, active_out=hidden)
+        h = keras.activations.gelu(h, approximate=False)
+        return self.fc2(h, active_in=hidden, active_out=active)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dim=self.dim, mlp_ratio=self.mlp_ratio, use_bias=self.use_bias)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class ElasticBlock(keras.layers.Layer):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, dim, head_dim, mlp_ratio=4.0, qkv_bias=True, proj_bias=True,
+                 ffn_bias=True, layer_scale_init=None, drop_path=0.0, norm_epsilon=1e-6,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.dim = int(dim)
+        self.head_dim = int(head_dim)
+        self.mlp_ratio = float(mlp_ratio)
+        self.qkv_bias, self.proj_bias, self.ffn_bias = bool(qkv_bias), bool(proj_bias), \
+            bool(ffn_bias)
+        self.layer_scale_init = layer_scale_init
+        self.drop_path_rate = float(drop_path)
+        self.norm_epsilon = float(norm_epsilon)
+        policy = self.dtype_policy
+        self.norm1 = ElasticLayerNorm(dim, norm_epsilon, dtype=policy, name="norm1")
+        self.attn = ElasticAttention(dim, head_dim, qkv_bias, proj_bias, dtype=policy,
+                                     name="attn")
+        self.norm2 = ElasticLayerNorm(dim, norm_epsilon, dtype=policy, name="norm2")
+        self.mlp = ElasticMLP(dim, mlp_ratio, ffn_bias, dtype=policy, name="mlp")
+        if layer_scale_init:
+            self.ls1 = ElasticLayerScale(dim, layer_scale_init, dtype=policy, name="ls1")
+            self.ls2 = ElasticLayerScale(dim, layer_scale_init, dtype=policy, name="ls2")
+        else:
+            self.ls1 = self.ls2 = None
+        self.drop_path = StochasticDepth(drop_path, dtype=policy, name="drop_path")
+
+    def build(self, input_shape=None):
+        for layer in (self.norm1, self.attn, self.norm2, self.mlp, self.ls1, self.ls2):
+            if layer is not None:
+                layer.build()
+
+    def call(self, x, active=None, training=None):
+        y = self.attn(self.norm1(x, active=active), active=active)
+        if self.ls1 is not None:
+            y = self.ls1(y, active=active)
+        x = x + self.drop_path(y, training=training)
+        y = self.mlp(self.norm2(x, active=active), active=active)
+        if self.ls2 is not None:
+            y = self.ls2(y, active=active)
+        return x + self.drop_path(y, training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dim=self.dim, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
+                      qkv_bias=self.qkv_bias, proj_bias=self.proj_bias, ffn_bias=self.ffn_bias,
+                      layer_scale_init=self.layer_scale_init, drop_path=self.drop_path_rate,
+                      norm_epsilon=self.norm_epsilon)
+        return config

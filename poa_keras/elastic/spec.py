@@ -1,0 +1,54 @@
+"""Subnet specifications and the subnet grid of an elastic backbone.
+
+A spec is a small frozen, hashable value: it can key a cache of compiled programs and travel
+through a trainer as a static per-step "plan".
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class ViTSubnet:
+    """A sub-network of an elastic ViT: the first `width` channels and `depth` of the blocks."""
+
+    width: int
+    depth: int
+
+    def __str__(self):
+        return f"ViTSubnet(width={self.width}, depth={self.depth})"
+
+
+def block_ids(max_depth: int, depth: int) -> list[int]:
+    """Blocks kept for `depth` of `max_depth`: floor((Lmax - 1) * j / (L - 1)), j = 0..L-1.
+
+    Computed in exact integer arithmetic, so no float rounding can move a block.
+    """
+    if not 1 <= depth <= max_depth:
+        raise ValueError(f"depth={depth} must lie in [1, {max_depth}]")
+    if depth == 1:
+        return [0]
+    return [((max_depth - 1) * j) // (depth - 1) for j in range(depth)]
+
+
+def grid_values(minimum: int, maximum: int, step: int) -> list[int]:
+    """minimum, minimum + step, ..., maximum (both ends must lie on the grid)."""
+    if minimum > maximum:
+        raise ValueError(f"minimum {minimum} is larger than maximum {maximum}")
+    if (maximum - minimum) % step:
+        raise ValueError(f"{maximum} - {minimum} is not a multiple of the step {step}")
+    return list(range(minimum, maximum + 1, step))
+
+
+def selection_weights(num_widths: int, num_depths: int, net_select_scale: float) -> np.ndarray:
+    """How many times each (width, depth) pair appears in the sampling list.
+
+    ws and ds run linearly from `net_select_scale` down to 1 across widths and depths (smallest
+    first), and pair (i, j) appears round(ws_i * ds_j) times: small nets are drawn more often.
+    Returns an int array of shape (num_widths, num_depths).
+    """
+    ws = np.linspace(net_select_scale, 1, num_widths)
+    ds = np.linspace(net_select_scale, 1, num_depths)
+    return np.round(ws[:, None] * ds[None, :]).astype(np.int64)
