@@ -48,6 +48,12 @@ class Backbone(keras.Model):
         self.validate_subnet(subnet)
         return subnet
 
+    def compiled_forward(self, subnet=None, training=False):
+        """A compiled callable images -> outputs for one plan (see ``backbones/compiled.py``);
+        much faster than eager calls on JAX."""
+        from poa_keras.backbones.compiled import compiled_forward
+        return compiled_forward(self, subnet, training)
+
     def sampler(self, seed=0, net_select_scale=None) -> SubnetSampler:
         """A sampler over the grid with the reference weighting, excluding the intact net."""
         specs = self.subnets()

@@ -15,7 +15,8 @@ import numpy as np
 from keras import ops
 
 from poa_keras.backbones.base import Backbone
-from poa_keras.elastic.layers import ElasticBlock, ElasticLayerNorm, ElasticPatchEmbed
+from poa_keras.elastic.layers import (ElasticBlock, ElasticLayerNorm, ElasticPatchEmbed,
+                                      HostInitializer)
 from poa_keras.elastic.spec import ViTSubnet, block_ids, grid_values, selection_weights
 
 
@@ -167,12 +168,12 @@ class ElasticViT(Backbone):
         self.patch_embed.build()
         self.cls_token = self.add_weight(
             shape=(1, 1, self.embed_dim), name="cls_token",
-            initializer=keras.initializers.RandomNormal(stddev=1e-6))
+            initializer=HostInitializer("normal", stddev=1e-6))
         self.pos_embed = self.add_weight(
             shape=(1, 1 + self.grid_size ** 2, self.embed_dim), name="pos_embed",
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02))
+            initializer=HostInitializer("truncated_normal", stddev=0.02))
         self.mask_token = (self.add_weight(shape=(self.embed_dim,), name="mask_token",
-                                           initializer="zeros")
+                                           initializer=HostInitializer("zeros"))
                            if self.use_mask_token else None)
         for block in self.blocks:
             block.build()
@@ -308,26 +309,28 @@ class ElasticViT(Backbone):
         )
         sub = ElasticViT.from_config(config)
         hidden = int(w * self.mlp_ratio)
-        np_ = keras.ops.convert_to_numpy
 
         def put(variable, value):
-            variable.assign(np_(value))
+            variable.assign(value)
 
-        kernel, bias = self.patch_embed.sliced_weights(w)
+        def host(variable):
+            return np.asarray(ops.convert_to_numpy(variable))
+
+        kernel, bias = self.patch_embed.sliced_weights(w, on_host=True)
         put(sub.patch_embed.proj.kernel, kernel)
         put(sub.patch_embed.proj.bias, bias)
-        put(sub.cls_token, self.cls_token[..., :w])
-        put(sub.pos_embed, self.pos_embed[..., :w])
+        put(sub.cls_token, host(self.cls_token)[..., :w])
+        put(sub.pos_embed, host(self.pos_embed)[..., :w])
         if self.use_mask_token:
-            put(sub.mask_token, self.mask_token[:w])
+            put(sub.mask_token, host(self.mask_token)[:w])
 
         def copy_norm(src, dst):
-            gamma, beta = src.sliced_weights(w)
+            gamma, beta = src.sliced_weights(w, on_host=True)
             put(dst.norm.gamma, gamma)
             put(dst.norm.beta, beta)
 
         def copy_dense(src, dst, active_in, active_out):
-            kernel, bias = src.sliced_weights(active_in, active_out)
+            kernel, bias = src.sliced_weights(active_in, active_out, on_host=True)
             put(dst.dense.kernel, kernel)
             if bias is not None:
                 put(dst.dense.bias, bias)
@@ -341,8 +344,8 @@ class ElasticViT(Backbone):
             copy_dense(src.mlp.fc1, dst.mlp.fc1, w, hidden)
             copy_dense(src.mlp.fc2, dst.mlp.fc2, hidden, w)
             if src.ls1 is not None:
-                put(dst.ls1.gamma, src.ls1.sliced_weights(w))
-                put(dst.ls2.gamma, src.ls2.sliced_weights(w))
+                put(dst.ls1.gamma, src.ls1.sliced_weights(w, on_host=True))
+                put(dst.ls2.gamma, src.ls2.sliced_weights(w, on_host=True))
         copy_norm(self.norm, sub.norm)
         return sub
 

@@ -16,13 +16,68 @@ forwards:
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 
 
+@keras.saving.register_keras_serializable(package="poa_keras")
+class HostInitializer(keras.initializers.Initializer):
+    """Initial values drawn with numpy on the host.
+
+    Keras' own random initializers run as backend ops, and eager JAX compiles one program per
+    new weight shape (about 0.15 s each): building or extracting a ViT took seconds. Numpy draws
+    are instant on every backend and reproducible under ``keras.utils.set_random_seed`` (which
+    seeds numpy's global generator).
+
+    kind: "zeros", "ones", "constant" (value), "normal" (stddev), "truncated_normal" (stddev,
+    cut at 2 stddev) or "glorot_uniform".
+    """
+
+    KINDS = ("zeros", "ones", "constant", "normal", "truncated_normal", "glorot_uniform")
+
+    def __init__(self, kind="zeros", stddev=0.02, value=0.0):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown initializer kind {kind!r}; valid: {self.KINDS}")
+        self.kind, self.stddev, self.value = kind, float(stddev), float(value)
+
+    def __call__(self, shape, dtype=None):
+        shape = tuple(int(s) for s in shape)
+        if self.kind == "zeros":
+            out = np.zeros(shape)
+        elif self.kind == "ones":
+            out = np.ones(shape)
+        elif self.kind == "constant":
+            out = np.full(shape, self.value)
+        elif self.kind == "normal":
+            out = np.random.normal(0.0, self.stddev, shape)
+        elif self.kind == "truncated_normal":
+            out = np.random.normal(0.0, 1.0, shape)
+            bad = np.abs(out) > 2
+            while bad.any():
+                out[bad] = np.random.normal(0.0, 1.0, int(bad.sum()))
+                bad = np.abs(out) > 2
+            out *= self.stddev
+        else:
+            receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+            fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            out = np.random.uniform(-limit, limit, shape)
+        return keras.ops.convert_to_tensor(out.astype("float32"), dtype=dtype)
+
+    def get_config(self):
+        return {"kind": self.kind, "stddev": self.stddev, "value": self.value}
+
+
 def _trunc_normal():
     # ViT/DINOv2 initialisation of every linear layer of a block.
-    return keras.initializers.TruncatedNormal(stddev=0.02)
+    return HostInitializer("truncated_normal", stddev=0.02)
+
+
+def _read(variable, on_host):
+    """The variable itself (for the traced forward) or a numpy copy (for extraction: slicing on
+    the host avoids compiling one device program per new shape)."""
+    return np.asarray(keras.ops.convert_to_numpy(variable)) if on_host else variable
 
 
 def _check_not_quantized(layer, owner):
@@ -51,14 +106,15 @@ class ElasticDense(keras.layers.Layer):
     """
 
     def __init__(self, in_features, units, groups=1, use_bias=True,
-                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+                 kernel_initializer=None, bias_initializer=None, **kwargs):
         super().__init__(**kwargs)
         self.in_features = int(in_features)
         self.units = int(units)
         self.groups = int(groups)
         self.use_bias = bool(use_bias)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer or HostInitializer("glorot_uniform"))
+        self.bias_initializer = keras.initializers.get(bias_initializer or HostInitializer())
         self.dense = keras.layers.Dense(
             self.groups * self.units,
             use_bias=self.use_bias,
@@ -71,21 +127,24 @@ class ElasticDense(keras.layers.Layer):
     def build(self, input_shape=None):
         self.dense.build((None, self.in_features))
 
-    def sliced_weights(self, active_in, active_out):
-        """(kernel * alpha, bias) of the sub-layer: kernel (active_in, groups * active_out)."""
+    def sliced_weights(self, active_in, active_out, on_host=False):
+        """(kernel * alpha, bias) of the sub-layer: kernel (active_in, groups * active_out).
+
+        on_host: numpy arrays (for extraction) instead of backend tensors."""
         _check_not_quantized(self.dense, self)
         _check_active(active_in, self.in_features, "inputs", self.name)
         _check_active(active_out, self.units, "outputs", self.name)
-        kernel = self.dense.kernel[:active_in]
-        bias = self.dense.bias if self.use_bias else None
+        concatenate = np.concatenate if on_host else ops.concatenate
+        kernel = _read(self.dense.kernel, on_host)[:active_in]
+        bias = _read(self.dense.bias, on_host) if self.use_bias else None
         if active_out != self.units:
             parts = [kernel[:, g * self.units: g * self.units + active_out]
                      for g in range(self.groups)]
-            kernel = parts[0] if self.groups == 1 else ops.concatenate(parts, axis=1)
+            kernel = parts[0] if self.groups == 1 else concatenate(parts, axis=1)
             if bias is not None:
                 parts = [bias[g * self.units: g * self.units + active_out]
                          for g in range(self.groups)]
-                bias = parts[0] if self.groups == 1 else ops.concatenate(parts, axis=0)
+                bias = parts[0] if self.groups == 1 else concatenate(parts, axis=0)
         if active_in != self.in_features:
             kernel = kernel * (self.in_features / active_in)
         return kernel, bias
@@ -125,14 +184,16 @@ class ElasticLayerNorm(keras.layers.Layer):
         self.dim = int(dim)
         self.epsilon = float(epsilon)
         self.norm = keras.layers.LayerNormalization(
-            epsilon=self.epsilon, dtype=self.dtype_policy, name="norm")
+            epsilon=self.epsilon, gamma_initializer=HostInitializer("ones"),
+            beta_initializer=HostInitializer("zeros"), dtype=self.dtype_policy, name="norm")
 
     def build(self, input_shape=None):
         self.norm.build((None, self.dim))
 
-    def sliced_weights(self, active):
+    def sliced_weights(self, active, on_host=False):
         _check_active(active, self.dim, "channels", self.name)
-        return self.norm.gamma[:active], self.norm.beta[:active]
+        return (_read(self.norm.gamma, on_host)[:active],
+                _read(self.norm.beta, on_host)[:active])
 
     def call(self, x, active=None):
         if active is None:
@@ -162,15 +223,17 @@ class ElasticPatchEmbed(keras.layers.Layer):
         self.in_channels = int(in_channels)
         self.proj = keras.layers.Conv2D(
             self.dim, self.patch_size, strides=self.patch_size, padding="valid",
-            dtype=self.dtype_policy, name="proj")
+            kernel_initializer=HostInitializer("glorot_uniform"),
+            bias_initializer=HostInitializer("zeros"), dtype=self.dtype_policy, name="proj")
 
     def build(self, input_shape=None):
         self.proj.build((None, None, None, self.in_channels))
 
-    def sliced_weights(self, active):
+    def sliced_weights(self, active, on_host=False):
         _check_not_quantized(self.proj, self)
         _check_active(active, self.dim, "channels", self.name)
-        return self.proj.kernel[..., :active], self.proj.bias[:active]
+        return (_read(self.proj.kernel, on_host)[..., :active],
+                _read(self.proj.bias, on_host)[:active])
 
     def call(self, x, active=None):
         if active is None:
@@ -199,12 +262,12 @@ class ElasticLayerScale(keras.layers.Layer):
 
     def build(self, input_shape=None):
         self.gamma = self.add_weight(
-            shape=(self.dim,), initializer=keras.initializers.Constant(self.init_value),
+            shape=(self.dim,), initializer=HostInitializer("constant", value=self.init_value),
             name="gamma")
 
-    def sliced_weights(self, active):
+    def sliced_weights(self, active, on_host=False):
         _check_active(active, self.dim, "channels", self.name)
-        return self.gamma[:active]
+        return _read(self.gamma, on_host)[:active]
 
     def call(self, x, active=None):
         gamma = self.gamma if active is None else self.sliced_weights(active)

@@ -1,0 +1,43 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from poa_keras import ElasticViT  # noqa: E402
+
+# A small elastic ViT with a 5 x 5 grid (widths 32..96 step 16, depths 2..6): 25 subnets.
+SMALL_VIT = dict(image_size=32, patch_size=8, embed_dim=96, depth=6, head_dim=16, min_width=32,
+                 min_depth=2, layer_scale_init=0.5, use_mask_token=True, net_select_scale=3)
+
+
+def to_np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def forward(model, images, subnet=None):
+    """The model's inference forward, compiled (eager JAX compiles op by op and is slow)."""
+    return model.compiled_forward(subnet)(images)
+
+
+def randomize(model, seed=0):
+    """Gives every weight random values of a moderate scale, so that slicing errors show
+    (LayerScale 1e-5, zero biases or zero mask tokens would hide them)."""
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(0.0, 0.2, size=tuple(v.shape)).astype("float32")
+                       for v in model.weights])
+
+
+@pytest.fixture(scope="session")
+def small_vit():
+    keras.utils.set_random_seed(0)
+    model = ElasticViT(name="small_vit", **SMALL_VIT)
+    randomize(model, seed=1)
+    return model
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).uniform(-1, 1, size=(2, 32, 32, 3)).astype("float32")
