@@ -18,8 +18,11 @@ def to_np(x):
 
 
 def forward(model, images, subnet=None):
-    """The model's inference forward, compiled (eager JAX compiles op by op and is slow)."""
-    return model.compiled_forward(subnet)(images)
+    """The model's inference forward: jitted on JAX (eager JAX compiles op by op and is slow),
+    eager elsewhere (tracing a tf.function costs more than running a tiny model eagerly)."""
+    if keras.backend.backend() == "jax":
+        return model.compiled_forward(subnet)(images)
+    return model(images, subnet=subnet)
 
 
 def randomize(model, seed=0):

@@ -50,20 +50,26 @@ class HostInitializer(keras.initializers.Initializer):
         elif self.kind == "constant":
             out = np.full(shape, self.value)
         elif self.kind == "normal":
-            out = np.random.normal(0.0, self.stddev, shape)
+            out = self._rng().standard_normal(shape, dtype=np.float32) * self.stddev
         elif self.kind == "truncated_normal":
-            out = np.random.normal(0.0, 1.0, shape)
+            rng = self._rng()
+            out = rng.standard_normal(shape, dtype=np.float32)
             bad = np.abs(out) > 2
             while bad.any():
-                out[bad] = np.random.normal(0.0, 1.0, int(bad.sum()))
+                out[bad] = rng.standard_normal(int(bad.sum()), dtype=np.float32)
                 bad = np.abs(out) > 2
             out *= self.stddev
         else:
             receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
             fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
             limit = np.sqrt(6.0 / (fan_in + fan_out))
-            out = np.random.uniform(-limit, limit, shape)
+            out = self._rng().uniform(-limit, limit, shape).astype(np.float32)
         return keras.ops.convert_to_tensor(out.astype("float32"), dtype=dtype)
+
+    @staticmethod
+    def _rng():
+        # A fast float32 generator seeded from numpy's global state (set_random_seed seeds it).
+        return np.random.default_rng(np.random.randint(2 ** 31))
 
     def get_config(self):
         return {"kind": self.kind, "stddev": self.stddev, "value": self.value}
@@ -429,6 +435,7 @@ class ElasticBlock(keras.layers.Layer):
         for layer in (self.norm1, self.attn, self.norm2, self.mlp, self.ls1, self.ls2):
             if layer is not None:
                 layer.build()
+        self.drop_path.build(None)  # weightless, but Model.quantize wants every layer built
 
     def call(self, x, active=None, training=None):
         y = self.attn(self.norm1(x, active=active), active=active)
