@@ -185,15 +185,15 @@ def _load_registered(cls, name, load_weights):
     card = get_card(name)
     arch = card["architecture"]
     klass = _check_class(cls, arch["class_name"], f"preset {name!r}")
-    backbone = klass.from_config_name(arch["config_name"], name=name)
-    if not load_weights:
-        return backbone
     weights = card.get("weights") or {}
-    if not weights.get("url"):
+    if load_weights and not weights.get("url"):  # say so before building a large model
         status = weights.get("status", "not published")
         raise ValueError(
             f"preset {name!r} has no published weights yet ({status}). Use load_weights=False "
             "for the architecture with random weights, or pass a local preset directory.")
+    backbone = klass.from_config_name(arch["config_name"], name=name)
+    if not load_weights:
+        return backbone
     path = keras.utils.get_file(
         fname=f"{name}.weights.h5", origin=weights["url"], file_hash=weights["sha256"],
         hash_algorithm="sha256", cache_subdir=os.path.join("poa_keras", name))

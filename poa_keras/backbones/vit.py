@@ -351,13 +351,15 @@ class ElasticViT(Backbone):
 
     # -- configuration -------------------------------------------------------------------------
     @classmethod
-    def from_config_name(cls, name, **overrides):
-        """Builds a named configuration (see ``CONFIGS``), e.g. "vit_l16_elastic"."""
-        if name not in CONFIGS:
-            raise ValueError(f"unknown ViT configuration {name!r}; known: {sorted(CONFIGS)}")
-        config = dict(CONFIGS[name])
+    def from_config_name(cls, config_name, **overrides):
+        """Builds a named configuration (see ``CONFIGS``), e.g. "vit_l16_elastic"; keywords
+        override its entries (and may set the Keras ``name`` or ``dtype``)."""
+        if config_name not in CONFIGS:
+            raise ValueError(f"unknown ViT configuration {config_name!r}; known: "
+                             f"{sorted(CONFIGS)}")
+        config = dict(CONFIGS[config_name])
         config.update(overrides)
-        config.setdefault("name", name)
+        config.setdefault("name", config_name)
         return cls(**config)
 
     def get_config(self):

@@ -1,0 +1,209 @@
+"""Presets: keras-hub layout, round trips, registry, atomic saves and every promised error."""
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import to_np
+
+from poa_keras import Backbone, ElasticViT, ViTSubnet, presets
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    model = ElasticViT.from_config_name("vit_elastic_test", name="teacher")
+    rng = np.random.default_rng(5)
+    model.set_weights([rng.normal(0, 0.2, size=tuple(v.shape)).astype("float32")
+                       for v in model.weights])
+    return model
+
+
+@pytest.fixture(scope="module")
+def preset_dir(teacher, tmp_path_factory):
+    path = tmp_path_factory.mktemp("presets") / "teacher"
+    teacher.save_to_preset(path)
+    return path
+
+
+def _same(a, b):
+    for key in ("cls", "patch_tokens"):
+        np.testing.assert_array_equal(to_np(a[key]), to_np(b[key]))
+
+
+def test_layout_is_keras_hub(preset_dir):
+    assert sorted(os.listdir(preset_dir)) == ["config.json", "metadata.json", "model.weights.h5"]
+    config = json.loads((preset_dir / "config.json").read_text())
+    assert config["class_name"] == "ElasticViT"
+    assert config["registered_name"] == "poa_keras>ElasticViT"
+    assert config["config"]["embed_dim"] == 64
+    metadata = json.loads((preset_dir / "metadata.json").read_text())
+    assert metadata["parameter_count"] > 0 and len(metadata["weights_sha256"]) == 64
+    assert metadata["num_subnets"] == 9
+
+
+def test_round_trip_full(teacher, preset_dir, images):
+    for cls in (ElasticViT, Backbone):
+        loaded = cls.from_preset(str(preset_dir))
+        assert isinstance(loaded, ElasticViT)
+        _same(loaded(images), teacher(images))
+
+
+def test_round_trip_with_width_and_depth(teacher, preset_dir, images):
+    sub = Backbone.from_preset(preset_dir, width=48, depth=3)
+    assert (sub.embed_dim, sub.depth) == (48, 3)
+    _same(sub(images), teacher.extract(ViTSubnet(48, 3))(images))
+    only_width = ElasticViT.from_preset(preset_dir, width=32)
+    assert (only_width.embed_dim, only_width.depth) == (32, 4)
+    named = ElasticViT.from_preset(preset_dir, subnet="small")
+    assert (named.embed_dim, named.depth) == (32, 2)
+
+
+def test_extracted_subnet_saves_as_a_preset(teacher, tmp_path, images):
+    sub = teacher.extract(ViTSubnet(48, 2))
+    sub.save_to_preset(tmp_path / "sub")
+    _same(ElasticViT.from_preset(tmp_path / "sub")(images), sub(images))
+
+
+def test_registered_presets():
+    cards = presets.list_presets()
+    assert {"poa_vit_l", "poa_vit_demo"} <= set(cards)
+    for card in cards.values():
+        assert {"name", "architecture", "weights", "license"} <= set(card)
+    demo = Backbone.from_preset("poa_vit_demo", load_weights=False)
+    assert isinstance(demo, ElasticViT) and len(demo.subnets()) == 20
+    small = Backbone.from_preset("poa_vit_demo", load_weights=False, width=96, depth=4)
+    assert (small.embed_dim, small.depth) == (96, 4)
+
+
+def test_unpublished_weights_say_so():
+    with pytest.raises(ValueError, match=r"'poa_vit_l' has no published weights yet.*"
+                                         r"load_weights=False"):
+        Backbone.from_preset("poa_vit_l")
+
+
+def test_registered_weights_are_downloaded_and_checked(teacher, preset_dir, monkeypatch,
+                                                       tmp_path, images):
+    """A card with a weights URL: fetched once into the Keras cache, sha256 checked (file://
+    URL, so no network)."""
+    weights = preset_dir / "model.weights.h5"
+    card = {"name": "local_test", "architecture": {"class_name": "ElasticViT",
+                                                     "config_name": "vit_elastic_test"},
+            "license": "test", "weights": {"url": weights.as_uri(),
+                                           "sha256": presets.sha256_of(weights)}}
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setattr(presets, "list_presets", lambda: {"local_test": card})
+    loaded = Backbone.from_preset("local_test")
+    _same(loaded(images), teacher(images))
+    card["weights"]["sha256"] = "0" * 64
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home2"))
+    with pytest.raises(Exception, match="(?i)hash|sha256|corrupt"):
+        Backbone.from_preset("local_test")
+
+
+# -- bad input -------------------------------------------------------------------------------
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown preset 'vit_nope'.*known presets: \[.*"
+                                         r"'poa_vit_l'"):
+        Backbone.from_preset("vit_nope")
+
+
+def test_width_off_the_grid_and_depth_out_of_range(preset_dir):
+    with pytest.raises(ValueError, match=r"width=40 .*valid widths: \[32, 48, 64\]"):
+        Backbone.from_preset(preset_dir, width=40)
+    with pytest.raises(ValueError, match=r"depth=9 .*valid depths: 2\.\.4"):
+        Backbone.from_preset(preset_dir, depth=9)
+
+
+def _copy_preset(src, dst):
+    dst.mkdir()
+    for name in os.listdir(src):
+        (dst / name).write_bytes((src / name).read_bytes())
+
+
+def test_truncated_weights_file(preset_dir, tmp_path):
+    bad = tmp_path / "truncated"
+    _copy_preset(preset_dir, bad)
+    data = (bad / "model.weights.h5").read_bytes()
+    (bad / "model.weights.h5").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        Backbone.from_preset(bad)
+    # without a recorded checksum the h5 reader itself must fail, with our message around it
+    meta = json.loads((bad / "metadata.json").read_text())
+    del meta["weights_sha256"]
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="corrupted, truncated or of another architecture"):
+        Backbone.from_preset(bad)
+
+
+def test_corrupted_weights_file(preset_dir, tmp_path):
+    bad = tmp_path / "corrupted"
+    _copy_preset(preset_dir, bad)
+    data = bytearray((bad / "model.weights.h5").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    (bad / "model.weights.h5").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted or truncated.*sha256"):
+        Backbone.from_preset(bad)
+
+
+def test_missing_weights_file(preset_dir, tmp_path):
+    bad = tmp_path / "missing"
+    _copy_preset(preset_dir, bad)
+    os.remove(bad / "model.weights.h5")
+    with pytest.raises(FileNotFoundError, match="weights file .* is missing"):
+        Backbone.from_preset(bad)
+    assert ElasticViT.from_preset(bad, load_weights=False).embed_dim == 64
+
+
+def test_preset_of_another_architecture(preset_dir, tmp_path):
+    foreign = tmp_path / "keras_hub_vit"
+    _copy_preset(preset_dir, foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    config.update(class_name="ViTBackbone", registered_name="keras_hub>ViTBackbone")
+    (foreign / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'ViTBackbone', which is not a poa_keras backbone; "
+                                         r"known architectures: \['ElasticViT'"):
+        Backbone.from_preset(foreign)
+    # same class, other shapes: weights of a 64-wide ViT into a 96-wide one
+    other = tmp_path / "other_shapes"
+    _copy_preset(preset_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["config"].update(embed_dim=96, min_width=32)
+    (other / "config.json").write_text(json.dumps(config))
+    meta = json.loads((other / "metadata.json").read_text())
+    with pytest.raises(ValueError, match="another architecture"):
+        Backbone.from_preset(other)
+    assert meta  # the checksum matched: the mismatch is caught by the loader
+
+
+def test_not_a_preset_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        Backbone.from_preset(tmp_path / "empty")
+
+
+def test_save_is_atomic(teacher, tmp_path, monkeypatch):
+    target = tmp_path / "atomic"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(teacher, "save_weights", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        teacher.save_to_preset(target)
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []  # no temporary directory left behind
+    monkeypatch.undo()
+    teacher.save_to_preset(target)
+    before = (target / "metadata.json").read_text()
+    teacher.save_to_preset(target)  # replacing an existing preset works
+    assert sorted(os.listdir(tmp_path)) == ["atomic"]
+    assert json.loads(before)["weights_sha256"] == json.loads(
+        (target / "metadata.json").read_text())["weights_sha256"]
+
+
+def test_save_refuses_a_directory_that_is_not_a_preset(teacher, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty and holds no preset"):
+        teacher.save_to_preset(tmp_path / "mine")
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
