@@ -307,7 +307,8 @@ class ElasticViT(Backbone):
             min_depth=min(self.min_depth, d), name=f"{self.name}_w{w}_d{d}",
             named_subnets={},  # the teacher's names mean other blocks in a smaller grid
         )
-        sub = ElasticViT.from_config(config)
+        with HostInitializer.skipped():  # every weight is overwritten below
+            sub = ElasticViT.from_config(config)
         hidden = int(w * self.mlp_ratio)
 
         def put(variable, value):

@@ -15,9 +15,14 @@ forwards:
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import keras
 import numpy as np
 from keras import ops
+
+_INIT_STATE = threading.local()
 
 
 
@@ -41,9 +46,21 @@ class HostInitializer(keras.initializers.Initializer):
             raise ValueError(f"unknown initializer kind {kind!r}; valid: {self.KINDS}")
         self.kind, self.stddev, self.value = kind, float(stddev), float(value)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def skipped():
+        """Within this context every HostInitializer gives zeros: for models whose weights are
+        all overwritten right away (extraction), so no time goes into random draws."""
+        previous = getattr(_INIT_STATE, "skip", False)
+        _INIT_STATE.skip = True
+        try:
+            yield
+        finally:
+            _INIT_STATE.skip = previous
+
     def __call__(self, shape, dtype=None):
         shape = tuple(int(s) for s in shape)
-        if self.kind == "zeros":
+        if getattr(_INIT_STATE, "skip", False) or self.kind == "zeros":
             out = np.zeros(shape)
         elif self.kind == "ones":
             out = np.ones(shape)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite once per backend (jax, tensorflow, torch). Extra arguments go to
+# pytest (e.g. -k presets). Exits non-zero if any backend fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTEST=${PYTEST:-.venv/bin/pytest}
+export TF_CPP_MIN_LOG_LEVEL=3
+status=0
+for backend in ${BACKENDS:-jax tensorflow torch}; do
+  echo "=== KERAS_BACKEND=$backend ==="
+  start=$(date +%s)
+  KERAS_BACKEND=$backend "$PYTEST" -q -p no:cacheprovider "$@" || status=1
+  echo "=== $backend took $(( $(date +%s) - start )) s ==="
+done
+exit $status
