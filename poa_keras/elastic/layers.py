@@ -61,7 +61,7 @@ class HostInitializer(keras.initializers.Initializer):
     def __call__(self, shape, dtype=None):
         shape = tuple(int(s) for s in shape)
         if getattr(_INIT_STATE, "skip", False) or self.kind == "zeros":
-            out = np.zeros(shape)
+            out = np.zeros(shape, np.float32)
         elif self.kind == "ones":
             out = np.ones(shape)
         elif self.kind == "constant":
@@ -81,7 +81,7 @@ class HostInitializer(keras.initializers.Initializer):
             fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
             limit = np.sqrt(6.0 / (fan_in + fan_out))
             out = self._rng().uniform(-limit, limit, shape).astype(np.float32)
-        return keras.ops.convert_to_tensor(out.astype("float32"), dtype=dtype)
+        return keras.ops.convert_to_tensor(out.astype("float32", copy=False), dtype=dtype)
 
     @staticmethod
     def _rng():
