@@ -1,0 +1,12 @@
+"""poa_keras.losses: pure functions on tensors (keras.ops only, no model knowledge).
+
+DINO cross-entropy over views, DINO centering + sharpening, Sinkhorn-Knopp targets, the KoLeo
+regulariser and the iBOT masked-patch loss. Targets never carry gradient.
+"""
+from poa_keras.losses.dino import (centered_teacher_probs, dino_cross_entropy,
+                                   multi_view_cross_entropy, sinkhorn_knopp, update_center)
+from poa_keras.losses.ibot import ibot_patch_loss
+from poa_keras.losses.koleo import koleo_loss
+
+__all__ = ["centered_teacher_probs", "dino_cross_entropy", "ibot_patch_loss", "koleo_loss",
+           "multi_view_cross_entropy", "sinkhorn_knopp", "update_center"]
