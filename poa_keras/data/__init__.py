@@ -1,0 +1,28 @@
+"""poa_keras.data: the embedded shapes data set, DINO multi-crop (tf.data) and patch masks.
+
+  synthetic  make_shapes / load_shapes / train_val_split: procedurally generated, labelled
+             images of shapes (numpy, seeded, any size).
+  multicrop  multicrop_dataset: {"global": (2, B, H, W, 3), "local": (v, B, h, w, 3)} batches
+             with DINO's augmentations, on tf.data for every backend; images_from_directory,
+             images_from_dataset adapters.
+  masking    block_mask / mask_batch: BEiT / iBOT block-wise patch masks (numpy, seeded).
+
+The multicrop names are imported lazily (on first use), so that importing poa_keras.data does
+not import TensorFlow under the JAX or PyTorch backends.
+"""
+from poa_keras.data.masking import block_mask, mask_batch
+from poa_keras.data.synthetic import (BACKGROUNDS, SHAPE_CLASSES, load_shapes, make_shapes,
+                                      train_val_split)
+
+_MULTICROP = ("multicrop_dataset", "images_from_directory", "images_from_dataset",
+              "IMAGENET_MEAN", "IMAGENET_STD")
+
+__all__ = ["BACKGROUNDS", "SHAPE_CLASSES", "block_mask", "load_shapes", "make_shapes",
+           "mask_batch", "train_val_split", *_MULTICROP]
+
+
+def __getattr__(name):
+    if name in _MULTICROP:
+        from poa_keras.data import multicrop
+        return getattr(multicrop, name)
+    raise AttributeError(f"module 'poa_keras.data' has no attribute {name!r}")

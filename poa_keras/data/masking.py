@@ -1,0 +1,138 @@
+"""Block-wise patch masks for masked-patch objectives (BEiT / iBOT / DINOv2 style), in numpy.
+
+`block_mask` builds one (grid_h, grid_w) boolean mask (True = masked) out of random rectangles
+whose aspect ratio is log-uniform in [min_aspect, 1/min_aspect], as BEiT's masking generator
+does; unlike BEiT it then tops the mask up, patch by patch along its border, so that exactly
+round(ratio * grid_h * grid_w) patches are masked (BEiT stops when no further block fits and
+can fall short of the target).
+
+`mask_batch` masks int(batch_size * mask_prob) images of a batch, with ratios spread evenly over
+`ratio_range` (the i-th masked image draws its ratio from the i-th of as many equal sub-ranges),
+leaves the others unmasked and shuffles the order, as iBOT / DINOv2 collate their masks.
+
+Everything random comes from `rng`: a numpy Generator, or an int seed, or None (fresh entropy).
+"""
+import math
+
+import numpy as np
+
+
+def _as_rng(rng):
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+def _grid_hw(grid):
+    if isinstance(grid, (int, np.integer)):
+        return int(grid), int(grid)
+    grid_h, grid_w = (int(g) for g in grid)
+    return grid_h, grid_w
+
+
+def block_mask(grid_h, grid_w, ratio, rng=None, min_block=4, max_block=None, min_aspect=0.3,
+               attempts=10):
+    """One block-wise mask.
+
+    Args:
+      grid_h, grid_w: the patch grid.
+      ratio: fraction of patches to mask, in [0, 1]; exactly round(ratio * grid_h * grid_w)
+        patches are masked.
+      rng: numpy Generator, int seed or None.
+      min_block: smallest block area in patches (BEiT/iBOT: 4).
+      max_block: largest block area in patches (default: no limit beyond the target).
+      min_aspect: block aspect ratios are log-uniform in [min_aspect, 1 / min_aspect].
+      attempts: tries per block before giving up on blocks and topping up patch by patch.
+
+    Returns:
+      bool array (grid_h, grid_w), True where a patch is masked.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    if grid_h < 1 or grid_w < 1:
+        raise ValueError(f"grid must be at least 1 x 1, got {grid_h} x {grid_w}")
+    if not 0.0 < min_aspect <= 1.0:
+        raise ValueError(f"min_aspect must be in (0, 1], got {min_aspect}")
+    rng = _as_rng(rng)
+    total = grid_h * grid_w
+    target = int(round(ratio * total))
+    mask = np.zeros((grid_h, grid_w), bool)
+    count = 0
+    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+    while count < target:
+        remaining = target - count
+        if max_block is not None:
+            remaining = min(remaining, max_block)
+        added = 0
+        for _ in range(attempts):
+            area = rng.uniform(min(min_block, remaining), remaining)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if not (1 <= h <= grid_h and 1 <= w <= grid_w):
+                continue
+            top = int(rng.integers(0, grid_h - h + 1))
+            left = int(rng.integers(0, grid_w - w + 1))
+            block = mask[top:top + h, left:left + w]
+            new = h * w - int(block.sum())
+            if 0 < new <= remaining:   # never overshoot the target
+                block[...] = True
+                added = new
+                break
+        if added == 0:
+            break
+        count += added
+    if count < target:
+        _top_up(mask, target - count, rng)
+    return mask
+
+
+def _top_up(mask, missing, rng):
+    """Masks `missing` more patches, preferring unmasked neighbours of masked ones (so that the
+    mask stays block-like), then any unmasked patch."""
+    for _ in range(missing):
+        free = ~mask
+        grown = np.zeros_like(mask)
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        candidates = np.flatnonzero(grown & free)
+        if candidates.size == 0:
+            candidates = np.flatnonzero(free)
+        mask.flat[candidates[rng.integers(0, candidates.size)]] = True
+
+
+def mask_batch(batch_size, grid, mask_prob=0.5, ratio_range=(0.1, 0.5), rng=None, flat=False,
+               **block_kw):
+    """Masks for a batch, iBOT / DINOv2 style.
+
+    Args:
+      batch_size: number of images B.
+      grid: patch grid, an int (square) or (grid_h, grid_w).
+      mask_prob: fraction of the images that get a mask: exactly int(B * mask_prob) of them.
+      ratio_range: (low, high) masking ratios; the masked images' ratios are stratified over it.
+      rng: numpy Generator, int seed or None.
+      flat: return (B, grid_h * grid_w) (row-major patch order, as the iBOT loss takes it)
+        instead of (B, grid_h, grid_w).
+      **block_kw: passed to `block_mask` (min_block, max_block, min_aspect, attempts).
+
+    Returns:
+      bool array (B, grid_h, grid_w) (or (B, grid_h * grid_w) with flat=True); images without a
+      mask are all False.
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    low, high = (float(r) for r in ratio_range)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"ratio_range must satisfy 0 <= low <= high <= 1, got {ratio_range}")
+    rng = _as_rng(rng)
+    grid_h, grid_w = _grid_hw(grid)
+    num_masked = int(batch_size * mask_prob)
+    edges = np.linspace(low, high, num_masked + 1)
+    masks = np.zeros((batch_size, grid_h, grid_w), bool)
+    for i in range(num_masked):
+        ratio = rng.uniform(edges[i], edges[i + 1])
+        masks[i] = block_mask(grid_h, grid_w, ratio, rng, **block_kw)
+    masks = masks[rng.permutation(batch_size)]
+    return masks.reshape(batch_size, grid_h * grid_w) if flat else masks
