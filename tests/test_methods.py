@@ -1,0 +1,148 @@
+"""DINO and POA trainers (methods/dino.py, methods/poa.py) on a tiny elastic ViT.
+
+The machine is slow to compile, so every trainer runs one fixed plan: POA's sampler state is
+restored before each step (which also tests get/set_sampler_state), and the module shares one
+trainer per method."""
+import keras
+import numpy as np
+import pytest
+from conftest import to_np
+
+from poa_keras import ElasticViT
+from poa_keras.elastic.spec import ViTSubnet
+from poa_keras.methods import DINO, POA
+
+BACKEND = keras.backend.backend()
+VIT = dict(image_size=16, patch_size=8, embed_dim=32, depth=2, head_dim=16, min_width=16,
+           min_depth=1)
+HEADS = dict(hidden_dim=32, bottleneck_dim=16, out_dims=(20, 30))
+PLAN = ViTSubnet(16, 1)
+SAMPLER_START = {}  # the POA sampler state whose next draw is PLAN
+LR = 1e-4
+RECIPE = dict(epochs=1, steps_per_epoch=50, batch_size=4, lr=LR, lr_scaling="none", min_lr=LR,
+              warmup_epochs=0, warmup_teacher_temp_epochs=0, freeze_last_layer_epochs=0,
+              weight_decay=0.0, weight_decay_end=0.0, momentum_teacher=0.9,
+              final_momentum_teacher=0.9, clip_grad=None)
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    return {"global": rng.normal(size=(2, 4, 16, 16, 3)).astype("float32"),
+            "local": rng.normal(size=(2, 4, 8, 8, 3)).astype("float32")}
+
+
+def weights(variables):
+    return [to_np(v) for v in variables]
+
+
+def step(trainer, data):
+    logs = trainer.train_on_batch(data, return_dict=True)
+    return {k: float(v) for k, v in logs.items()}
+
+
+@pytest.fixture(scope="module")
+def poa():
+    keras.utils.set_random_seed(0)
+    backbone = ElasticViT(name="student", **VIT)
+    seed = next(s for s in range(100) if backbone.sampler(seed=s).next() == PLAN)
+    trainer = POA(backbone, dict(HEADS), recipe=dict(RECIPE, sampler_seed=seed, koleo_weight=0.0))
+    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=LR))
+    SAMPLER_START["state"] = trainer.get_sampler_state()
+    return trainer
+
+
+def poa_state(trainer):
+    student = trainer.backbone.weights + trainer.head.weights
+    teacher = trainer.teacher_backbone.weights + trainer.teacher_head.weights
+    return student, teacher
+
+
+def test_poa_step_teacher_ema_both_branches_and_plan(poa):
+    data = batch()
+    student_vars, teacher_vars = poa_state(poa)
+    trainable = {id(v) for v in poa.trainable_variables}
+    assert not any(id(v) in trainable for v in teacher_vars)
+    s0, t0 = weights(student_vars), weights(teacher_vars)
+    sampler0 = SAMPLER_START["state"]
+    runs = {}
+    for lam in (0.0, 1.0, 0.5):
+        for v, w in zip(student_vars + teacher_vars, s0 + t0):
+            v.assign(w)
+        poa.set_sampler_state(sampler0)
+        poa.recipe["lambda_ie"] = lam
+        logs = step(poa, data)
+        assert poa.last_plan == PLAN
+        assert (logs["width"], logs["depth"]) == (PLAN.width, PLAN.depth)
+        runs[lam] = (logs, weights(student_vars), weights(teacher_vars))
+    poa.recipe["lambda_ie"] = 0.8
+    assert poa.num_compilations <= 1  # lambda is a step value: one program for the plan
+
+    # Teacher: exactly the EMA of the intact student after the step (no gradient reached it).
+    m = poa.schedules.at(0)["momentum"]
+    _, s_after, t_after = runs[0.5]
+    for a, b, s in zip(t_after, t0, s_after):
+        np.testing.assert_allclose(a, m * b + (1 - m) * s, atol=1e-5)
+
+    # SGD, no clipping: the update is linear in lambda, d(0.5) = (d(0) + d(1)) / 2.
+    deltas = {lam: [a - b for a, b in zip(runs[lam][1], s0)] for lam in runs}
+    scale = max(np.abs(d).max() for d in deltas[1.0])
+    for d0, d1, dh in zip(deltas[0.0], deltas[1.0], deltas[0.5]):
+        np.testing.assert_allclose(dh, (d0 + d1) / 2, atol=1e-3 * scale)
+    # lambda = 0: only the elastic branch trains. It changes weights inside the subnet ...
+    assert max(np.abs(d).max() for d in deltas[0.0]) > 1e-3 * scale
+    for v, d0, d1 in zip(student_vars, deltas[0.0], deltas[1.0]):
+        # ... and nothing outside it: the block the depth-1 subnet skips, the channels past w.
+        if "blocks_1" in v.path:
+            assert np.abs(d0).max() == 0.0, v.path
+            assert np.abs(d1).max() > 0.0, v.path
+        if "patch_embed" in v.path and len(v.shape) == 4:
+            assert np.abs(d0[..., PLAN.width:]).max() == 0.0
+            assert np.abs(d0[..., :PLAN.width]).max() > 0.0
+    # ... so the elastic branch moves the shared weights: lambda = 0.5 differs from lambda = 1.
+    assert any(np.abs(dh - d1).max() > 1e-2 * scale
+               for dh, d1 in zip(deltas[0.5], deltas[1.0]))
+    l0, l1 = runs[0.0][0], runs[1.0][0]
+    assert l1["dino_elastic"] == 0.0 and l1["same_view"] == 0.0 and l0["dino_intact"] == 0.0
+
+
+def test_poa_loss_decreases(poa):
+    data = batch()
+    sampler0 = SAMPLER_START["state"]
+    losses = []
+    for _ in range(6):
+        poa.set_sampler_state(sampler0)
+        logs = step(poa, data)
+        losses.append(logs["loss"])
+        assert abs(logs["loss"] - sum(logs[k] for k in ("dino_intact", "dino_elastic",
+                                                        "same_view", "koleo"))) < 1e-4
+    assert np.all(np.isfinite(losses)), losses
+    assert losses[-1] < losses[0], losses
+    assert poa.num_compilations <= 1, poa.compilation_report()
+
+
+@pytest.fixture(scope="module")
+def dino():
+    keras.utils.set_random_seed(1)
+    backbone = ElasticViT(name="dino_student", **VIT)
+    trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
+                   recipe=dict(RECIPE, lr=1e-3, min_lr=1e-3))
+    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
+    return trainer
+
+
+def test_dino_center_update(dino):
+    data = batch()
+    center0 = to_np(dino.center)
+    g = keras.ops.convert_to_tensor(data["global"].reshape(8, 16, 16, 3))
+    t_logits = to_np(dino.teacher_head(dino.teacher_backbone(g, training=False)["cls"]))
+    step(dino, data)
+    expected = 0.9 * center0 + 0.1 * t_logits.mean(axis=0, keepdims=True)
+    np.testing.assert_allclose(to_np(dino.center), expected, atol=1e-5)
+
+
+def test_dino_loss_decreases(dino):
+    data = batch()
+    losses = [step(dino, data)["loss"] for _ in range(5)]
+    assert np.all(np.isfinite(losses)), losses
+    assert losses[-1] < losses[0], losses
+    assert dino.num_compilations <= 1
