@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import types
 
-import keras
 from keras import ops
 
 from poa_keras.losses import (centered_teacher_probs, multi_view_cross_entropy, sinkhorn_knopp,
