@@ -1,0 +1,106 @@
+"""Frozen CLS features of a backbone (or one of its sub-networks) for evaluation.
+
+    feats = extract_features(backbone, images, subnet=(192, 4))   # (N, 192) float32, unit rows
+
+Images go through ``backbone.compiled_forward(subnet)`` in batches of one fixed size (the last
+batch is padded), so a compiled backend builds one program per (subnet, image size).
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from keras import ops
+
+# The training pipeline's normalisations (poa_keras/data/multicrop.py: IMAGENET_MEAN / _STD and
+# its `normalize` choices). Repeated here so that extraction does not import TensorFlow under
+# the JAX or PyTorch backends, as importing data.multicrop would; tests check they agree.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PIXEL_NORMALIZATIONS = ("imagenet", "minus_one_one", None)
+
+
+def preprocess_uint8(images, pixel_normalization="imagenet"):
+    """uint8 (B, H, W, C) in 0..255 -> float32 as the training pipeline feeds the backbone.
+
+    ``"imagenet"``: (x / 255 - mean) / std; ``"minus_one_one"``: 2 x / 255 - 1; None: x / 255.
+    """
+    if pixel_normalization not in PIXEL_NORMALIZATIONS:
+        raise ValueError(f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS}, got "
+                         f"{pixel_normalization!r}")
+    x = np.asarray(images, np.float32) * np.float32(1.0 / 255.0)
+    if pixel_normalization == "imagenet":
+        x = (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    elif pixel_normalization == "minus_one_one":
+        x = 2.0 * x - 1.0
+    return x.astype(np.float32, copy=False)
+
+
+def extract_features(backbone, images, subnet=None, batch_size=64, normalize=True,
+                     pixel_normalization="imagenet"):
+    """CLS features of ``backbone(images, subnet=subnet)``, batch by batch, as numpy.
+
+    Args:
+      backbone: an elastic backbone (its ``compiled_forward(subnet)`` returns a dict with
+        "cls").
+      images: (N, H, W, C) numpy array (or anything ``np.asarray`` takes). uint8 images
+        (0..255) are normalised as the training pipeline does (see `pixel_normalization`;
+        single-channel uint8 images are repeated to RGB as there); float images are taken as
+        already normalised and fed unchanged (cast to float32).
+      subnet: None (the full network), a spec, a tuple (width, depth) or a size name.
+      batch_size: images per forward pass. Every pass sees exactly min(batch_size, N) images:
+        the last partial batch is padded with zeros and the padding's outputs dropped, so a
+        compiled backend traces one program only.
+      normalize: L2-normalise every feature vector (what k-NN uses); False gives the raw CLS.
+      pixel_normalization: "imagenet" (default, mean/std), "minus_one_one" or None ([0, 1]):
+        the multicrop pipeline's `normalize` used in training; only for uint8 images.
+
+    Returns:
+      float32 numpy array (N, D), D the width of the sub-network.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be an int, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if pixel_normalization not in PIXEL_NORMALIZATIONS:
+        raise ValueError(f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS}, got "
+                         f"{pixel_normalization!r}")
+    images = images if isinstance(images, np.ndarray) else np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (num_images, height, width, channels), got "
+                         f"shape {images.shape}")
+    is_uint8 = images.dtype == np.uint8
+    if not (is_uint8 or np.issubdtype(images.dtype, np.floating)):
+        raise TypeError(f"images must be uint8 (0..255) or float (already normalised), got "
+                        f"dtype {images.dtype}")
+    forward = backbone.compiled_forward(subnet)   # validates the subnet before any work
+    spec = backbone.resolve_subnet(subnet)
+    width = getattr(spec, "width", None) or getattr(backbone, "embed_dim", None)
+    n = images.shape[0]
+    if n == 0:
+        if width is None:
+            raise ValueError("images is empty and the feature width of this backbone is unknown")
+        return np.zeros((0, width), np.float32)
+
+    step = min(int(batch_size), n)
+    chunks = []
+    for start in range(0, n, step):
+        batch = images[start:start + step]
+        rows = batch.shape[0]
+        if is_uint8:
+            if batch.shape[-1] == 1 and getattr(backbone, "in_channels", 3) == 3:
+                batch = np.repeat(batch, 3, axis=-1)
+            batch = preprocess_uint8(batch, pixel_normalization)
+        else:
+            batch = np.asarray(batch, np.float32)
+        if rows < step:   # pad: same shape as every other batch, no new trace
+            pad = np.zeros((step - rows,) + batch.shape[1:], np.float32)
+            batch = np.concatenate([batch, pad], axis=0)
+        out = forward(ops.convert_to_tensor(batch))
+        cls = np.asarray(ops.convert_to_numpy(out["cls"]), np.float32)
+        chunks.append(cls[:rows])
+    feats = np.concatenate(chunks, axis=0)
+    if normalize:
+        norms = np.linalg.norm(feats.astype(np.float64), axis=1, keepdims=True)
+        feats = (feats / np.maximum(norms, 1e-12)).astype(np.float32)
+    return feats
