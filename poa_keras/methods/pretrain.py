@@ -1,0 +1,340 @@
+"""Running a pretraining recipe end to end: data, trainer, checkpoints, resume, the teacher.
+
+    from poa_keras.methods.pretrain import load_recipe, pretrain
+    result = pretrain("demo", "runs/demo")        # a recipe name, a .py file or a dict
+    result.teacher                                # the EMA teacher backbone (an ElasticViT)
+
+A recipe is a Python file in recipes/ (shipped as ``poa_keras.recipes``) defining ``RECIPE``, a
+dict with these sections (see recipes/demo.py for a commented example):
+
+* ``method``: "poa" or "dino";
+* ``backbone``: ``config`` (a named ElasticViT configuration) plus overrides of it;
+* ``head``: arguments of the projection head(s) (``out_dims`` for POA's several heads,
+  ``out_dim`` for one DINOHead);
+* ``data``: ``source`` = "shapes" (the embedded data set: ``num_images``, ``image_size``,
+  ``seed``), "folder" (``path``), or "tfds" (``name``, ``split``, ``data_dir``), and the
+  multi-crop settings of ``multicrop_dataset`` (``global_size``, ``local_size``,
+  ``num_local``, ``global_scale``, ``local_scale``, ...); ``steps_per_epoch`` when the data
+  set size is unknown;
+* ``optimizer``: AdamW ``beta_1``, ``beta_2``;
+* ``train``: the trainer's recipe (schedules and method keys: ``epochs``, ``batch_size``,
+  ``lr``, ..., see ``Schedules.from_recipe``, ``POA_RECIPE``, ``DINO_RECIPE``);
+* ``checkpoint``: ``every_epochs``, ``keep``;
+* ``seed``.
+
+One Keras epoch of ``fit`` is one recipe epoch (``steps_per_epoch`` = images // batch size).
+The data of epoch e is the multi-crop pipeline seeded with (seed, e), so a resumed run sees
+exactly the batches the uninterrupted run would have seen. A run directory holds
+``checkpoints/`` (see methods/checkpoint.py), ``log.csv`` (Keras' CSVLogger, one row per
+epoch), ``recipe.json`` and, at the end, ``teacher/`` (the EMA teacher as a preset, ready for
+``Backbone.from_preset(dir, width=..., depth=...)``). Running ``pretrain`` again on the same
+directory resumes from the latest checkpoint (``resume=True``) with the same step count.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import pkgutil
+
+import numpy as np
+
+RECIPE_SECTIONS = ("name", "description", "method", "backbone", "head", "data", "optimizer",
+                   "train", "checkpoint", "seed")
+METHODS = ("poa", "dino")
+DATA_SOURCES = ("shapes", "folder", "tfds")
+_MULTICROP_KEYS = ("global_size", "local_size", "num_local", "global_scale", "local_scale",
+                   "normalize", "shuffle_buffer", "ratio", "supersample", "flip_prob",
+                   "color_jitter", "jitter_prob", "grayscale_prob", "blur_prob", "blur_sigma",
+                   "solarize_prob", "masks", "mask_probability", "mask_ratio")
+
+
+# ------------------------------------------------------------------------------------ recipes
+
+def recipe_names():
+    """Names of the recipes shipped in ``poa_keras.recipes``."""
+    import poa_keras.recipes as package
+
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                  if not m.name.startswith("_"))
+
+
+def load_recipe(recipe, overrides=()):
+    """A recipe dict from a shipped recipe name, a path to a .py file defining RECIPE, or a
+    dict; then ``overrides`` ("section.key=value" strings, values parsed as Python literals)
+    are applied. Returns a deep copy."""
+    if isinstance(recipe, dict):
+        result = copy.deepcopy(recipe)
+    elif isinstance(recipe, (str, os.PathLike)) and os.fspath(recipe).endswith(".py"):
+        path = os.fspath(recipe)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        spec = importlib.util.spec_from_file_location("_poa_keras_recipe", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not isinstance(getattr(module, "RECIPE", None), dict):
+            raise ValueError(f"recipe file {path} must define a dict named RECIPE")
+        result = copy.deepcopy(module.RECIPE)
+    elif isinstance(recipe, str):
+        names = recipe_names()
+        if recipe not in names:
+            raise ValueError(f"unknown recipe {recipe!r}; shipped recipes: {names} "
+                             "(or give a path to a .py file defining RECIPE)")
+        module = importlib.import_module(f"poa_keras.recipes.{recipe}")
+        result = copy.deepcopy(module.RECIPE)
+        result.setdefault("name", recipe)
+    else:
+        raise TypeError(f"recipe must be a name, a .py path or a dict, got {type(recipe).__name__}")
+    for item in overrides or ():
+        apply_override(result, item)
+    validate_recipe(result)
+    return result
+
+
+def apply_override(recipe, item):
+    """Applies one "section.key=value" (or "key=value" for top-level keys) in place."""
+    if "=" not in item:
+        raise ValueError(f"an override must look like section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare string such as a path
+    parts = key.strip().split(".")
+    if parts[0] not in RECIPE_SECTIONS:
+        raise ValueError(f"override {item!r}: unknown recipe section {parts[0]!r}; "
+                         f"sections: {list(RECIPE_SECTIONS)}")
+    target = recipe
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a section")
+    target[parts[-1]] = value
+
+
+def validate_recipe(recipe):
+    unknown = sorted(set(recipe) - set(RECIPE_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown recipe keys {unknown}; valid keys: {list(RECIPE_SECTIONS)}")
+    if recipe.get("method") not in METHODS:
+        raise ValueError(f"recipe method must be one of {list(METHODS)}, "
+                         f"got {recipe.get('method')!r}")
+    for section in ("backbone", "head", "data", "train"):
+        if not isinstance(recipe.get(section), dict):
+            raise ValueError(f"recipe section {section!r} must be a dict")
+    if "config" not in recipe["backbone"]:
+        raise ValueError("recipe backbone needs 'config' (a named ElasticViT configuration)")
+    source = recipe["data"].get("source", "shapes")
+    if source not in DATA_SOURCES:
+        raise ValueError(f"data source must be one of {list(DATA_SOURCES)}, got {source!r}")
+    for key in ("epochs", "batch_size"):
+        if key not in recipe["train"]:
+            raise ValueError(f"recipe train section needs {key!r}")
+    unknown = sorted(set(recipe["data"]) - set(_MULTICROP_KEYS) - {
+        "source", "num_images", "num_val", "image_size", "seed", "path", "name", "split", "data_dir",
+        "steps_per_epoch", "image_key"})
+    if unknown:
+        raise ValueError(f"unknown data keys {unknown}")
+    return recipe
+
+
+# --------------------------------------------------------------------------------------- data
+
+def _epoch_seed(seed, epoch):
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0] >> 1)
+
+
+def _images(data, seed):
+    """(images or dataset/path for multicrop_dataset, number of images or None)."""
+    source = data.get("source", "shapes")
+    if source == "shapes":
+        # The training part of load_shapes: its held-out part (num_val images, with labels)
+        # is what evaluation uses (benchmarks/quality.py), never seen in training.
+        (images, _), _, _ = shapes_split(data, seed)
+        return images, len(images)
+    if source == "folder":
+        path = data.get("path")
+        if not path or not os.path.isdir(path):
+            raise FileNotFoundError(f"data path {path!r} is not a directory (recipe data.path, "
+                                    "or --data on the command line)")
+        from poa_keras.data.multicrop import images_from_directory
+
+        ds = images_from_directory(path)
+        n = int(ds.cardinality())
+        return ds, (n if n > 0 else None)
+    import tensorflow_datasets as tfds  # only for source="tfds"
+
+    ds = tfds.load(data["name"], split=data.get("split", "train"), data_dir=data.get("data_dir"))
+    n = int(ds.cardinality())
+    return ds, (n if n > 0 else None)
+
+
+def shapes_split(data, seed=0):
+    """load_shapes(...) of a "shapes" data section: ((train images, labels), (val images,
+    labels), class names); pretraining uses the train images only."""
+    from poa_keras.data.synthetic import load_shapes
+
+    return load_shapes(num_train=int(data.get("num_images", 10_000)),
+                       num_val=int(data.get("num_val", 2_000)),
+                       image_size=int(data.get("image_size", 64)),
+                       seed=int(data.get("seed", seed)))
+
+
+def steps_per_epoch(recipe, num_images):
+    data, batch = recipe["data"], int(recipe["train"]["batch_size"])
+    if data.get("steps_per_epoch"):
+        return int(data["steps_per_epoch"])
+    if not num_images:
+        raise ValueError("the data set size is unknown: set data.steps_per_epoch in the recipe")
+    steps = num_images // batch
+    if steps < 1:
+        raise ValueError(f"{num_images} images give no full batch of {batch}")
+    return steps
+
+
+def epoch_datasets(recipe, images, steps, start_epoch, epochs):
+    """One finite tf.data stream of the batches of epochs [start_epoch, epochs): epoch e is the
+    multi-crop pipeline seeded with (seed, e), cut to `steps` batches."""
+    from poa_keras.data.multicrop import multicrop_dataset
+
+    data, seed = recipe["data"], int(recipe.get("seed", 0))
+    kwargs = {k: v for k, v in data.items() if k in _MULTICROP_KEYS}
+    for key in ("global_scale", "local_scale", "ratio", "color_jitter", "blur_prob",
+                "blur_sigma", "solarize_prob", "mask_ratio"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    stream = None
+    for epoch in range(start_epoch, epochs):
+        ds = multicrop_dataset(images, int(recipe["train"]["batch_size"]),
+                               seed=_epoch_seed(seed, epoch), repeat=True,
+                               image_key=data.get("image_key", "image"), **kwargs).take(steps)
+        stream = ds if stream is None else stream.concatenate(ds)
+    return stream
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+def build_trainer(recipe, steps):
+    """The compiled trainer of a recipe (student built from its config, teacher = copy)."""
+    import keras
+
+    from poa_keras.backbones.vit import ElasticViT
+    from poa_keras.methods.dino import DINO
+    from poa_keras.methods.poa import POA
+
+    keras.utils.set_random_seed(int(recipe.get("seed", 0)))
+    bcfg = dict(recipe["backbone"])
+    backbone = ElasticViT.from_config_name(bcfg.pop("config"), name="student", **bcfg)
+    train = dict(recipe["train"], steps_per_epoch=int(steps))
+    cls = POA if recipe["method"] == "poa" else DINO
+    trainer = cls(backbone, dict(recipe["head"]), recipe=train)
+    opt = dict(recipe.get("optimizer") or {})
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=float(trainer.schedules.at(0)["lr"]),
+        weight_decay=float(trainer.schedules.at(0)["weight_decay"]),
+        beta_1=float(opt.get("beta_1", 0.9)), beta_2=float(opt.get("beta_2", 0.999)),
+        epsilon=float(opt.get("epsilon", 1e-8)))
+    trainer.compile(optimizer=optimizer)
+    return trainer
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    trainer: object
+    history: list            # one dict of logs per finished epoch (all epochs of the run)
+    output_dir: str
+    resumed_from: str | None
+
+    @property
+    def teacher(self):
+        return self.trainer.teacher_backbone
+
+
+def _comparable(recipe):
+    """The recipe as JSON would store it (tuples become lists), for resume checks."""
+    return json.loads(json.dumps(recipe, default=list))
+
+
+def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", callbacks=(),
+             epochs=None, save_teacher=True):
+    """Runs (or resumes) a recipe; returns a PretrainResult.
+
+    Args:
+        recipe: a shipped recipe name, a .py path or a dict (see the module docstring).
+        output_dir: the run directory (checkpoints, log.csv, teacher/).
+        overrides: "section.key=value" strings applied to the recipe.
+        resume: continue from the latest checkpoint in output_dir if there is one (its recipe
+            must equal this one); False refuses a directory that already holds checkpoints.
+        verbose: Keras fit verbosity ("auto", 0, 1 = progress bar with every loss term, 2).
+        callbacks: extra Keras callbacks.
+        epochs: stop after this many epochs of the recipe (the schedules still follow the
+            recipe's full length; a later call resumes).
+        save_teacher: write the EMA teacher as a preset into output_dir/teacher at the end.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN/inf; the run stopped and the last good checkpoint is
+            kept (the message names it).
+    """
+    import keras
+
+    from poa_keras.methods.checkpoint import CheckpointManager, PretrainCheckpoint
+
+    recipe = load_recipe(recipe, overrides)
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    manager = CheckpointManager(os.path.join(output_dir, "checkpoints"),
+                                keep=int((recipe.get("checkpoint") or {}).get("keep", 2)))
+    latest = manager.latest()
+    if latest is not None and not resume:
+        raise FileExistsError(f"{output_dir} already holds checkpoints ({latest}); pass "
+                              "resume=True (the CLI's --resume) or use another directory")
+
+    images, num_images = _images(recipe["data"], int(recipe.get("seed", 0)))
+    steps = steps_per_epoch(recipe, num_images)
+    trainer = build_trainer(recipe, steps)
+    total_epochs = int(recipe["train"]["epochs"])
+
+    history, start_epoch = [], 0
+    if latest is not None:
+        saved = manager.read_state(latest)
+        if _comparable(saved.get("recipe")) != _comparable(recipe):
+            old, new = _comparable(saved.get("recipe")) or {}, _comparable(recipe)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ValueError(f"{output_dir} holds a run of another recipe (sections that differ: "
+                             f"{diff}); use a new output directory")
+        state = manager.restore(trainer, latest)
+        history = list(state.get("history", []))
+        start_epoch = int(state["epoch"])
+    with open(os.path.join(output_dir, ".recipe.json.tmp"), "w") as f:
+        json.dump(recipe, f, indent=1, default=list)
+    os.replace(os.path.join(output_dir, ".recipe.json.tmp"),
+               os.path.join(output_dir, "recipe.json"))
+
+    stop_epoch = total_epochs if epochs is None else min(total_epochs, start_epoch + int(epochs))
+
+    def record(epoch, logs):
+        history.append(dict({k: float(v) for k, v in (logs or {}).items()}, epoch=epoch + 1))
+
+    def extra(finished, logs):
+        return {"recipe": recipe, "history": history}
+
+    guard = PretrainCheckpoint(manager, total_epochs=stop_epoch,
+                               every_epochs=int((recipe.get("checkpoint") or {}).get(
+                                   "every_epochs", 1)), extra=extra)
+    if start_epoch < stop_epoch:
+        data = epoch_datasets(recipe, images, steps, start_epoch, stop_epoch)
+        all_callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=record), guard,
+                         keras.callbacks.CSVLogger(os.path.join(output_dir, "log.csv"),
+                                                          append=start_epoch > 0)]
+        trainer.fit(data, epochs=stop_epoch, initial_epoch=start_epoch, steps_per_epoch=steps,
+                    verbose=verbose, callbacks=all_callbacks + list(callbacks))
+        if guard.error is not None:
+            raise guard.error
+    if save_teacher and stop_epoch == total_epochs:
+        trainer.teacher_backbone.save_to_preset(os.path.join(output_dir, "teacher"))
+    return PretrainResult(trainer=trainer, history=history, output_dir=output_dir,
+                          resumed_from=latest)

@@ -1,0 +1,11 @@
+"""Training recipes, one Python file each, defining ``RECIPE`` (a dict; the sections are
+described in ``poa_keras/methods/pretrain.py``). Run one with
+``poa-keras pretrain --recipe=NAME`` or ``poa_keras.methods.pretrain.pretrain("NAME", dir)``.
+
+* ``demo``: POA on the embedded shapes data set, a small elastic ViT, about 10 minutes on 2 CPU
+  cores (the README's main job).
+* ``demo_dino``: the DINO baseline of the demo (same backbone, data and step count; no elastic
+  branch), for benchmarks/quality.py.
+* ``poa_vit_l16_in1k``: the paper's ViT-L/16 POA teacher on ImageNet-1k.
+* ``dino_vit_s16_in1k``: DINO ViT-S/16 on ImageNet-1k (300 epochs, the README's boosted run).
+"""

@@ -1,0 +1,193 @@
+"""Recipes, checkpoints, resume after SIGKILL and the NaN stop (methods/pretrain.py,
+methods/checkpoint.py), on a tiny POA run: a 16 x 16 elastic ViT with 3 elastic subnets,
+2 epochs of 2 steps."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from poa_keras.methods import schedules
+from poa_keras.methods.checkpoint import CheckpointManager, NonFiniteLoss
+from poa_keras.methods.pretrain import load_recipe, pretrain, recipe_names
+
+BACKEND = keras.backend.backend()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(
+    method="poa",
+    backbone=dict(config="vit_elastic_test", image_size=16, embed_dim=32, depth=2, head_dim=16,
+                  min_width=16, min_depth=1, named_subnets={}),
+    head=dict(hidden_dim=32, bottleneck_dim=16, out_dims=(20, 30)),
+    data=dict(source="shapes", num_images=16, num_val=4, image_size=16, seed=0,
+              steps_per_epoch=2, global_size=16, local_size=8, num_local=2),
+    train=dict(epochs=2, batch_size=4, lr=1e-3, lr_scaling="none", warmup_epochs=0.5,
+               min_lr=1e-4, warmup_teacher_temp_epochs=1, freeze_last_layer_epochs=0,
+               momentum_teacher=0.9, final_momentum_teacher=0.99),
+    checkpoint=dict(every_epochs=1, keep=3),
+    seed=0,
+)
+
+
+def arrays(checkpoint):
+    with h5py.File(os.path.join(checkpoint, "state.weights.h5"), "r") as f:
+        return {f"{g}/{k}": f[g][k][()] for g in f for k in f[g]}
+
+
+def state(checkpoint):
+    with open(os.path.join(checkpoint, "state.json")) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------ recipes
+
+def test_shipped_recipes_load_and_build_their_schedules():
+    assert {"demo", "demo_dino", "poa_vit_l16_in1k", "dino_vit_s16_in1k"} <= set(recipe_names())
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        steps = recipe["data"].get("steps_per_epoch") or (
+            recipe["data"].get("num_images", 1_281_167) // recipe["train"]["batch_size"])
+        defaults = schedules.POA_DEFAULTS if recipe["method"] == "poa" else schedules.DINO_DEFAULTS
+        sched = schedules.Schedules.from_recipe(dict(recipe["train"], steps_per_epoch=steps),
+                                                defaults=defaults)
+        assert sched.total_steps == round(recipe["train"]["epochs"] * steps)
+
+
+def test_paper_recipe_matches_the_reference_numbers():
+    r = load_recipe("poa_vit_l16_in1k")
+    sched = schedules.Schedules.from_recipe(dict(r["train"], steps_per_epoch=800))
+    assert sched.total_steps == 276_800            # vit_ee1200.yaml: "total iter: 276800"
+    assert sched.lr.max() == pytest.approx(0.004 * (1600 / 1024) ** 0.5)
+    assert r["head"]["out_dims"] == (8192, 16384, 32768, 65536)
+    d = load_recipe("dino_vit_s16_in1k")
+    sched = schedules.Schedules.from_recipe(
+        dict(d["train"], steps_per_epoch=1251), defaults=schedules.DINO_DEFAULTS)
+    assert sched.lr.max() == pytest.approx(5e-4 * 1024 / 256)
+
+
+def test_recipe_overrides_and_errors(tmp_path):
+    r = load_recipe("demo", ["train.epochs=7", "data.path=/x/y", "seed=3"])
+    assert (r["train"]["epochs"], r["data"]["path"], r["seed"]) == (7, "/x/y", 3)
+    with pytest.raises(ValueError, match="shipped recipes: .*demo"):
+        load_recipe("nope")
+    with pytest.raises(ValueError, match="unknown recipe section 'trian'"):
+        load_recipe("demo", ["trian.epochs=1"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_recipe("demo", ["epochs"])
+    with pytest.raises(ValueError, match="method must be one of"):
+        load_recipe(dict(TINY, method="mae"))
+    path = tmp_path / "mine.py"
+    path.write_text("RECIPE = " + repr(TINY))
+    assert load_recipe(str(path))["backbone"]["embed_dim"] == 32
+
+
+# ------------------------------------------------------------------------ checkpoints / resume
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted 2-epoch run."""
+    out = tmp_path_factory.mktemp("straight")
+    result = pretrain(TINY, out, verbose=0)
+    return out, result
+
+
+def test_run_writes_checkpoints_log_and_teacher(straight):
+    out, result = straight
+    manager = CheckpointManager(out / "checkpoints")
+    assert [os.path.basename(p) for p in manager.checkpoints()] == ["epoch_0001", "epoch_0002"]
+    assert manager.latest().endswith("epoch_0002")
+    final = state(manager.latest())
+    assert (final["epoch"], final["step"]) == (2, 4)
+    assert len(final["history"]) == 2 and np.isfinite(final["history"][-1]["loss"])
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+    assert (out / "teacher" / "model.weights.h5").is_file()
+    # The saved teacher is the trainer's EMA teacher.
+    from poa_keras import Backbone
+    teacher = Backbone.from_preset(str(out / "teacher"))
+    for a, b in zip(teacher.weights, result.trainer.teacher_backbone.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run(straight, tmp_path):
+    out, _ = straight
+    run = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import keras
+        from poa_keras.methods.pretrain import pretrain
+
+        class Kill(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if self.model._plans.host_step == 3:   # mid-epoch 2, after checkpoint 1
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        pretrain({TINY!r}, sys.argv[1], verbose=0, callbacks=[Kill()])
+        print("not killed")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True,
+                          text=True, env=dict(os.environ, KERAS_BACKEND=BACKEND), timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    manager = CheckpointManager(run / "checkpoints")
+    assert [os.path.basename(p) for p in manager.checkpoints()] == ["epoch_0001"]
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".epoch")]
+    # Up to the checkpoint, the killed run equals the uninterrupted one exactly.
+    a, b = arrays(out / "checkpoints" / "epoch_0001"), arrays(manager.latest())
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert state(manager.latest())["host"] == state(out / "checkpoints" / "epoch_0001")["host"]
+
+    result = pretrain(TINY, run, verbose=0)
+    assert result.resumed_from.endswith("epoch_0001")
+    final = state(manager.latest())
+    assert (final["epoch"], final["step"]) == (2, 4)
+    assert final["host"] == state(out / "checkpoints" / "epoch_0002")["host"]
+    assert [h["epoch"] for h in final["history"]] == [1, 2]
+    a, b = arrays(out / "checkpoints" / "epoch_0002"), arrays(manager.latest())
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_resume_refuses_another_recipe_and_nothing_to_resume_is_a_fresh_start(straight):
+    out, _ = straight
+    other = dict(TINY, seed=1)
+    with pytest.raises(ValueError, match="another recipe.*seed"):
+        pretrain(other, out, verbose=0)
+    with pytest.raises(FileExistsError, match="resume"):
+        pretrain(TINY, out, verbose=0, resume=False)
+
+
+def test_checkpoint_of_another_architecture_is_refused(straight, tmp_path):
+    out, _ = straight
+    from poa_keras.methods.pretrain import build_trainer
+    wider = load_recipe(TINY, ["backbone.embed_dim=48"])
+    trainer = build_trainer(wider, steps=2)
+    with pytest.raises(ValueError, match="has shape .* another architecture"):
+        CheckpointManager(out / "checkpoints").restore(trainer)
+
+
+class PoisonWeights(keras.callbacks.Callback):
+    """Writes NaN into a student weight before the 3rd step (epoch 2)."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.model._plans.host_step == 2:
+            if BACKEND == "jax":
+                self.model.jax_state_sync()  # variables hold the state again; fit re-reads them
+            v = self.model.backbone.cls_token
+            v.assign(np.full(v.shape, np.nan, "float32"))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLoss, match=r"nan at step 3 \(epoch 2.*epoch_0001"):
+        pretrain(TINY, tmp_path, verbose=0, callbacks=[PoisonWeights()])
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    assert [os.path.basename(p) for p in manager.checkpoints()] == ["epoch_0001"]
+    assert all(np.isfinite(x).all() for x in arrays(manager.latest()).values())
+    assert not (tmp_path / "teacher").exists()
