@@ -10,6 +10,9 @@ can fall short of the target).
 `ratio_range` (the i-th masked image draws its ratio from the i-th of as many equal sub-ranges),
 leaves the others unmasked and shuffles the order, as iBOT / DINOv2 collate their masks.
 
+`mask_upper_bound` is the most patches `mask_batch` can mask in a batch with given settings: a
+trainer gathers the masked tokens into a buffer of that static size (DINOv2's "upperbound").
+
 Everything random comes from `rng`: a numpy Generator, or an int seed, or None (fresh entropy).
 """
 import math
@@ -136,3 +139,23 @@ def mask_batch(batch_size, grid, mask_prob=0.5, ratio_range=(0.1, 0.5), rng=None
         masks[i] = block_mask(grid_h, grid_w, ratio, rng, **block_kw)
     masks = masks[rng.permutation(batch_size)]
     return masks.reshape(batch_size, grid_h * grid_w) if flat else masks
+
+
+def mask_upper_bound(batch_size, num_patches, mask_prob=0.5, ratio_range=(0.1, 0.5)):
+    """The most patches `mask_batch(batch_size, grid, mask_prob, ratio_range)` can mask in one
+    batch of `num_patches` patches per image: the i-th masked image draws its ratio below the
+    upper edge of its stratum and `block_mask` masks exactly round(ratio * N) patches, so the
+    total is at most sum_i round(edge_{i+1} * N) (DINOv2's collate "upperbound", which rounds
+    down because its generator does).
+
+    Returns:
+      An int in [0, batch_size * num_patches].
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    low, high = (float(r) for r in ratio_range)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"ratio_range must satisfy 0 <= low <= high <= 1, got {ratio_range}")
+    num_masked = int(batch_size * mask_prob)
+    edges = np.linspace(low, high, num_masked + 1)
+    return int(sum(int(round(edge * num_patches)) for edge in edges[1:]))

@@ -131,7 +131,9 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
                       ratio=(3.0 / 4.0, 4.0 / 3.0), supersample=2, flip_prob=0.5,
                       color_jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
                       blur_prob=(1.0, 0.1, 0.5), blur_sigma=(0.1, 2.0),
-                      solarize_prob=(0.0, 0.2, 0.0), num_parallel_calls=tf.data.AUTOTUNE):
+                      solarize_prob=(0.0, 0.2, 0.0), masks=False, mask_patch_size=None,
+                      mask_probability=0.5, mask_ratio=(0.1, 0.5),
+                      num_parallel_calls=tf.data.AUTOTUNE):
     """DINO multi-crop batches: {"global": (2, B, H, W, 3), "local": (v, B, h, w, 3)} float32.
 
     Args:
@@ -158,10 +160,20 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
       grayscale_prob: as DINO, the same for every view.
       blur_prob, solarize_prob: (global view 1, global view 2, local views) probabilities.
       blur_sigma: Gaussian blur sigma range in pixels of the view.
+      masks: also yield iBOT masks: every batch then holds "masks", (2, B, H/p * W/p) bool
+        (True = masked patch, row-major over the patch grid of a global view), iBOT / DINOv2
+        block-wise masks (`masking.mask_batch` over the 2B global views together:
+        int(2B * mask_probability) of them masked, ratios stratified over mask_ratio,
+        shuffled), seeded like the rest.
+      mask_patch_size: the backbone's patch size p (required with masks=True).
+      mask_probability, mask_ratio: fraction of the global views that get a mask (POA 0.5)
+        and their masking ratio range (POA (0.1, 0.5)); a POA trainer's ``ibot_mask_*`` recipe
+        keys should match them (they size its masked-token buffer).
       num_parallel_calls: for the map stages (results stay deterministic).
 
     Returns:
-      A tf.data.Dataset of dicts {"global": (2, B, H, W, 3), "local": (v, B, h, w, 3)}.
+      A tf.data.Dataset of dicts {"global": (2, B, H, W, 3), "local": (v, B, h, w, 3)} (plus
+      "masks": (2, B, N) bool with masks=True).
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -186,8 +198,25 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
                     ("grayscale_prob", grayscale_prob)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-    shuffle_seed, crop_seed, photo_seed = (
-        int(s) for s in np.random.SeedSequence(int(seed)).generate_state(3))
+    if masks:
+        if mask_patch_size is None:
+            raise ValueError("masks=True needs mask_patch_size: the backbone's patch size (the "
+                             "masks cover its patch grid of the global views)")
+        mask_patch_size = int(mask_patch_size)
+        if mask_patch_size < 1 or global_size[0] % mask_patch_size or \
+                global_size[1] % mask_patch_size:
+            raise ValueError(f"mask_patch_size={mask_patch_size} must be a positive divisor of "
+                             f"the global view size {global_size}")
+        if not 0.0 <= float(mask_probability) <= 1.0:
+            raise ValueError(f"mask_probability must be a probability in [0, 1], got "
+                             f"{mask_probability}")
+        mask_ratio = tuple(float(r) for r in mask_ratio)
+        if len(mask_ratio) != 2 or not 0.0 <= mask_ratio[0] <= mask_ratio[1] <= 1.0:
+            raise ValueError(f"mask_ratio must be (low, high) with 0 <= low <= high <= 1, got "
+                             f"{mask_ratio}")
+    # The fourth seed (masks) leaves the first three, and so every existing pipeline, unchanged.
+    shuffle_seed, crop_seed, photo_seed, mask_seed = (
+        int(s) for s in np.random.SeedSequence(int(seed)).generate_state(4))
 
     ds, scale = _source(images, shuffle, shuffle_buffer, shuffle_seed, value_range, image_key)
     if repeat:
@@ -225,7 +254,7 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
                   grayscale_prob=float(grayscale_prob),
                   blur_sigma=tuple(float(b) for b in blur_sigma), normalize=normalize)
 
-    def augment(batch, rnd):
+    def augment(batch, rnd, mask_rnd=None):
         views_g, views_l = batch                      # (B, 2, H, W, 3), (B, v, h, w, 3)
         seeds = tf.random.experimental.stateless_split(tf.stack([rnd, tf.constant(1, tf.int64)]),
                                                        2)
@@ -243,12 +272,35 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
             out["local"] = tf.reshape(out_l, (num_local, -1, *local_size, 3))
         else:
             out["local"] = tf.zeros((0, b, *local_size, 3), tf.float32)
+        if mask_rnd is not None:
+            out["masks"] = _batch_masks(mask_rnd, b, views_g.shape[0], global_size,
+                                        mask_patch_size, float(mask_probability), mask_ratio)
         return out
 
-    ds = tf.data.Dataset.zip((ds, photo_stream)).map(
+    streams = (ds, photo_stream)
+    if masks:
+        streams += (tf.data.Dataset.random(seed=mask_seed, rerandomize_each_iteration=True),)
+    ds = tf.data.Dataset.zip(streams).map(
         tf.autograph.experimental.do_not_convert(augment),
         num_parallel_calls=num_parallel_calls, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _batch_masks(rnd, batch, static_batch, global_size, patch_size, mask_prob, mask_ratio):
+    """iBOT masks (2, B, N) bool for the 2B global views of a batch, drawn in numpy
+    (`masking.mask_batch`) from the batch's random stream value."""
+    from poa_keras.data.masking import mask_batch
+
+    grid = (global_size[0] // patch_size, global_size[1] // patch_size)
+    n = grid[0] * grid[1]
+
+    def draw(value, b):
+        rng = np.random.default_rng(int(np.asarray(value, np.int64).view(np.uint64)))
+        masks = mask_batch(2 * int(b), grid, mask_prob, mask_ratio, rng=rng, flat=True)
+        return masks.reshape(2, int(b), n)   # view-major, like "global"
+
+    masks = tf.numpy_function(draw, [rnd, batch], tf.bool, stateful=False)
+    return tf.ensure_shape(masks, (2, static_batch, n))
 
 
 # ----- helpers ---------------------------------------------------------------------------------

@@ -16,6 +16,24 @@ A trainer subclasses `PlannedTrainer` and writes only backend-agnostic code (ker
 * ``frozen_variables(plan)`` -> trainable variables that this step leaves untouched (no gradient
   update, no weight decay, no optimizer-moment update), like a PyTorch parameter whose ``.grad``
   is None (DINO's last-layer freeze).
+* ``lr_multipliers()`` -> None, or one entry per trainable variable (``trainable_variables``
+  order): a float, or a pair ``(factor, name)`` meaning ``factor * self.step_values[name]`` (a
+  per-step value, e.g. 0 while a layer is frozen). Each variable whose multiplier is not the
+  constant 1 gets its optimizer update scaled: ``new = old + m * (optimizer_new - old)``.
+  This equals a PyTorch parameter group whose lr is ``m * lr`` exactly whenever the optimizer's
+  update is linear in the learning rate and its state does not hold the learning rate: SGD
+  without momentum, Adam, AdamW (its decoupled weight decay ``lr * wd * w`` is linear in lr
+  too, so it is scaled like a param group's), Lion. (Keras' SGD with momentum accumulates
+  ``lr * g`` in its velocity: exact there for constant multipliers only.) The gradient, its
+  clipping norm and the optimizer moments are those of the unscaled step, as with param groups.
+* ``no_weight_decay_variables()`` -> trainable variables the optimizer must not decay (biases,
+  norms: DINO's ndim <= 1 rule). Registered in the optimizer's exclusion set (the one Keras'
+  ``optimizer.exclude_from_weight_decay`` fills) whenever a train function is made, i.e. before
+  the first step and again after every ``compile``.
+
+Both hooks are read once per train function (made at the first ``fit``/``train_on_batch``
+after ``compile``): the constant multipliers are constants of every compiled program, the
+``(factor, name)`` ones read their step value, so neither causes a recompilation.
 
 How the step runs per backend:
 
@@ -73,6 +91,7 @@ class _PlanState:
         self.host_step = None                     # 0-based step count of the next step
         self.step_values = None                   # dict of scalars while a step runs/traces
         self.last_plan = None
+        self.update_scales = ()                   # (index, factor, step value name or None)
 
 
 class PlannedTrainer(keras.Model):
@@ -116,6 +135,18 @@ class PlannedTrainer(keras.Model):
 
     def frozen_variables(self, plan):
         """Trainable variables that the step with this plan must leave untouched."""
+        return ()
+
+    def lr_multipliers(self):
+        """Per-variable learning-rate multipliers (see the module doc), or None for all 1.
+
+        One entry per ``self.trainable_variables``: a float, or ``(factor, name)`` for
+        ``factor * self.step_values[name]``. Read when a train function is made."""
+        return None
+
+    def no_weight_decay_variables(self):
+        """Trainable variables the optimizer must not decay. Read when a train function is
+        made (before the first step, again after every ``compile``)."""
         return ()
 
     # ------------------------------------------------------------------------- what they get
@@ -200,6 +231,8 @@ class PlannedTrainer(keras.Model):
             return self.train_function
         # A new train function (after compile) may see a new optimizer: rebuild every program.
         self._plans.programs.clear()
+        self._plans.update_scales = self._resolve_lr_multipliers()
+        self._configure_weight_decay()
         backend = keras.backend.backend()
         if backend == "jax":
             self.train_function = self._make_jax_train_function()
@@ -214,6 +247,79 @@ class PlannedTrainer(keras.Model):
     def train_step(self, *args, **kwargs):
         raise RuntimeError("PlannedTrainer runs its steps through make_train_function; "
                            "implement compute_loss_and_logs instead of train_step")
+
+    # ------------------------------------------------ per-variable lr and weight decay setup
+    def _resolve_lr_multipliers(self):
+        """``lr_multipliers()`` as a tuple of (variable index, factor, step value name or None),
+        leaving out the variables whose multiplier is the constant 1."""
+        multipliers = self.lr_multipliers()
+        if multipliers is None:
+            return ()
+        multipliers = list(multipliers)
+        variables = self.trainable_variables
+        if len(multipliers) != len(variables):
+            raise ValueError(f"lr_multipliers() returned {len(multipliers)} entries for "
+                             f"{len(variables)} trainable variables")
+        scales = []
+        for index, (entry, variable) in enumerate(zip(multipliers, variables)):
+            if isinstance(entry, (tuple, list)):
+                if len(entry) != 2 or not isinstance(entry[1], str):
+                    raise ValueError(f"lr_multipliers()[{index}] ({variable.path}) must be a "
+                                     f"float or a (factor, step value name) pair, got {entry!r}")
+                scales.append((index, float(entry[0]), entry[1]))
+            elif float(entry) != 1.0:
+                scales.append((index, float(entry), None))
+        return tuple(scales)
+
+    def _configure_weight_decay(self):
+        """Adds ``no_weight_decay_variables()`` to the optimizer's weight-decay exclusions
+        (keeping any the user set)."""
+        excluded = list(self.no_weight_decay_variables() or ())
+        optimizer = self.optimizer
+        if not excluded or optimizer is None:
+            return
+        known = {id(v) for v in self.trainable_variables}
+        if any(id(v) not in known for v in excluded):
+            raise ValueError("no_weight_decay_variables() returned variables that are not "
+                             "trainable variables of this trainer")
+        existing = set(getattr(optimizer, "_exclude_from_weight_decay", None) or ())
+        pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
+        if not optimizer.built:
+            kept = [v for v in self.trainable_variables
+                    if optimizer._var_key(v) in existing]
+            optimizer.exclude_from_weight_decay(
+                var_list=kept + excluded,
+                var_names=None if pattern is None else [pattern.pattern])
+            missing = existing - set(optimizer._exclude_from_weight_decay)
+            optimizer._exclude_from_weight_decay |= missing
+        else:
+            # Keras refuses exclude_from_weight_decay() once the optimizer is built (e.g. a
+            # re-compile with the same optimizer); it only reads this set (through a cache that
+            # is reset here) when it applies the decay, so filling it directly is equivalent.
+            optimizer._exclude_from_weight_decay = existing | {optimizer._var_key(v)
+                                                               for v in excluded}
+            optimizer._exclude_from_weight_decay_cache = {}
+
+    def _update_scales(self, values):
+        """[(variable index, multiplier)] of this step: floats or float32 scalar tensors."""
+        out = []
+        for index, factor, name in self._plans.update_scales:
+            if name is None:
+                out.append((index, factor))
+                continue
+            if name not in values:
+                raise KeyError(f"lr_multipliers() refers to the step value {name!r}, which "
+                               f"step_hyperparameters() does not return (it has "
+                               f"{sorted(values)})")
+            out.append((index, factor * values[name]))
+        return out
+
+    @staticmethod
+    def _scaled_update(old, new, multiplier):
+        """old + multiplier * (new - old), in the variable's dtype."""
+        if not isinstance(multiplier, float):
+            multiplier = ops.cast(multiplier, new.dtype)
+        return old + multiplier * (new - old)
 
     # ------------------------------------------------------------- host side of every step
     def _host_prepare(self):
@@ -306,12 +412,19 @@ class PlannedTrainer(keras.Model):
         grads = [None if id(v) in frozen else g for g, v in zip(grads, variables)]
         return grads, norm
 
-    def _apply_gradients(self, grads, weight_decay):
+    def _apply_gradients(self, grads, weight_decay, values):
+        """The optimizer update (TensorFlow, PyTorch), then the lr multipliers' scaling."""
+        variables = self.trainable_variables
+        scales = self._update_scales(values)
+        old = [ops.copy(variables[i].value) for i, _ in scales]
         with warnings.catch_warnings():
             # Frozen variables have None gradients on purpose.
             warnings.filterwarnings("ignore", message="Gradients do not exist")
             with self._optimizer_weight_decay(weight_decay):
-                self.optimizer.apply(grads, self.trainable_variables)
+                self.optimizer.apply(grads, variables)
+        for (i, multiplier), before in zip(scales, old):
+            variable = variables[i]
+            variable.assign(self._scaled_update(before, variable.value, multiplier))
 
     def _finish_logs(self, loss, logs, grad_norm):
         """Updates the loss tracker and returns the step's logs (all float32 scalars)."""
@@ -414,11 +527,15 @@ class PlannedTrainer(keras.Model):
             loss_fn, has_aux=True)(trainable)
         grads, grad_norm = self._process_gradients(grads, plan)
 
+        before = trainable
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Gradients do not exist")
             with self._optimizer_weight_decay(values.get("weight_decay")):
                 trainable, optimizer_values = self.optimizer.stateless_apply(
                     optimizer_values, grads, trainable)
+        trainable = list(trainable)
+        for i, multiplier in self._update_scales(values):
+            trainable[i] = self._scaled_update(before[i], trainable[i], multiplier)
 
         # The hook sees the updated weights and may assign any variable; what it assigns is the
         # new state (Keras' JAX trainer threads non-trainable updates the same way).
@@ -472,7 +589,7 @@ class PlannedTrainer(keras.Model):
                     loss = self._checked_loss(loss, logs)
                 grads = tape.gradient(loss, self.trainable_variables)
                 grads, grad_norm = self._process_gradients(grads, plan)
-                self._apply_gradients(grads, values.get("weight_decay"))
+                self._apply_gradients(grads, values.get("weight_decay"), values)
                 self.after_optimizer_step(plan)
                 return self._finish_logs(loss, logs, grad_norm)
 
@@ -520,7 +637,7 @@ class PlannedTrainer(keras.Model):
             grads = [v.value.grad for v in variables]
             with torch.no_grad():
                 grads, grad_norm = self._process_gradients(grads, plan)
-                self._apply_gradients(grads, weight_decay)
+                self._apply_gradients(grads, weight_decay, values)
                 self.after_optimizer_step(plan)
                 logs = {k: ops.convert_to_tensor(v).detach() if hasattr(v, "detach") else v
                         for k, v in dict(logs or {}).items()}

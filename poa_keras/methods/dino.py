@@ -27,11 +27,29 @@ the step as ``self.step_values[...]``. The teacher update runs in ``after_optimi
 non-trainable ones too, e.g. a fixed weight-norm gain, which stays 1 in both).
 
 The last-layer freeze (``freeze_last_layer_epochs``) is part of DINO's plan: the plan is the
-bool "this step freezes the head's last layer", so at most two programs are compiled.
+bool "this step freezes the head's last layer", so at most two programs are compiled. A frozen
+step drops the last layer's gradient, as DINO's ``cancel_gradients_last_layer`` does (no update,
+no weight decay, no optimizer-moment update). (POA freezes it the DINOv2 way instead: see
+methods/poa.py.)
 
-Not implemented here: layer-wise lr decay and the patch-embed lr multiplier (``layer_decay``,
-``patch_embed_lr_mult`` of the recipe are ignored), weight decay restricted to ndim > 1
-variables (use the optimizer's ``exclude_from_weight_decay``), multi-device center/Sinkhorn sums.
+Per-variable optimisation (both DINO and POA, through PlannedTrainer's hooks):
+
+* Weight decay only on variables with ndim > 1 (REFERENCE §2): biases, LayerNorm gains and
+  offsets, LayerScale gammas, the mask token (shape (D,)) and the heads' weight-norm gains are
+  registered in the optimizer's weight-decay exclusions before the first step (again after every
+  ``compile``). DINOv2/POA exclude by name (".bias", "norm", "gamma"), which differs only on the
+  mask token (theirs is (1, D) and decayed).
+* Layer-wise lr decay and the patch-embed lr multiplier (recipe ``layer_decay``,
+  ``patch_embed_lr_mult``; POA 0.9 and 0.2, DINO 1 and 1): every student-backbone variable gets
+  ``schedules.vit_lr_multiplier(path, backbone.depth, ...)`` (layer id 0: patch embed, cls/pos/
+  mask tokens; block i: i + 1; final norm: depth + 1, multiplier 1), as DINOv2/POA's
+  ``get_params_groups_with_decay`` does on the backbone; the heads get 1 (POA builds their param
+  groups on the head module alone, where every layer id is num_layers + 1). The multipliers scale
+  each variable's optimizer update (``PlannedTrainer.lr_multipliers``), which equals PyTorch param
+  groups with ``lr * multiplier`` for AdamW. Computed when the train function is made: change the
+  recipe before ``compile``.
+
+Not implemented here: multi-device center/Sinkhorn sums.
 """
 from __future__ import annotations
 
@@ -41,6 +59,7 @@ from keras import ops
 
 from poa_keras.losses import (centered_teacher_probs, multi_view_cross_entropy, sinkhorn_knopp,
                               update_center)
+from poa_keras.methods.schedules import vit_lr_multiplier
 from poa_keras.methods import schedules as schedules_lib
 from poa_keras.methods.base import PlannedTrainer
 
@@ -140,14 +159,48 @@ class TeacherStudentTrainer(PlannedTrainer):
         return dict(learning_rate=s["lr"], weight_decay=s["weight_decay"],
                     momentum=s["momentum"], teacher_temp=s["teacher_temp"])
 
+    # ------------------------------------------------- per-variable lr and weight decay
+    def backbone_lr_multiplier(self, variable):
+        """The layer-decay x patch-embed lr multiplier of one student-backbone variable."""
+        decay, patch = self.schedules.layer_decay, self.schedules.patch_embed_lr_mult
+        if decay == 1.0 and patch == 1.0:
+            return 1.0
+        depth = getattr(self.backbone, "depth", None)
+        if depth is None or not hasattr(self.backbone, "blocks"):
+            raise ValueError(f"layer_decay={decay} / patch_embed_lr_mult={patch} need a ViT "
+                             f"backbone (blocks_<i> paths); {type(self.backbone).__name__} has "
+                             "none: set both to 1.0")
+        return vit_lr_multiplier(variable.path, int(depth), decay, patch)
+
+    def lr_multipliers(self):
+        """Student backbone: layer decay x patch-embed multiplier; heads: 1."""
+        backbone = {id(v) for v in self.backbone.trainable_variables}
+        multipliers = [self.backbone_lr_multiplier(v) if id(v) in backbone else 1.0
+                       for v in self.trainable_variables]
+        return None if all(m == 1.0 for m in multipliers) else multipliers
+
+    def no_weight_decay_variables(self):
+        """Every trainable variable with ndim <= 1 (REFERENCE §2)."""
+        return [v for v in self.trainable_variables if len(v.shape) <= 1]
+
     # ------------------------------------------------------------------------------- teacher
+    def teacher_features(self, globals_flat):
+        """The teacher backbone's outputs on the flattened global views (dict of tensors
+        without gradient: "cls" (2B, D), "patch_tokens" (2B, N, D), ...)."""
+        out = self.teacher_backbone(globals_flat, training=False)
+        return {k: ops.stop_gradient(v) for k, v in out.items()}
+
+    def teacher_head_logits(self, features):
+        """Raw teacher-head logits of features (..., D): one tensor per head (a list),
+        without gradient."""
+        out = self.teacher_head(features)
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return [ops.stop_gradient(o) for o in out]
+
     def teacher_logits(self, globals_flat):
         """Raw teacher logits of the flattened global views: one (2B, K) tensor per head
         (a list), without gradient."""
-        feats = self.teacher_backbone(globals_flat, training=False)["cls"]
-        out = self.teacher_head(feats)
-        out = out if isinstance(out, (list, tuple)) else [out]
-        return [ops.stop_gradient(o) for o in out]
+        return self.teacher_head_logits(self.teacher_features(globals_flat)["cls"])
 
     def teacher_targets(self, logits, center=None):
         """Targets (2, B, K) from raw teacher logits (2B, K). With centering="center", also
@@ -181,7 +234,9 @@ class DINO(TeacherStudentTrainer):
         recipe: dict of schedule keys (``Schedules.from_recipe``: ``epochs``,
             ``steps_per_epoch`` and ``batch_size`` are required) and method keys:
             ``student_temp`` (0.1), ``centering`` ("center" | "sinkhorn"), ``center_momentum``
-            (0.9), ``sinkhorn_iterations`` (3). Defaults: ``DINO_RECIPE``.
+            (0.9), ``sinkhorn_iterations`` (3); ``layer_decay`` and ``patch_embed_lr_mult``
+            (DINO: 1.0, off) and ``freeze_last_layer_epochs`` (1) as in the module doc.
+            Defaults: ``DINO_RECIPE``.
         clip_grad: "recipe" (the recipe's ``clip_grad``, DINO 3.0), a number or None.
 
     Logs: ``loss``, ``dino`` (= loss), ``teacher_temp``, ``momentum``, ``grad_norm``.
