@@ -20,7 +20,7 @@ RECIPE = dict(
         global_size=224, local_size=96, num_local=8,
         global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
         # iBOT block masks on the global views (mask_sample_probability, mask_ratio_min_max)
-        masks=True, mask_probability=0.5, mask_ratio=(0.1, 0.5),
+        masks=True, mask_patch_size=16, mask_probability=0.5, mask_ratio=(0.1, 0.5),
     ),
     optimizer=dict(beta_1=0.9, beta_2=0.999),
     train=dict(
@@ -34,7 +34,8 @@ RECIPE = dict(
         layer_decay=0.9, patch_embed_lr_mult=0.2,
         student_temp=0.1, centering="sinkhorn", sinkhorn_iterations=3,
         lambda_ie=0.8, same_view_temp=0.1, koleo_weight=0.1,
-        ibot_weight=1.0, ibot_start_epoch=30,
+        ibot_weight=1.0, ibot_start_epoch=30,            # ibot.loss_weight, ibot_activate_epochs
+        ibot_mask_probability=0.5, ibot_mask_ratio=(0.1, 0.5),
         sampler_seed=0, net_select_scale=3,
     ),
     checkpoint=dict(every_epochs=20, keep=2),   # saveckp_freq 20

@@ -5,9 +5,9 @@ Three branches sharing one set of student weights:
 * teacher: EMA of the intact student (backbone + heads), non-trainable, sees the 2 global views;
 * intact student: the full network, on every view;
 * elastic student: a sub-network (``ViTSubnet``) drawn on the host every step by the
-  backbone's ``SubnetSampler`` (never the intact network). The plan of a step IS that
-  ViTSubnet: one compiled program per subnet. The heads are shared: the elastic student's CLS
-  features of width w enter the heads with ``active_in=w`` (the elastic first linear).
+  backbone's ``SubnetSampler`` (never the intact network). The plan of a step is that
+  ViTSubnet (see "plan" below for the iBOT phase). The heads are shared: the elastic student's
+  CLS features of width w enter the heads with ``active_in=w`` (the elastic first linear).
 
 Per projection head (``MultiProjectionHead``, or one ``DINOHead``), with λ = ``lambda_ie``::
 
@@ -19,32 +19,74 @@ Per projection head (``MultiProjectionHead``, or one ``DINOHead``), with λ = ``
 where each same-view CE is the mean over the views of that crop size and the batch (the
 reference calls its loss on the flattened global / local tensors, as DINOv2 does); it is not
 divided by n_terms. Total = mean over heads of (L_dino + L_same), plus ``koleo_weight`` times
-KoLeo on the intact student's global CLS tokens (summed over the two global views, DINOv2
-style; 0 switches it off).
+KoLeo on the global CLS tokens, summed over the two global views (DINOv2 style) and averaged over
+the intact and the elastic student as the reference's ssl_meta_arch.py does (0 switches it
+off).
 
 Teacher targets: Sinkhorn-Knopp (default) or DINO centering (one center per head, updated
 inside the step after its targets were computed; see methods/dino.py).
 
-``lambda_ie`` and ``koleo_weight`` are read from ``self.recipe`` at every step and enter the
-compiled step as arguments (``step_values``), like the schedules.
+iBOT masked-patch loss (optional, REFERENCE §1; ``ibot_weight`` > 0 switches it on, 0 is the
+default): from ``ibot_start_epoch`` (30 in the paper) on, both students see the global views
+with the batch's masks (``batch["masks"]``, (2, B, N) bool, e.g. from
+``multicrop_dataset(..., masks=True, mask_patch_size=p)``: mask probability 0.5 per view,
+ratio 0.1-0.5,
+block-wise) -- so their DINO and KoLeo terms use the masked views too, as in DINOv2/POA -- and
+the teacher sees them unmasked. Per head::
+
+    L_ibot = λ · CE_patch(intact, T_patch) + (1 - λ) · CE_patch(elastic, T_patch)
+
+where CE_patch is the cross-entropy on the masked patches, averaged per view over its masked
+patches and then over all 2B global views (``losses.ibot.ibot_masked_token_loss``), and
+T_patch are the teacher's targets for the same patches: Sinkhorn-Knopp over the masked patches
+of the batch only (``masked_sinkhorn_knopp``), or DINO centering with a separate per-head patch
+center (``ibot_center_<i>``, EMA of the mean teacher logit over the masked patches). The
+patch tokens go through the SAME projection heads as the CLS tokens (POA's default
+``ibot.separate_head: false``; separate iBOT heads are not implemented); the elastic
+student's patch tokens enter them with ``active_in=w``. Total += ``ibot_weight`` x mean over
+heads. As in DINOv2/POA, the masked tokens are gathered into a buffer of static size U
+(``ibot_max_tokens``; default ``data.masking.mask_upper_bound(2B, N, ibot_mask_probability,
+ibot_mask_ratio)``, the most that ``mask_batch`` with the recipe's settings masks; "all" = 2B·N
+for masks from elsewhere) and the heads run on U tokens only; masked patches beyond U would be
+left out. A step without a "masks" entry, or before the start epoch, computes no iBOT branch.
+
+Last-layer freeze (``freeze_last_layer_epochs``, 1 in the paper), the DINOv2 way that POA
+uses: the heads' last layers (weight_v, weight_g) get the learning rate 0 during the freeze
+steps (their lr multiplier is the step value ``last_layer_lr_scale``, 0 then 1), so their
+weights do not move (no gradient step, no weight decay) while AdamW's moments still see their
+gradients, and the gradient norm for clipping includes them -- as with DINOv2's
+``last_layer_lr`` param group. It costs no program: the freeze is a step value, not a plan.
+
+The plan: the elastic student's ``ViTSubnet``; during the iBOT phase it is
+``POAPlan(subnet, ibot=True)`` (hashable). So at most 2 programs per subnet are compiled
+(one before the iBOT start epoch, one after; 1 without iBOT), plus one retrace of an iBOT plan
+for a batch of another structure (with/without "masks"). ``last_subnet`` (and
+``plan_subnet(plan)``) give the subnet whatever the plan.
+
+``lambda_ie``, ``koleo_weight`` and ``ibot_weight`` are read from ``self.recipe`` at every step
+and enter the compiled step as arguments (``step_values``), like the schedules.
 
 Logs: ``dino_intact``, ``dino_elastic``, ``same_view`` (each the weighted contribution to the
-loss, averaged over heads), ``koleo`` (weighted), ``width``, ``depth`` (the elastic student's
-subnet), ``teacher_temp``, ``momentum``. ``loss`` = dino_intact + dino_elastic + same_view +
-koleo.
+loss, averaged over heads), ``koleo`` (weighted), ``ibot`` (weighted; 0 on steps without the
+iBOT branch), ``width``, ``depth`` (the elastic student's subnet), ``teacher_temp``,
+``momentum``. ``loss`` = dino_intact + dino_elastic + same_view + koleo + ibot.
 
-Not implemented: the iBOT masked-patch loss (REFERENCE §1: mask prob 0.5, ratio 0.1-0.5, same λ
-split, from epoch 30) -- it would add per-head patch heads and a masks entry to the batch;
-the last-layer freeze (the plan is the ViTSubnet only, so ``freeze_last_layer_epochs`` is
-ignored); layer-wise lr decay and the patch-embed lr multiplier.
+Layer-wise lr decay (0.9), the patch-embed lr multiplier (0.2) and weight decay on ndim > 1
+variables only: see methods/dino.py (shared with DINO).
 """
 from __future__ import annotations
 
 import types
+from typing import NamedTuple
 
 from keras import ops
 
-from poa_keras.losses import dino_cross_entropy, koleo_loss, multi_view_cross_entropy
+from poa_keras.data.masking import mask_upper_bound
+from poa_keras.elastic.spec import ViTSubnet
+from poa_keras.losses import (centered_teacher_probs, dino_cross_entropy, koleo_loss,
+                              multi_view_cross_entropy, update_center)
+from poa_keras.losses.ibot import (ibot_masked_token_loss, masked_sinkhorn_knopp,
+                                   masked_token_positions)
 from poa_keras.methods import schedules as schedules_lib
 from poa_keras.methods.dino import (_METHOD_DEFAULTS, TeacherStudentTrainer, flatten_views,
                                     split_views, unflatten_views)
@@ -56,7 +98,20 @@ POA_RECIPE = dict(
     koleo_weight=0.1,
     sampler_seed=0,
     net_select_scale=None,   # None: the backbone's own
+    ibot_weight=0.0,         # POA's runs: 1.0; 0 switches the iBOT branch off
+    ibot_start_epoch=30,
+    ibot_mask_probability=0.5,   # the masks' settings (multicrop_dataset's mask_probability,
+    ibot_mask_ratio=(0.1, 0.5),  # mask_ratio): they size the masked-token buffer
+    ibot_max_tokens=None,    # None: mask_upper_bound(...); an int; or "all" (2B * N)
 )
+
+
+class POAPlan(NamedTuple):
+    """The plan of a POA step in the iBOT phase: the elastic student's subnet, and whether
+    the step computes the iBOT branch. (Outside it the plan is the bare ViTSubnet.)"""
+
+    subnet: ViTSubnet
+    ibot: bool = False
 
 
 class POA(TeacherStudentTrainer):
@@ -71,7 +126,11 @@ class POA(TeacherStudentTrainer):
             ``batch_size`` required) and method keys: ``lambda_ie`` (0.8), ``student_temp``
             (0.1), ``same_view_temp`` (0.1), ``centering`` ("sinkhorn" | "center"),
             ``center_momentum`` (0.9), ``sinkhorn_iterations`` (3), ``koleo_weight`` (0.1),
-            ``sampler_seed`` (0), ``net_select_scale``. Defaults: ``POA_RECIPE``.
+            ``sampler_seed`` (0), ``net_select_scale``, ``ibot_weight`` (0: off; POA 1.0),
+            ``ibot_start_epoch`` (30), ``ibot_mask_probability`` (0.5), ``ibot_mask_ratio``
+            ((0.1, 0.5)), ``ibot_max_tokens`` (None), and the schedule keys
+            ``freeze_last_layer_epochs`` (1), ``layer_decay`` (0.9), ``patch_embed_lr_mult``
+            (0.2). Defaults: ``POA_RECIPE``.
         clip_grad: "recipe" (POA 1.5), a number or None.
     """
 
@@ -93,8 +152,11 @@ class POA(TeacherStudentTrainer):
         super().__init__(backbone, head, recipe, clip_grad, **kwargs)
         out_dims = head.out_dims if hasattr(head, "out_dims") else [head.out_dim]
         self.out_dims = list(out_dims)
+        center = self.recipe["centering"] == "center"
         self.centers = ([self._new_center(d, f"center_{i}") for i, d in enumerate(out_dims)]
-                        if self.recipe["centering"] == "center" else [])
+                        if center else [])
+        self.ibot_centers = ([self._new_center(d, f"ibot_center_{i}")
+                              for i, d in enumerate(out_dims)] if center else [])
         sampler = backbone.sampler(seed=int(self.recipe["sampler_seed"]),
                                    net_select_scale=self.recipe["net_select_scale"])
         self._host = types.SimpleNamespace(sampler=sampler)
@@ -111,52 +173,157 @@ class POA(TeacherStudentTrainer):
     def set_sampler_state(self, state):
         self._host.sampler.set_state(state)
 
+    @staticmethod
+    def plan_subnet(plan):
+        """The elastic student's subnet of a plan (a ViTSubnet or a POAPlan)."""
+        return plan.subnet if isinstance(plan, POAPlan) else plan
+
+    @property
+    def last_subnet(self):
+        """The subnet the last step's elastic student ran (None before the first step)."""
+        plan = self.last_plan
+        return None if plan is None else self.plan_subnet(plan)
+
+    def ibot_start_step(self):
+        return int(round(float(self.recipe["ibot_start_epoch"] or 0)
+                         * int(self.recipe["steps_per_epoch"])))
+
+    def ibot_active(self, step):
+        """Whether the step with this 0-based count computes the iBOT branch (if its batch
+        has masks)."""
+        return float(self.recipe["ibot_weight"] or 0.0) > 0.0 and step >= self.ibot_start_step()
+
     def next_plan(self):
-        return self._host.sampler.next()
+        subnet = self._host.sampler.next()
+        if self.ibot_active(self._current_step()):
+            return POAPlan(subnet, ibot=True)
+        return subnet
 
     def step_hyperparameters(self, step):
-        # lambda_ie and koleo_weight are step values (program arguments), read from the recipe
-        # at every step: changing them, or scheduling them, never recompiles. A koleo_weight
-        # that is 0/None when a plan is first compiled leaves KoLeo out of that program.
+        # lambda_ie, koleo_weight and ibot_weight are step values (program arguments), read
+        # from the recipe at every step: changing them, or scheduling them, never recompiles.
+        # A koleo_weight that is 0/None when a plan is first compiled leaves KoLeo out of that
+        # program.
         values = super().step_hyperparameters(step)
         values.update(lambda_ie=float(self.recipe["lambda_ie"]),
-                      koleo_weight=float(self.recipe["koleo_weight"] or 0.0))
+                      koleo_weight=float(self.recipe["koleo_weight"] or 0.0),
+                      ibot_weight=float(self.recipe["ibot_weight"] or 0.0),
+                      last_layer_lr_scale=0.0 if step < self.freeze_last_layer_steps else 1.0)
         return values
 
     def frozen_variables(self, plan):
         return ()
+
+    def lr_multipliers(self):
+        """The shared multipliers (methods/dino.py), and for the heads' last layers the step
+        value ``last_layer_lr_scale`` (0 during the freeze steps) on top."""
+        multipliers = super().lr_multipliers()
+        if not self.freeze_last_layer_steps:
+            return multipliers
+        variables = self.trainable_variables
+        multipliers = list(multipliers) if multipliers is not None else [1.0] * len(variables)
+        last = {id(v) for v in self.head.last_layer_variables()}
+        return [(m, "last_layer_lr_scale") if id(v) in last else m
+                for v, m in zip(variables, multipliers)]
 
     # -------------------------------------------------------------------------------- forward
     def _heads(self, features, active_in=None):
         out = self.head(features, active_in=active_in)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def _student(self, g_flat, l_flat, n_local, subnet, training):
-        """(cls of the global views (2B, w), per head logits (2 + v, B, K))."""
+    def _student(self, g_flat, l_flat, n_local, subnet, training, masks=None,
+                 token_index=None):
+        """(cls of the global views (2B, w), per head logits (2 + v, B, K), per head logits of
+        the gathered masked patch tokens (U, K) or None)."""
         width = None if subnet is None else subnet.width
-        g_cls = self.backbone(g_flat, subnet=subnet, training=training)["cls"]
+        g_out = self.backbone(g_flat, subnet=subnet, masks=masks, training=training)
+        g_cls = g_out["cls"]
         logits = [[unflatten_views(x, 2)] for x in self._heads(g_cls, width)]
         if l_flat is not None:
             l_cls = self.backbone(l_flat, subnet=subnet, training=training)["cls"]
             for per_head, x in zip(logits, self._heads(l_cls, width)):
                 per_head.append(unflatten_views(x, n_local))
-        return g_cls, logits
+        patch_logits = None
+        if token_index is not None:
+            tokens = g_out["patch_tokens"]
+            tokens = ops.take(ops.reshape(tokens, (-1, tokens.shape[-1])), token_index, axis=0)
+            patch_logits = self._heads(tokens, width)
+        return g_cls, logits, patch_logits
 
+    # --------------------------------------------------------------------------------- iBOT
+    def _ibot_masks(self, data, globals_):
+        """The batch's masks as (2B, N) bool, or None when the batch has none."""
+        masks = data.get("masks") if isinstance(data, dict) else None
+        if masks is None:
+            return None
+        masks = ops.convert_to_tensor(masks)
+        patch = int(self.backbone.patch_size)
+        n = (int(globals_.shape[2]) // patch) * (int(globals_.shape[3]) // patch)
+        expected = (2, int(globals_.shape[1]), n)
+        if tuple(masks.shape) != expected:
+            raise ValueError(f"masks must have shape (2, B, N) = {expected} for these global "
+                             f"views, got {tuple(masks.shape)}")
+        return ops.cast(ops.reshape(masks, (expected[0] * expected[1], n)), "bool")
+
+    def ibot_buffer_size(self, num_images, num_patches):
+        """U, the static number of masked-token slots for num_images views of num_patches."""
+        total = int(num_images) * int(num_patches)
+        setting = self.recipe.get("ibot_max_tokens")
+        if setting == "all":
+            return total
+        if setting is None:
+            setting = mask_upper_bound(num_images, num_patches,
+                                       float(self.recipe["ibot_mask_probability"]),
+                                       tuple(self.recipe["ibot_mask_ratio"]))
+        return max(0, min(int(setting), total))
+
+    def patch_targets(self, logits, weights, center=None):
+        """Teacher targets (U, K) of the gathered masked patches (logits (U, K), buffer
+        weights (U,)): Sinkhorn-Knopp over the masked ones, or centering with `center` (a
+        (1, K) variable, updated here with the mean logit of the masked patches)."""
+        temp = self.step_values["teacher_temp"]
+        if self.recipe["centering"] == "sinkhorn":
+            return masked_sinkhorn_knopp(logits, weights, temp,
+                                         int(self.recipe["sinkhorn_iterations"]))
+        logits = ops.convert_to_tensor(logits)
+        probs = centered_teacher_probs(logits, center, temp)
+        valid = ops.cast(ops.convert_to_tensor(weights) > 0, logits.dtype)
+        count = ops.maximum(ops.sum(valid), 1.0)
+        mean = ops.sum(logits * valid[:, None], axis=0, keepdims=True) / count
+        center.assign(update_center(center, mean, float(self.recipe["center_momentum"])))
+        return probs
+
+    # ------------------------------------------------------------------------- the loss
     def compute_loss_and_logs(self, data, plan, training=True):
-        lam = self.step_values["lambda_ie"]
-        st = float(self.recipe["student_temp"])
-        sv_temp = float(self.recipe["same_view_temp"])
+        subnet = self.plan_subnet(plan)
         globals_, locals_ = split_views(data)
         g_flat = flatten_views(globals_)
         l_flat = None if locals_ is None else flatten_views(locals_)
         n_local = 0 if locals_ is None else int(locals_.shape[0])
 
-        t_logits = self.teacher_logits(g_flat)
+        # iBOT only on plans of the iBOT phase and batches that carry masks.
+        masks = self._ibot_masks(data, globals_) if isinstance(plan, POAPlan) and plan.ibot \
+            else None
+        token_index = token_weights = None
+        if masks is not None:
+            size = self.ibot_buffer_size(masks.shape[0], masks.shape[1])
+            if size > 0:
+                token_index, token_weights = masked_token_positions(masks, size)
+            else:
+                masks = None
+        lam = self.step_values["lambda_ie"]
+        st = float(self.recipe["student_temp"])
+        sv_temp = float(self.recipe["same_view_temp"])
+
+        t_features = self.teacher_features(g_flat)
+        t_logits = self.teacher_head_logits(t_features["cls"])
         centers = self.centers or [None] * len(t_logits)
         targets = [self.teacher_targets(t, c) for t, c in zip(t_logits, centers)]
 
-        intact_cls, intact = self._student(g_flat, l_flat, n_local, None, training)
-        _, elastic = self._student(g_flat, l_flat, n_local, plan, training)
+        intact_cls, intact, intact_patch = self._student(g_flat, l_flat, n_local, None,
+                                                         training, masks, token_index)
+        elastic_cls, elastic, elastic_patch = self._student(g_flat, l_flat, n_local, subnet, training,
+                                                  masks, token_index)
 
         dino_i = dino_e = same = 0.0
         for target, views_i, views_e in zip(targets, intact, elastic):
@@ -176,12 +343,33 @@ class POA(TeacherStudentTrainer):
         loss = dino_i + dino_e + same
         koleo = ops.zeros((), "float32")
         if self.recipe["koleo_weight"]:
-            per_view = unflatten_views(intact_cls, 2)
-            koleo = self.step_values["koleo_weight"] * (koleo_loss(per_view[0])
-                                                        + koleo_loss(per_view[1]))
+            # The reference averages the two students' KoLeo terms, each summed over the two
+            # global views (never between the two views of one image).
+            per_student = []
+            for cls in (intact_cls, elastic_cls):
+                per_view = unflatten_views(cls, 2)
+                per_student.append(koleo_loss(per_view[0]) + koleo_loss(per_view[1]))
+            koleo = self.step_values["koleo_weight"] * 0.5 * (per_student[0] + per_student[1])
             loss = loss + koleo
+        ibot = ops.zeros((), "float32")
+        if token_index is not None:
+            t_tokens = t_features["patch_tokens"]
+            t_tokens = ops.take(ops.reshape(t_tokens, (-1, t_tokens.shape[-1])), token_index,
+                                axis=0)
+            t_patch = self.teacher_head_logits(t_tokens)
+            ibot_centers = self.ibot_centers or [None] * len(t_patch)
+            num_images = int(masks.shape[0])
+            total = 0.0
+            for t, c, s_i, s_e in zip(t_patch, ibot_centers, intact_patch, elastic_patch):
+                p = self.patch_targets(t, token_weights, c)
+                total = total + lam * ibot_masked_token_loss(p, s_i, token_weights,
+                                                             num_images, st)
+                total = total + (1.0 - lam) * ibot_masked_token_loss(p, s_e, token_weights,
+                                                                     num_images, st)
+            ibot = self.step_values["ibot_weight"] * total / n_heads
+            loss = loss + ibot
         logs = dict(dino_intact=dino_i, dino_elastic=dino_e, same_view=same, koleo=koleo,
-                    width=float(plan.width), depth=float(plan.depth),
+                    ibot=ibot, width=float(subnet.width), depth=float(subnet.depth),
                     teacher_temp=self.step_values["teacher_temp"],
                     momentum=self.step_values["momentum"])
         return loss, logs

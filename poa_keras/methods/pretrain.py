@@ -50,7 +50,7 @@ DATA_SOURCES = ("shapes", "folder", "tfds")
 _MULTICROP_KEYS = ("global_size", "local_size", "num_local", "global_scale", "local_scale",
                    "normalize", "shuffle_buffer", "ratio", "supersample", "flip_prob",
                    "color_jitter", "jitter_prob", "grayscale_prob", "blur_prob", "blur_sigma",
-                   "solarize_prob", "masks", "mask_probability", "mask_ratio")
+                   "solarize_prob", "masks", "mask_patch_size", "mask_probability", "mask_ratio")
 
 
 # ------------------------------------------------------------------------------------ recipes
