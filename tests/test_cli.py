@@ -49,3 +49,28 @@ def test_info_and_subnets(command):
     result = _run(command) if command == "info" else _run(command, "--config=vit_elastic_test")
     assert result.returncode == 0, result.stderr
     assert ("poa_vit_l" in result.stdout) if command == "info" else ("small" in result.stdout)
+
+
+def test_pretrain_runs_a_recipe_file_resumes_and_reports_errors(tmp_path):
+    from test_pretrain import TINY
+
+    recipe = tmp_path / "tiny.py"
+    recipe.write_text("RECIPE = " + repr(TINY))
+    out = tmp_path / "run"
+    first = _run("pretrain", f"--recipe={recipe}", f"--output={out}", "--epochs=1",
+                 "--verbose=2", "--override=train.lr=2e-3")
+    assert first.returncode == 0, first.stderr
+    assert "epoch 1/2: loss" in first.stdout and "dino_elastic" in first.stdout
+    assert (out / "checkpoints" / "epoch_0001" / "state.json").is_file()
+    assert not (out / "teacher").exists()             # only after the recipe's last epoch
+    second = _run("pretrain", f"--recipe={recipe}", f"--output={out}", "--verbose=0",
+                  "--override=train.lr=2e-3")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "epoch 2/2" in second.stdout
+    assert (out / "teacher" / "config.json").is_file()
+    other = _run("pretrain", f"--recipe={recipe}", f"--output={out}", "--verbose=0")
+    assert other.returncode == 1 and "another recipe" in other.stderr and "train" in other.stderr
+    unknown = _run("pretrain", "--recipe=nope", f"--output={tmp_path / 'x'}")
+    assert unknown.returncode == 1 and "shipped recipes" in unknown.stderr
+    bad = _run("pretrain", "--recipe=demo", "--data=/no/such/dir", f"--output={tmp_path / 'y'}")
+    assert bad.returncode == 1 and "/no/such/dir" in bad.stderr
