@@ -80,6 +80,8 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe("demo", ["trian.epochs=1"])
     with pytest.raises(ValueError, match="section.key=value"):
         load_recipe("demo", ["epochs"])
+    with pytest.raises(ValueError, match=r"train.epochs must be a positive integer, got 0.5"):
+        load_recipe("demo", ["train.epochs=0.5"])
     with pytest.raises(ValueError, match="method must be one of"):
         load_recipe(dict(TINY, method="mae"))
     path = tmp_path / "mine.py"

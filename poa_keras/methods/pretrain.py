@@ -132,8 +132,13 @@ def validate_recipe(recipe):
     if source not in DATA_SOURCES:
         raise ValueError(f"data source must be one of {list(DATA_SOURCES)}, got {source!r}")
     for key in ("epochs", "batch_size"):
-        if key not in recipe["train"]:
+        value = recipe["train"].get(key)
+        if value is None:
             raise ValueError(f"recipe train section needs {key!r}")
+        # One Keras epoch is one recipe epoch, so epochs must be whole (warmups, freezes and
+        # temperature ramps may be fractional; data.steps_per_epoch shortens an epoch).
+        if isinstance(value, bool) or int(value) != value or int(value) < 1:
+            raise ValueError(f"train.{key} must be a positive integer, got {value!r}")
     unknown = sorted(set(recipe["data"]) - set(_MULTICROP_KEYS) - {
         "source", "num_images", "num_val", "image_size", "seed", "path", "name", "split", "data_dir",
         "steps_per_epoch", "image_key"})
