@@ -5,6 +5,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTEST=${PYTEST:-.venv/bin/pytest}
 export TF_CPP_MIN_LOG_LEVEL=3
+# JAX compiles each train step with XLA (tens of seconds on a small CPU); tests that build the
+# same trainer again (resume, CLI runs in subprocesses) reuse the program from this cache.
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  export JAX_COMPILATION_CACHE_DIR=$(mktemp -d)
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+fi
 status=0
 for backend in ${BACKENDS:-jax tensorflow torch}; do
   echo "=== KERAS_BACKEND=$backend ==="

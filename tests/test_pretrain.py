@@ -1,5 +1,5 @@
 """Recipes, checkpoints, resume after SIGKILL and the NaN stop (methods/pretrain.py,
-methods/checkpoint.py), on a tiny POA run: a 16 x 16 elastic ViT with 3 elastic subnets,
+methods/checkpoint.py), on a tiny POA run: a 16 x 16 elastic ViT with one elastic subnet,
 2 epochs of 2 steps."""
 import json
 import os
@@ -20,10 +20,10 @@ from poa_keras.methods.pretrain import load_recipe, pretrain, recipe_names
 BACKEND = keras.backend.backend()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(
+TINY = dict(  # one elastic plan, (32, 1): every run compiles one POA program
     method="poa",
     backbone=dict(config="vit_elastic_test", image_size=16, embed_dim=32, depth=2, head_dim=16,
-                  min_width=16, min_depth=1, named_subnets={}),
+                  min_width=32, min_depth=1, named_subnets={}),
     head=dict(hidden_dim=32, bottleneck_dim=16, out_dims=(20, 30)),
     data=dict(source="shapes", num_images=16, num_val=4, image_size=16, seed=0,
               steps_per_epoch=2, global_size=16, local_size=8, num_local=2),
