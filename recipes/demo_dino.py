@@ -3,11 +3,10 @@ student -- the same backbone, data, crops, schedules and teacher targets (Sinkho
 DINO head. benchmarks/quality.py trains it for as long as the POA demo took (equal compute) and
 slices subnets out of its teacher, the "DINO, then slice" baseline of the POA paper.
 """
-import copy
+from poa_keras.methods.pretrain import load_recipe
 
-from poa_keras.recipes.demo import RECIPE as _POA_DEMO
-
-RECIPE = copy.deepcopy(_POA_DEMO)
+RECIPE = load_recipe("demo")
+RECIPE.pop("name")
 RECIPE.update(method="dino",
               head=dict(hidden_dim=512, bottleneck_dim=128, out_dim=2048))
 for _key in ("lambda_ie", "same_view_temp", "koleo_weight", "sampler_seed"):

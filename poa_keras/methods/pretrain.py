@@ -36,7 +36,6 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
-import importlib
 import importlib.util
 import json
 import os
@@ -56,12 +55,33 @@ _MULTICROP_KEYS = ("global_size", "local_size", "num_local", "global_scale", "lo
 
 # ------------------------------------------------------------------------------------ recipes
 
+def _recipes_dir():
+    """The shipped recipes: the installed ``poa_keras.recipes`` package, or the top-level
+    recipes/ folder of a source checkout (where ``python -m poa_keras.cli`` imports the package
+    from the checkout, which has no poa_keras/recipes)."""
+    try:
+        import poa_keras.recipes as package
+
+        return list(package.__path__)[0]
+    except ModuleNotFoundError:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))), "recipes")
+
+
 def recipe_names():
     """Names of the recipes shipped in ``poa_keras.recipes``."""
-    import poa_keras.recipes as package
-
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+    return sorted(m.name for m in pkgutil.iter_modules([_recipes_dir()])
                   if not m.name.startswith("_"))
+
+
+def _recipe_from_file(path):
+    spec = importlib.util.spec_from_file_location(
+        f"_poa_keras_recipe_{os.path.splitext(os.path.basename(path))[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not isinstance(getattr(module, "RECIPE", None), dict):
+        raise ValueError(f"recipe file {path} must define a dict named RECIPE")
+    return copy.deepcopy(module.RECIPE)
 
 
 def load_recipe(recipe, overrides=()):
@@ -74,19 +94,13 @@ def load_recipe(recipe, overrides=()):
         path = os.fspath(recipe)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"recipe file {path} does not exist")
-        spec = importlib.util.spec_from_file_location("_poa_keras_recipe", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not isinstance(getattr(module, "RECIPE", None), dict):
-            raise ValueError(f"recipe file {path} must define a dict named RECIPE")
-        result = copy.deepcopy(module.RECIPE)
+        result = _recipe_from_file(path)
     elif isinstance(recipe, str):
         names = recipe_names()
         if recipe not in names:
             raise ValueError(f"unknown recipe {recipe!r}; shipped recipes: {names} "
                              "(or give a path to a .py file defining RECIPE)")
-        module = importlib.import_module(f"poa_keras.recipes.{recipe}")
-        result = copy.deepcopy(module.RECIPE)
+        result = _recipe_from_file(os.path.join(_recipes_dir(), f"{recipe}.py"))
         result.setdefault("name", recipe)
     else:
         raise TypeError(f"recipe must be a name, a .py path or a dict, got {type(recipe).__name__}")
