@@ -220,3 +220,31 @@ def test_bfloat16_forward(images):
     assert np.abs(to_np(out["cls"]) - ref).max() < 0.1 * np.abs(ref).max() + 0.05
     sub = model.extract(spec)
     assert keras.backend.standardize_dtype(sub(images)["cls"].dtype) == "bfloat16"
+
+
+def test_family_hooks_that_trainers_and_eval_use(small_vit, images):
+    spec = ViTSubnet(48, 3)
+    assert small_vit.feature_dim() == 96
+    assert small_vit.feature_dim(spec) == 48 == int(forward(small_vit, images, spec)["cls"].shape[-1])
+    assert small_vit.head_active_in(None) is None
+    assert small_vit.head_active_in(ViTSubnet(96, 3)) is None   # full width: no slicing
+    assert small_vit.head_active_in(spec) == 48
+    assert small_vit.subnet_log_values(spec) == {"width": 48.0, "depth": 3.0}
+    assert small_vit.supports_masks
+    # Layer ids (DINOv2): 0 = embedding, block i -> i + 1, final norm -> depth + 1.
+    paths = {v.path: v for v in small_vit.weights}
+    patch = next(p for p in paths if "patch_embed" in p and p.endswith("kernel"))
+    block2 = next(p for p in paths if "blocks_2" in p)
+    assert small_vit.lr_multiplier(patch, 0.5, 0.2) == pytest.approx(0.5 ** 7 * 0.2)
+    assert small_vit.lr_multiplier(block2, 0.5, 0.2) == pytest.approx(0.5 ** 4)
+    assert small_vit.lr_multiplier(block2) == 1.0
+
+
+def test_backbones_from_config_name_finds_the_family():
+    from poa_keras import backbones
+
+    assert backbones.config_names()["vit_elastic_test"] == "ElasticViT"
+    model = backbones.from_config_name("vit_elastic_test", name="x")
+    assert isinstance(model, ElasticViT) and model.name == "x"
+    with pytest.raises(ValueError, match="unknown backbone configuration 'nope'.*vit_elastic_test"):
+        backbones.from_config_name("nope")

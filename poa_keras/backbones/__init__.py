@@ -5,4 +5,22 @@ from poa_keras.backbones.vit import ElasticViT
 
 BACKBONE_CLASSES = {"ElasticViT": ElasticViT}
 
-__all__ = ["Backbone", "ElasticViT", "VIT_CONFIGS", "BACKBONE_CLASSES"]
+
+def config_names():
+    """{configuration name: backbone class name} over every family."""
+    return {name: cls_name for cls_name, cls in BACKBONE_CLASSES.items()
+            for name in cls.configs}
+
+
+def from_config_name(config_name, **overrides):
+    """Builds a named configuration of any family (e.g. "vit_elastic_demo"); keywords
+    override its entries (see each family's ``from_config_name``)."""
+    for cls in BACKBONE_CLASSES.values():
+        if config_name in cls.configs:
+            return cls.from_config_name(config_name, **overrides)
+    raise ValueError(f"unknown backbone configuration {config_name!r}; known: "
+                     f"{sorted(config_names())}")
+
+
+__all__ = ["Backbone", "ElasticViT", "VIT_CONFIGS", "BACKBONE_CLASSES", "config_names",
+           "from_config_name"]

@@ -18,10 +18,21 @@ class Backbone(keras.Model):
       * ``validate_subnet(spec)``: ValueError naming the valid values;
       * ``subnet_from_kwargs(**kw)``: a spec from user keywords (width=..., depth=...);
       * ``sampling_counts()``: how often each grid entry appears in the sampling list;
-      * ``extract(spec)``: a new backbone of the same class with exactly that size.
+      * ``extract(spec)``: a new backbone of the same class with exactly that size;
+      * ``feature_dim(spec)``: channels of the ``cls`` / ``pooled`` output of a subnet;
+      * ``subnet_log_values(spec)``: a few numbers that describe a spec in training logs;
+      * ``lr_multiplier(path, layer_decay, patch_embed_lr_mult)`` (optional): the lr factor of
+        one variable under layer-wise lr decay and the patch-embed (stem) multiplier;
+      * ``supports_masks``: whether ``call`` takes iBOT ``masks`` (and returns patch tokens).
+
+    Trainers, heads and evaluation only talk to these hooks, so a new family works with them
+    without family-specific code there.
     """
 
+    supports_masks = False
+
     subnet_class = None
+    configs: dict = {}   # named configurations of the family (see ``from_config_name``)
 
     # -- the grid ------------------------------------------------------------------------------
     @property
@@ -81,6 +92,36 @@ class Backbone(keras.Model):
 
     def subnet_from_kwargs(self, **kwargs):
         raise NotImplementedError
+
+    def feature_dim(self, subnet=None):
+        """Channels of the ``cls`` / ``pooled`` features of a subnet (None: the intact net)."""
+        raise NotImplementedError
+
+    def head_active_in(self, subnet=None):
+        """What a shared projection head's elastic first linear takes for this subnet: None
+        when the subnet's features are as wide as the intact network's, else their width."""
+        spec = self.resolve_subnet(subnet)
+        if spec is None:
+            return None
+        dim = self.feature_dim(spec)
+        return None if dim == self.feature_dim() else dim
+
+    def subnet_log_values(self, subnet):
+        """{name: float} describing a spec in training logs (default: its int fields)."""
+        import dataclasses
+
+        spec = self.resolve_subnet(subnet) or self.full_subnet
+        return {f.name: float(getattr(spec, f.name)) for f in dataclasses.fields(spec)
+                if isinstance(getattr(spec, f.name), int)}
+
+    def lr_multiplier(self, path, layer_decay=1.0, patch_embed_lr_mult=1.0):
+        """The learning-rate factor of the variable at ``path`` under layer-wise lr decay
+        (``layer_decay ** (num_layers + 1 - layer_id)``, BEiT/DINOv2) and the patch-embed /
+        stem multiplier. Families without layer ids accept only 1.0 for both."""
+        if layer_decay == 1.0 and patch_embed_lr_mult == 1.0:
+            return 1.0
+        raise ValueError(f"layer_decay={layer_decay} / patch_embed_lr_mult={patch_embed_lr_mult}"
+                         f": {type(self).__name__} defines no layer ids; set both to 1.0")
 
     def subnets(self):
         raise NotImplementedError

@@ -107,6 +107,8 @@ class ElasticViT(Backbone):
     """
 
     subnet_class = ViTSubnet
+    supports_masks = True
+    configs = CONFIGS
 
     def __init__(self, image_size=224, patch_size=16, embed_dim=768, depth=12, head_dim=64,
                  min_width=None, min_depth=None, mlp_ratio=4.0, qkv_bias=True, proj_bias=True,
@@ -219,6 +221,17 @@ class ElasticViT(Backbone):
                          self.depth if depth is None else int(depth))
         self.validate_subnet(spec)
         return spec
+
+    def feature_dim(self, subnet=None):
+        spec = self.resolve_subnet(subnet)
+        return self.embed_dim if spec is None else spec.width
+
+    def lr_multiplier(self, path, layer_decay=1.0, patch_embed_lr_mult=1.0):
+        """Layer ids of DINOv2/POA: 0 = patch embed and tokens, i + 1 = block i, depth + 1 =
+        final norm; the patch embedding's own weights also get ``patch_embed_lr_mult``."""
+        from poa_keras.methods.schedules import vit_lr_multiplier
+
+        return vit_lr_multiplier(path, self.depth, layer_decay, patch_embed_lr_mult)
 
     def block_ids(self, subnet=None):
         """Indices of the blocks a subnet runs (all of them for the full network)."""

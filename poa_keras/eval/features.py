@@ -75,7 +75,7 @@ def extract_features(backbone, images, subnet=None, batch_size=64, normalize=Tru
                         f"dtype {images.dtype}")
     forward = backbone.compiled_forward(subnet)   # validates the subnet before any work
     spec = backbone.resolve_subnet(subnet)
-    width = getattr(spec, "width", None) or getattr(backbone, "embed_dim", None)
+    width = backbone.feature_dim(spec) if hasattr(backbone, "feature_dim") else None
     n = images.shape[0]
     if n == 0:
         if width is None:

@@ -41,8 +41,9 @@ Per-variable optimisation (both DINO and POA, through PlannedTrainer's hooks):
   mask token (theirs is (1, D) and decayed).
 * Layer-wise lr decay and the patch-embed lr multiplier (recipe ``layer_decay``,
   ``patch_embed_lr_mult``; POA 0.9 and 0.2, DINO 1 and 1): every student-backbone variable gets
-  ``schedules.vit_lr_multiplier(path, backbone.depth, ...)`` (layer id 0: patch embed, cls/pos/
-  mask tokens; block i: i + 1; final norm: depth + 1, multiplier 1), as DINOv2/POA's
+  ``backbone.lr_multiplier(path, ...)`` (ViT: ``schedules.vit_lr_multiplier``; layer id 0:
+  patch embed, cls/pos/mask tokens; block i: i + 1; final norm: depth + 1, multiplier 1), as
+  DINOv2/POA's
   ``get_params_groups_with_decay`` does on the backbone; the heads get 1 (POA builds their param
   groups on the head module alone, where every layer id is num_layers + 1). The multipliers scale
   each variable's optimizer update (``PlannedTrainer.lr_multipliers``), which equals PyTorch param
@@ -59,7 +60,6 @@ from keras import ops
 
 from poa_keras.losses import (centered_teacher_probs, multi_view_cross_entropy, sinkhorn_knopp,
                               update_center)
-from poa_keras.methods.schedules import vit_lr_multiplier
 from poa_keras.methods import schedules as schedules_lib
 from poa_keras.methods.base import PlannedTrainer
 
@@ -161,16 +161,10 @@ class TeacherStudentTrainer(PlannedTrainer):
 
     # ------------------------------------------------- per-variable lr and weight decay
     def backbone_lr_multiplier(self, variable):
-        """The layer-decay x patch-embed lr multiplier of one student-backbone variable."""
-        decay, patch = self.schedules.layer_decay, self.schedules.patch_embed_lr_mult
-        if decay == 1.0 and patch == 1.0:
-            return 1.0
-        depth = getattr(self.backbone, "depth", None)
-        if depth is None or not hasattr(self.backbone, "blocks"):
-            raise ValueError(f"layer_decay={decay} / patch_embed_lr_mult={patch} need a ViT "
-                             f"backbone (blocks_<i> paths); {type(self.backbone).__name__} has "
-                             "none: set both to 1.0")
-        return vit_lr_multiplier(variable.path, int(depth), decay, patch)
+        """The layer-decay x patch-embed lr multiplier of one student-backbone variable (the
+        backbone's ``lr_multiplier`` hook)."""
+        return self.backbone.lr_multiplier(variable.path, self.schedules.layer_decay,
+                                           self.schedules.patch_embed_lr_mult)
 
     def lr_multipliers(self):
         """Student backbone: layer decay x patch-embed multiplier; heads: 1."""
@@ -247,7 +241,7 @@ class DINO(TeacherStudentTrainer):
 
         if head is None or isinstance(head, dict):
             config = dict(head or {})
-            config.setdefault("in_dim", backbone.embed_dim)
+            config.setdefault("in_dim", backbone.feature_dim())
             config.setdefault("name", "dino_head")
             head = DINOHead(**config)
         super().__init__(backbone, head, recipe, clip_grad, **kwargs)

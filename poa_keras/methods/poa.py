@@ -142,7 +142,7 @@ class POA(TeacherStudentTrainer):
 
         if head is None or isinstance(head, dict):
             config = dict(head or {})
-            config.setdefault("in_dim", backbone.embed_dim)
+            config.setdefault("in_dim", backbone.feature_dim())
             if "out_dim" in config:
                 config.setdefault("name", "dino_head")
                 head = DINOHead(**config)
@@ -150,6 +150,10 @@ class POA(TeacherStudentTrainer):
                 config.setdefault("name", "projection_heads")
                 head = MultiProjectionHead(**config)
         super().__init__(backbone, head, recipe, clip_grad, **kwargs)
+        if float(self.recipe["ibot_weight"] or 0.0) > 0.0 and not backbone.supports_masks:
+            raise ValueError(f"ibot_weight={self.recipe['ibot_weight']}: the iBOT masked-patch "
+                             f"loss needs a backbone that takes masks (ElasticViT); "
+                             f"{type(backbone).__name__} does not: set ibot_weight=0")
         out_dims = head.out_dims if hasattr(head, "out_dims") else [head.out_dim]
         self.out_dims = list(out_dims)
         center = self.recipe["centering"] == "center"
@@ -235,7 +239,7 @@ class POA(TeacherStudentTrainer):
                  token_index=None):
         """(cls of the global views (2B, w), per head logits (2 + v, B, K), per head logits of
         the gathered masked patch tokens (U, K) or None)."""
-        width = None if subnet is None else subnet.width
+        width = None if subnet is None else self.backbone.head_active_in(subnet)
         g_out = self.backbone(g_flat, subnet=subnet, masks=masks, training=training)
         g_cls = g_out["cls"]
         logits = [[unflatten_views(x, 2)] for x in self._heads(g_cls, width)]
@@ -369,7 +373,7 @@ class POA(TeacherStudentTrainer):
             ibot = self.step_values["ibot_weight"] * total / n_heads
             loss = loss + ibot
         logs = dict(dino_intact=dino_i, dino_elastic=dino_e, same_view=same, koleo=koleo,
-                    ibot=ibot, width=float(subnet.width), depth=float(subnet.depth),
+                    ibot=ibot, **self.backbone.subnet_log_values(subnet),
                     teacher_temp=self.step_values["teacher_temp"],
                     momentum=self.step_values["momentum"])
         return loss, logs

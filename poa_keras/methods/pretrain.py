@@ -8,7 +8,8 @@ A recipe is a Python file in recipes/ (shipped as ``poa_keras.recipes``) definin
 dict with these sections (see recipes/demo.py for a commented example):
 
 * ``method``: "poa" or "dino";
-* ``backbone``: ``config`` (a named ElasticViT configuration) plus overrides of it;
+* ``backbone``: ``config`` (a named backbone configuration of any family, see
+  ``poa_keras.backbones.config_names()``) plus overrides of it;
 * ``head``: arguments of the projection head(s) (``out_dims`` for POA's several heads,
   ``out_dim`` for one DINOHead);
 * ``data``: ``source`` = "shapes" (the embedded data set: ``num_images``, ``image_size``,
@@ -142,7 +143,8 @@ def validate_recipe(recipe):
         if not isinstance(recipe.get(section), dict):
             raise ValueError(f"recipe section {section!r} must be a dict")
     if "config" not in recipe["backbone"]:
-        raise ValueError("recipe backbone needs 'config' (a named ElasticViT configuration)")
+        raise ValueError("recipe backbone needs 'config' (a named backbone configuration, see "
+                         "poa_keras.backbones.config_names())")
     source = recipe["data"].get("source", "shapes")
     if source not in DATA_SOURCES:
         raise ValueError(f"data source must be one of {list(DATA_SOURCES)}, got {source!r}")
@@ -252,13 +254,13 @@ def build_trainer(recipe, steps):
     """The compiled trainer of a recipe (student built from its config, teacher = copy)."""
     import keras
 
-    from poa_keras.backbones.vit import ElasticViT
+    from poa_keras.backbones import from_config_name
     from poa_keras.methods.dino import DINO
     from poa_keras.methods.poa import POA
 
     keras.utils.set_random_seed(int(recipe.get("seed", 0)))
     bcfg = dict(recipe["backbone"])
-    backbone = ElasticViT.from_config_name(bcfg.pop("config"), name="student", **bcfg)
+    backbone = from_config_name(bcfg.pop("config"), name="student", **bcfg)
     train = dict(recipe["train"], steps_per_epoch=int(steps))
     cls = POA if recipe["method"] == "poa" else DINO
     trainer = cls(backbone, dict(recipe["head"]), recipe=train)
