@@ -4,8 +4,12 @@
             through its compiled forward (uint8 images normalised as in training).
   knn       knn_classify: weighted k-NN (DINO protocol, several k at once, batched);
             knn_eval: images -> features -> k-NN accuracy in one call.
+  sweep     sweep: k-NN, params, FLOPs and latency of every subnet of a teacher (SweepResult:
+            CSV / JSON, Pareto front, budget select, plot); format_table / print_table.
 """
 from poa_keras.eval.features import extract_features
 from poa_keras.eval.knn import DEFAULT_KS, knn_classify, knn_eval
+from poa_keras.eval.sweep import SweepResult, format_table, load_sweep, print_table, select, sweep
 
 __all__ = ["DEFAULT_KS", "extract_features", "knn_classify", "knn_eval"]
+__all__ += ["SweepResult", "format_table", "load_sweep", "print_table", "select", "sweep"]

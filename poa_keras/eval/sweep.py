@@ -1,0 +1,774 @@
+"""Every sub-network of one elastic teacher at once: k-NN accuracy, size, cost (POA Figure 1).
+
+    result = sweep("runs/my_teacher", (x_train, y_train), (x_val, y_val), output_dir="runs/sw")
+    print_table(result)                           # spec, name, params, GFLOPs, latency, top-1
+    result.pareto(x="flops")                      # rows no other subnet beats on cost AND top-1
+    row, spec = result.select(params=25e6, latency_ms=40)   # best top-1 within every budget
+    student = teacher.extract(spec)
+
+For every subnet of the teacher's grid (or a chosen subset), `sweep` measures:
+
+* ``top1`` / ``top5`` (and ``top1_k{k}`` / ``top5_k{k}`` for every k of ``ks``): weighted k-NN
+  (``eval.knn``: L2-normalised CLS features, votes exp(sim / T)) of the validation images
+  against the training images as the bank, both embedded by the teacher's ELASTIC forward of
+  that subnet (``teacher.compiled_forward(spec)``, which equals the extracted network's forward);
+  the bank is re-embedded for every subnet (features differ per subnet), batch by batch;
+* ``params``: ``teacher.subnet_params(spec)``; ``flops``: ``teacher.subnet_flops(spec,
+  image_size=(H, W))`` per image at the data's resolution (a multiply-add = 2 FLOPs);
+* ``latency_ms``: the median wall time of the EXTRACTED subnet's compiled forward
+  (``teacher.extract(spec).compiled_forward()``) on one fixed batch of ``latency_batch``
+  validation images, after ``latency_warmup`` untimed calls (the first one compiles), over
+  ``latency_runs`` timed calls, each synchronised by copying the output to the host;
+  ``latency_ms_per_image`` = latency_ms / latency_batch. A measurement of this machine and
+  backend, not a property of the model: compare rows of one sweep, not across machines;
+* ``name``: the teacher's named size of that spec (e.g. "small"), if any.
+
+Only the Backbone hooks are used (``subnets``, ``resolve_subnet``, ``named_subnets``,
+``subnet_params``, ``subnet_flops``, ``feature_dim``, ``extract``, ``compiled_forward``), so every
+family works. Spec fields become row columns through ``dataclasses.asdict``; a tuple field (a
+ResNet's stage depths) is a list in the rows and JSON and "3-4-6-3" in CSV.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import math
+import numbers
+import os
+import re
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from poa_keras.eval.features import PIXEL_NORMALIZATIONS, extract_features, preprocess_uint8
+from poa_keras.eval.knn import _check_int, _check_ks, _check_positive_number, knn_classify
+
+#: Cost columns a row has (``pareto`` x-axes and ``select`` budgets).
+COST_COLUMNS = ("params", "flops", "latency_ms", "latency_ms_per_image")
+CSV_FILE, JSON_FILE, PLOT_FILE = "sweep.csv", "sweep.json", "sweep.png"
+
+
+class Selection(NamedTuple):
+    """What ``select`` returns: the chosen row and its spec (None when only rows were given)."""
+
+    row: dict
+    spec: object
+
+
+# ----- the sweep -------------------------------------------------------------------------------
+
+def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.07,
+          batch_size=64, measure_latency=True, latency_batch=32, latency_runs=10,
+          latency_warmup=2, output_dir=None, progress=True, num_classes=None,
+          pixel_normalization="imagenet", knn_batch_size=None):
+    """k-NN accuracy, parameters, FLOPs and latency of every subnet of an elastic teacher.
+
+    Args:
+      teacher: an elastic backbone (``poa_keras.Backbone``), or a preset name or directory,
+        loaded with ``Backbone.from_preset`` (its full network: the teacher).
+      train_data: ``(images, labels)``: the k-NN bank. Images (N, H, W, C) numpy, uint8 0..255
+        (normalised as in training, see ``pixel_normalization``) or float (already normalised);
+        labels (N,) integers.
+      val_data: ``(images, labels)`` of the queries, the same image size as ``train_data``.
+      subnets: None (the whole grid, ``teacher.subnets()``, smallest first) or a list of specs,
+        tuples (e.g. ``(384, 12)``) or named sizes (``"small"``), evaluated in that order
+        (duplicates once). A single spec or name is taken as a list of one.
+      ks: the k of the k-NN, one int or several; the first is the headline ``top1`` / ``top5``.
+      temperature: vote temperature T of exp(sim / T).
+      batch_size: images per forward pass of the feature extraction; capped at the size of the
+        smaller split, so that both splits run one batch shape (one compiled program per subnet).
+      measure_latency: time the extracted subnets (False: ``latency_ms`` is None, no extraction).
+      latency_batch: images of the timed batch (the first ``latency_batch`` validation images,
+        repeated if there are fewer).
+      latency_runs: timed calls per subnet (the median is reported).
+      latency_warmup: untimed calls before them (compilation, allocator warm-up), >= 1.
+      output_dir: if given, ``sweep.csv`` and ``sweep.json`` are written there after every
+        subnet (a long sweep that stops keeps what it measured) and ``sweep.png`` at the end.
+      progress: a progress bar, one step per subnet, showing the last top-1 / top-5.
+      num_classes: default 1 + the largest label of either split.
+      pixel_normalization: for uint8 images, as ``extract_features``.
+      knn_batch_size: ``knn_classify``'s batch_size (similarity rows in memory at a time).
+
+    Returns:
+      a ``SweepResult``: ``.rows`` (one JSON-friendly dict per subnet), ``.specs``,
+      ``.metadata``; ``to_csv``, ``to_json``, ``pareto``, ``select``, ``plot``.
+    """
+    # Every argument is checked before the first forward pass (the cheap ones before a preset
+    # is loaded).
+    if not _is_teacher_like(teacher):
+        _load_teacher(teacher)   # raises the TypeError
+    train_x, train_y = _split(train_data, "train_data")
+    val_x, val_y = _split(val_data, "val_data")
+    if train_x.shape[1:] != val_x.shape[1:]:
+        raise ValueError(f"train_data and val_data images must have the same (height, width, "
+                         f"channels), got {train_x.shape[1:]} and {val_x.shape[1:]}")
+    ks = _check_ks(ks)
+    temperature = _check_positive_number(temperature, "temperature")
+    batch_size = _check_int(batch_size, "batch_size", minimum=1)
+    if pixel_normalization not in PIXEL_NORMALIZATIONS:
+        raise ValueError(f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS}, got "
+                         f"{pixel_normalization!r}")
+    if measure_latency:
+        latency_batch = _check_int(latency_batch, "latency_batch", minimum=1)
+        latency_runs = _check_int(latency_runs, "latency_runs", minimum=1)
+        latency_warmup = _check_int(latency_warmup, "latency_warmup", minimum=1)
+    if num_classes is None:
+        num_classes = int(max(train_y.max(), val_y.max())) + 1
+    num_classes = _check_int(num_classes, "num_classes", minimum=1)
+    for name, y in (("train_data", train_y), ("val_data", val_y)):
+        if y.min() < 0 or y.max() >= num_classes:
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            raise ValueError(f"{name} labels must lie in [0, num_classes={num_classes}), got "
+                             f"label {bad}")
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r} exists and is not a directory")
+    teacher = _load_teacher(teacher)
+    specs = _resolve_subnets(teacher, subnets)
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    image_size = tuple(int(s) for s in train_x.shape[1:3])
+    step = min(batch_size, train_x.shape[0], val_x.shape[0])
+    names = _names_by_spec(teacher)
+    latency_input = (_latency_batch(val_x, latency_batch, pixel_normalization,
+                                    getattr(teacher, "in_channels", 3))
+                     if measure_latency else None)
+    metadata = _metadata(teacher, specs, ks, temperature, num_classes, train_x, val_x,
+                         image_size, step, pixel_normalization, measure_latency,
+                         latency_batch if measure_latency else None,
+                         latency_runs if measure_latency else None,
+                         latency_warmup if measure_latency else None)
+    result = SweepResult([], specs=[], metadata=metadata)
+
+    bar = None
+    if progress:
+        import keras
+        bar = keras.utils.Progbar(len(specs), unit_name="subnet",
+                                  stateful_metrics=["top1", "top5"])
+    features = dict(subnet=None, batch_size=step, normalize=True,
+                    pixel_normalization=pixel_normalization)
+    for i, spec in enumerate(specs):
+        features["subnet"] = spec
+        bank = extract_features(teacher, train_x, **features)
+        queries = extract_features(teacher, val_x, **features)
+        knn = knn_classify(bank, train_y, queries, val_y, num_classes, ks=ks,
+                           temperature=temperature, batch_size=knn_batch_size)
+        del bank, queries
+        latency = (_measure_latency(teacher, spec, latency_input, latency_runs, latency_warmup)
+                   if measure_latency else None)
+        row = _spec_columns(spec)
+        row.update(
+            name=names.get(spec),
+            params=int(teacher.subnet_params(spec)),
+            flops=int(teacher.subnet_flops(spec, image_size=image_size)),
+            feature_dim=int(teacher.feature_dim(spec)),
+            latency_ms=latency,
+            latency_ms_per_image=None if latency is None else latency / latency_batch,
+            top1=knn[ks[0]]["top1"],
+            top5=knn[ks[0]]["top5"],
+        )
+        for k in ks:
+            row[f"top1_k{k}"] = knn[k]["top1"]
+            row[f"top5_k{k}"] = knn[k]["top5"]
+        result.rows.append(row)
+        result.specs.append(spec)
+        if output_dir is not None:
+            result.to_csv(output_dir / CSV_FILE)
+            result.to_json(output_dir / JSON_FILE)
+        if bar is not None:
+            bar.update(i + 1, values=[("top1", row["top1"]), ("top5", row["top5"])])
+    if output_dir is not None:
+        result.plot(output_dir / PLOT_FILE)
+    return result
+
+
+def _is_teacher_like(teacher):
+    from poa_keras.backbones.base import Backbone
+
+    return isinstance(teacher, (Backbone, str, os.PathLike))
+
+
+def _load_teacher(teacher):
+    from poa_keras.backbones.base import Backbone
+
+    if isinstance(teacher, Backbone):
+        return teacher
+    if isinstance(teacher, (str, os.PathLike)):
+        return Backbone.from_preset(teacher)
+    raise TypeError(f"teacher must be an elastic backbone (poa_keras.Backbone) or a preset name "
+                    f"or directory, got {type(teacher).__name__}")
+
+
+def _split(data, name):
+    """(images, labels) -> checked numpy arrays."""
+    if isinstance(data, dict) or not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"{name} must be an (images, labels) pair of arrays, got "
+                        f"{type(data).__name__}" + (f" of length {len(data)}"
+                                                    if isinstance(data, (tuple, list)) else ""))
+    images, labels = (x if isinstance(x, np.ndarray) else np.asarray(x) for x in data)
+    if images.ndim != 4:
+        raise ValueError(f"{name} images must have shape (num_images, height, width, "
+                         f"channels), got shape {images.shape}")
+    if not (images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
+        raise TypeError(f"{name} images must be uint8 (0..255) or float (already normalised), "
+                        f"got dtype {images.dtype}")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{name} has {images.shape[0]} images but labels of shape "
+                         f"{labels.shape}; expected ({images.shape[0]},)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"{name} labels must be integers, got dtype {labels.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    return images, labels
+
+
+def _resolve_subnets(teacher, subnets):
+    if subnets is None:
+        specs = list(teacher.subnets())
+    else:
+        if isinstance(subnets, (str, teacher.subnet_class)):
+            subnets = [subnets]
+        elif isinstance(subnets, tuple) and any(isinstance(s, numbers.Integral) for s in subnets):
+            # (384, 12) or (64, (3, 4, 6, 3)): one spec written as a tuple, not a list of specs.
+            raise TypeError(f"subnets must be a list of specs, tuples or size names; "
+                            f"{subnets!r} looks like ONE spec: pass [{subnets!r}]")
+        try:
+            subnets = list(subnets)
+        except TypeError:
+            raise TypeError(f"subnets must be None or a list of specs, tuples or size names, "
+                            f"got {subnets!r}") from None
+        if not subnets:
+            raise ValueError("subnets is empty: give None (the whole grid) or at least one spec")
+        specs = [teacher.resolve_subnet(s) for s in subnets]
+    if not specs:
+        raise ValueError(f"{teacher.name} has an empty subnet grid")
+    return list(dict.fromkeys(specs))   # first occurrence, order kept
+
+
+def _names_by_spec(teacher):
+    names = {}
+    for name, spec in teacher.named_subnets.items():
+        spec = teacher.resolve_subnet(spec)
+        names[spec] = name if spec not in names else f"{names[spec]}/{name}"
+    return names
+
+
+def _spec_columns(spec):
+    """Spec fields -> JSON-friendly columns (tuples become lists of ints)."""
+    return {k: _json_value(v) for k, v in dataclasses.asdict(spec).items()}
+
+
+def _json_value(v):
+    if isinstance(v, (tuple, list)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _latency_batch(images, size, pixel_normalization, in_channels):
+    """The fixed timed batch: the first `size` images (repeated if fewer), as fed to the net."""
+    batch = images[np.arange(size) % images.shape[0]]
+    if batch.dtype == np.uint8:
+        if batch.shape[-1] == 1 and in_channels == 3:
+            batch = np.repeat(batch, 3, axis=-1)
+        return preprocess_uint8(batch, pixel_normalization)
+    return np.asarray(batch, np.float32)
+
+
+def _measure_latency(teacher, spec, batch, runs, warmup):
+    """Median ms of the extracted subnet's compiled forward on `batch` (synchronised)."""
+    from keras import ops
+
+    model = teacher.extract(spec)
+    forward = model.compiled_forward()
+    x = ops.convert_to_tensor(batch)
+
+    def call():
+        # Copying the (B, D) output to the host waits for the device: asynchronous backends
+        # (JAX dispatch, CUDA streams) are timed to completion, at the cost of a tiny transfer.
+        ops.convert_to_numpy(forward(x)["cls"])
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    del forward, model
+    return 1000.0 * statistics.median(times)
+
+
+def _metadata(teacher, specs, ks, temperature, num_classes, train_x, val_x, image_size, step,
+              pixel_normalization, measure_latency, latency_batch, latency_runs,
+              latency_warmup):
+    import keras
+
+    from poa_keras import __version__
+
+    spec_class = type(specs[0])
+    return {
+        "teacher": teacher.name,
+        "family": type(teacher).__name__,
+        "spec_class": spec_class.__name__,
+        "spec_fields": [f.name for f in dataclasses.fields(spec_class)],
+        "ks": list(ks),
+        "k": ks[0],
+        "temperature": temperature,
+        "num_classes": num_classes,
+        "num_train": int(train_x.shape[0]),
+        "num_val": int(val_x.shape[0]),
+        "image_size": list(image_size),
+        "feature_batch_size": int(step),
+        "pixel_normalization": pixel_normalization,
+        "measure_latency": bool(measure_latency),
+        "latency_batch": latency_batch,
+        "latency_runs": latency_runs,
+        "latency_warmup": latency_warmup,
+        "backend": keras.backend.backend(),
+        "poa_keras_version": __version__,
+        "keras_version": keras.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+
+
+# ----- the result ------------------------------------------------------------------------------
+
+class SweepResult:
+    """The rows of a sweep (one dict per subnet, in evaluation order), their specs and metadata.
+
+    Attributes:
+      rows: list of dicts with the spec fields, ``name``, ``params``, ``flops``,
+        ``feature_dim``, ``latency_ms``, ``latency_ms_per_image``, ``top1``, ``top5`` (at the
+        first k) and ``top1_k{k}`` / ``top5_k{k}`` for every k; accuracies are fractions.
+      specs: the spec of every row (rebuilt from the spec fields when loaded from a file whose
+        spec class is known), or None.
+      metadata: how the sweep was run (teacher, ks, temperature, image size, latency batch...).
+    """
+
+    def __init__(self, rows, specs=None, metadata=None):
+        self.rows = list(rows)
+        self.specs = None if specs is None else list(specs)
+        self.metadata = dict(metadata or {})
+        if self.specs is not None and len(self.specs) != len(self.rows):
+            raise ValueError(f"{len(self.specs)} specs for {len(self.rows)} rows")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __repr__(self):
+        return (f"SweepResult({len(self.rows)} subnets of "
+                f"{self.metadata.get('teacher', 'a teacher')})")
+
+    @property
+    def spec_fields(self):
+        fields = self.metadata.get("spec_fields")
+        if fields:
+            return list(fields)
+        return _guess_spec_fields(self.rows)
+
+    # -- files ----------------------------------------------------------------------------------
+    def to_csv(self, path):
+        """Writes the rows as CSV (atomically); tuple spec fields as "3-4-6-3", None as ""."""
+        columns = _columns(self.rows)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({c: _csv_cell(row.get(c)) for c in columns})
+        return _atomic_write(path, buffer.getvalue().encode("utf-8"))
+
+    def to_json(self, path):
+        """Writes {"metadata": ..., "rows": [...]} as JSON (atomically)."""
+        text = json.dumps({"metadata": self.metadata, "rows": self.rows}, indent=2)
+        return _atomic_write(path, text.encode("utf-8"))
+
+    @classmethod
+    def from_json(cls, path):
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or "rows" not in data:
+            raise ValueError(f"{path} is not a sweep JSON file (no 'rows')")
+        metadata = data.get("metadata") or {}
+        return cls(data["rows"], specs=_rebuild_specs(data["rows"], metadata), metadata=metadata)
+
+    @classmethod
+    def from_csv(cls, path):
+        """Reads a ``to_csv`` file: integers, floats, "" -> None, "3-4-6-3" -> [3, 4, 6, 3]."""
+        with open(path, newline="") as f:
+            # A name stays text even where it looks like a number.
+            rows = [{k: (v or None) if k == "name" else _parse_cell(v) for k, v in r.items()}
+                    for r in csv.DictReader(f)]
+        return cls(rows, specs=None, metadata={})
+
+    # -- analysis -------------------------------------------------------------------------------
+    def pareto(self, x="params", y="top1"):
+        """See the module-level ``pareto``."""
+        return pareto(self.rows, x=x, y=y)
+
+    def select(self, params=None, flops=None, latency_ms=None, latency_ms_per_image=None,
+               metric="top1"):
+        """See the module-level ``select``; returns ``Selection(row, spec)``."""
+        return select(self, params=params, flops=flops, latency_ms=latency_ms,
+                      latency_ms_per_image=latency_ms_per_image, metric=metric)
+
+    def plot(self, path, y="top1", panels=("params", "flops")):
+        """See the module-level ``plot``."""
+        return plot(self, path, y=y, panels=panels)
+
+    def format_table(self, **kwargs):
+        return format_table(self.rows, spec_fields=self.spec_fields, **kwargs)
+
+
+def _atomic_write(path, data: bytes):
+    """Writes `data` to a temporary file next to `path`, then renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        # os.open with 0o666: the umask applies, as for an ordinary file (mkstemp gives 0o600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _columns(rows):
+    columns = []
+    for row in rows:
+        for c in row:
+            if c not in columns:
+                columns.append(c)
+    return columns
+
+
+def _csv_cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        return "-".join(str(int(x)) for x in v)
+    if isinstance(v, float):
+        return repr(v)   # shortest text that reads back to the same float
+    return v
+
+
+_INT = re.compile(r"^-?\d+$")
+_INT_LIST = re.compile(r"^\d+(-\d+)+$")
+
+
+def _parse_cell(text):
+    if text is None or text == "":
+        return None
+    if _INT.match(text):
+        return int(text)
+    if _INT_LIST.match(text):
+        return [int(t) for t in text.split("-")]
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _guess_spec_fields(rows):
+    known = set(COST_COLUMNS) | {"name", "feature_dim", "top1", "top5"}
+    if not rows:
+        return []
+    return [c for c in rows[0] if c not in known and not re.match(r"^top[15]_k\d+$", c)]
+
+
+def _rebuild_specs(rows, metadata):
+    from poa_keras.elastic import spec as spec_module
+
+    klass = getattr(spec_module, str(metadata.get("spec_class")), None)
+    if not (isinstance(klass, type) and dataclasses.is_dataclass(klass)):
+        return None
+    fields = [f.name for f in dataclasses.fields(klass)]
+    try:
+        return [klass(**{f: tuple(r[f]) if isinstance(r[f], list) else r[f] for f in fields})
+                for r in rows]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+# ----- Pareto front and budget selection -------------------------------------------------------
+
+def _rows_of(result_or_rows):
+    if isinstance(result_or_rows, SweepResult):
+        return result_or_rows.rows, result_or_rows.specs
+    if isinstance(result_or_rows, dict) or isinstance(result_or_rows, (str, bytes)):
+        raise TypeError("expected a SweepResult or a list of row dicts, got "
+                        f"{type(result_or_rows).__name__}")
+    rows = list(result_or_rows)
+    if not all(isinstance(r, dict) for r in rows):
+        raise TypeError("expected a SweepResult or a list of row dicts")
+    return rows, None
+
+
+def _check_column(rows, column, what, allowed=None):
+    if allowed is not None and column not in allowed:
+        raise ValueError(f"{what}={column!r} is not one of {list(allowed)}")
+    if rows and not any(column in r for r in rows):
+        numeric = sorted({c for r in rows for c, v in r.items()
+                          if isinstance(v, numbers.Real) and not isinstance(v, bool)})
+        raise ValueError(f"{what}={column!r} is not a column of the sweep; numeric columns: "
+                         f"{numeric}")
+    if rows and all(r.get(column) is None for r in rows):
+        hint = (" (the sweep ran with measure_latency=False)" if column.startswith("latency")
+                else "")
+        raise ValueError(f"{what}={column!r}: no row has a value{hint}")
+
+
+def pareto(rows, x="params", y="top1"):
+    """The rows on the upper-left Pareto front of cost `x` against accuracy `y`.
+
+    A row is on the front when no other row has cost <= its cost and accuracy >= its accuracy
+    with at least one of the two strict. Rows missing either value are ignored. Returns the
+    front sorted by cost (then accuracy); two rows with the same cost and accuracy are both on
+    it.
+    """
+    rows, _ = _rows_of(rows)
+    _check_column(rows, x, "x", COST_COLUMNS)
+    _check_column(rows, y, "y")
+    points = [r for r in rows if r.get(x) is not None and r.get(y) is not None]
+    front = [r for r in points if not any(
+        o[x] <= r[x] and o[y] >= r[y] and (o[x] < r[x] or o[y] > r[y]) for o in points)]
+    return sorted(front, key=lambda r: (r[x], r[y]))
+
+
+def select(result_or_rows, params=None, flops=None, latency_ms=None, latency_ms_per_image=None,
+           metric="top1"):
+    """The most accurate subnet within every given budget.
+
+    Args:
+      result_or_rows: a ``SweepResult`` or a list of row dicts.
+      params, flops, latency_ms, latency_ms_per_image: budgets (cost <= budget); give at least
+        one. ``flops`` is per image at the sweep's image size, ``latency_ms`` per timed batch.
+      metric: the accuracy column to maximise ("top1", "top5", "top1_k20", ...).
+
+    Returns:
+      ``Selection(row, spec)``; ``spec`` is None when only rows were given. Ties in `metric`
+      go to the fewer parameters, then the fewer FLOPs, then the earlier row.
+
+    Raises:
+      ValueError: no budget given; a budget that is not a positive number; a latency budget on
+        a sweep without latency; or no subnet within the budgets (the message names every
+        budget and the cheapest cost available for each).
+    """
+    rows, specs = _rows_of(result_or_rows)
+    if not rows:
+        raise ValueError("the sweep has no rows to select from")
+    budgets = {k: v for k, v in (("params", params), ("flops", flops), ("latency_ms", latency_ms),
+                                 ("latency_ms_per_image", latency_ms_per_image))
+               if v is not None}
+    if not budgets:
+        raise ValueError("give at least one budget: params=, flops=, latency_ms= or "
+                         "latency_ms_per_image=")
+    for key, value in budgets.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                not math.isfinite(value) or value <= 0:
+            raise ValueError(f"budget {key}={value!r} must be a finite number > 0")
+        _check_column(rows, key, "budget")
+    _check_column(rows, metric, "metric")
+    fits = [i for i, r in enumerate(rows)
+            if r.get(metric) is not None
+            and all(r.get(k) is not None and r[k] <= b for k, b in budgets.items())]
+    if not fits:
+        wanted = " and ".join(f"{k} <= {_fmt_cost(k, b)}" for k, b in budgets.items())
+        cheapest = []
+        for key in budgets:
+            costs = [(r[key], r) for r in rows if r.get(key) is not None]
+            cost, row = min(costs, key=lambda c: c[0])
+            cheapest.append(f"{key} {_fmt_cost(key, cost)} ({_row_label(row)})")
+        raise ValueError(f"no subnet fits the budget {wanted}; the cheapest available: "
+                         + "; ".join(cheapest))
+    best = max(fits, key=lambda i: (rows[i][metric], -(rows[i].get("params") or 0),
+                                    -(rows[i].get("flops") or 0), -i))
+    return Selection(rows[best], None if specs is None else specs[best])
+
+
+def _fmt_cost(key, value):
+    """25,000,000 / 0.5 / 12.5 ms: integers with thousands separators, latencies in ms."""
+    if float(value).is_integer() and abs(value) < 1e18:
+        text = f"{int(value):,}"
+    else:
+        text = f"{value:,.6g}"
+    return text + (" ms" if key.startswith("latency") else "")
+
+
+def _row_label(row, spec_fields=None):
+    fields = spec_fields or _guess_spec_fields([row])
+    parts = [f"{f}={_csv_cell(row.get(f))}" for f in fields]
+    if row.get("name"):
+        parts.append(repr(str(row["name"])))
+    return " ".join(parts)
+
+
+# ----- table and plot --------------------------------------------------------------------------
+
+def _sig(v, digits=4):
+    """`digits` significant digits without an exponent: 304.4, 33.71, 0.03371."""
+    if v == 0:
+        return "0"
+    decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(v)))))
+    return f"{v:.{decimals}f}"
+
+
+def format_table(rows, spec_fields=None, pareto_x=None):
+    """A readable aligned text table of sweep rows (a ``SweepResult`` or a list of dicts).
+
+    Columns: the spec fields, name, params (M), GFLOPs, latency ms (when measured), top-1 % and
+    top-5 % (the sweep's first k); with ``pareto_x`` ("params", "flops", ...) a "front" column
+    marks the Pareto-optimal rows with "*".
+    """
+    if isinstance(rows, SweepResult):
+        spec_fields = spec_fields or rows.spec_fields
+        rows = rows.rows
+    rows, _ = _rows_of(rows)
+    spec_fields = list(spec_fields or _guess_spec_fields(rows))
+    on_front = set()
+    if pareto_x is not None:
+        on_front = {id(r) for r in pareto(rows, x=pareto_x)}
+    with_latency = any(r.get("latency_ms") is not None for r in rows)
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    header = spec_fields + ["name", "params (M)", "GFLOPs"]
+    if with_latency:
+        header.append("latency ms")
+    header += ["top-1 %", "top-5 %"]
+    if pareto_x is not None:
+        header.append("front")
+    table = [header]
+    for r in rows:
+        line = [_csv_cell(r.get(f)) for f in spec_fields]
+        line = ["-" if c == "" else str(c) for c in line]
+        line += [r.get("name") or "",
+                 "-" if r.get("params") is None else _sig(r["params"] / 1e6),
+                 "-" if r.get("flops") is None else _sig(r["flops"] / 1e9)]
+        if with_latency:
+            line.append("-" if r.get("latency_ms") is None else _sig(r["latency_ms"]))
+        line += [pct(r.get("top1")), pct(r.get("top5"))]
+        if pareto_x is not None:
+            line.append("*" if id(r) in on_front else "")
+        table.append(line)
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    left = set(range(len(spec_fields))) | {len(spec_fields)}   # spec and name: text, left
+    out = []
+    for n, line in enumerate(table):
+        cells = [c.ljust(w) if i in left else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(line, widths))]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def print_table(result, **kwargs):
+    """Prints ``format_table(result)``."""
+    print(format_table(result, **kwargs))
+
+
+_AXIS_LABELS = {"params": ("parameters (M)", 1e-6), "flops": ("GFLOPs per image", 1e-9),
+                "latency_ms": ("latency (ms per batch)", 1.0),
+                "latency_ms_per_image": ("latency (ms per image)", 1.0)}
+
+
+def plot(result, path, y="top1", panels=("params", "flops")):
+    """Accuracy against cost, one panel per cost (default parameters and FLOPs): every subnet a
+    point (coloured by its first spec field), the Pareto front a line, the named sizes marked
+    and labelled. Written as PNG, atomically (matplotlib's Agg canvas; pyplot is not used, so
+    no global backend is switched). Returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, _ = _rows_of(result)
+    if not rows:
+        raise ValueError("the sweep has no rows to plot")
+    panels = [panels] if isinstance(panels, str) else list(panels)
+    if not panels:
+        raise ValueError("panels must name at least one cost column")
+    for x in panels:
+        _check_column(rows, x, "panel", COST_COLUMNS)
+    _check_column(rows, y, "y")
+    meta = result.metadata if isinstance(result, SweepResult) else {}
+    fields = result.spec_fields if isinstance(result, SweepResult) else _guess_spec_fields(rows)
+    colour_field = next((f for f in fields if all(
+        isinstance(r.get(f), numbers.Real) for r in rows)), None)
+
+    fig = Figure(figsize=(5.5 * len(panels), 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    y_name = y.replace("top1", "top-1").replace("top5", "top-5").replace("_k", ", k=")
+    k = meta.get("k")
+    for ax, x in zip(axes, panels):
+        label, scale = _AXIS_LABELS[x]
+        pts = [r for r in rows if r.get(x) is not None and r.get(y) is not None]
+        xs = np.array([r[x] * scale for r in pts], float)
+        ys = np.array([100.0 * r[y] for r in pts], float)
+        if colour_field is not None:
+            values = [r[colour_field] for r in pts]
+            sc = ax.scatter(xs, ys, c=values, cmap="viridis", s=28, zorder=2, label="subnets")
+            levels = sorted(set(values))
+            fig.colorbar(sc, ax=ax, label=colour_field, pad=0.01,
+                         ticks=levels if len(levels) <= 16 else None)
+        else:
+            ax.scatter(xs, ys, s=28, zorder=2, label="subnets")
+        front = pareto(pts, x=x, y=y)
+        ax.plot([r[x] * scale for r in front], [100.0 * r[y] for r in front], "-", color="C3",
+                lw=1.5, zorder=3, label="Pareto front")
+        named = [r for r in pts if r.get("name")]
+        if named:
+            ax.scatter([r[x] * scale for r in named], [100.0 * r[y] for r in named], marker="*",
+                       s=180, facecolor="none", edgecolor="black", lw=1.2, zorder=4,
+                       label="named sizes")
+            middle = 0.5 * (xs.min() + xs.max())
+            for r in named:   # labels point inwards, so that none leaves the panel
+                right = r[x] * scale > middle
+                ax.annotate(str(r["name"]), (r[x] * scale, 100.0 * r[y]),
+                            textcoords="offset points", xytext=(-7 if right else 7, 6),
+                            ha="right" if right else "left", fontsize=9)
+        if len(xs) and xs.min() > 0 and xs.max() / xs.min() >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"k-NN {y_name} (%)" + (f", k={k}" if k and "_k" not in y else ""))
+        ax.grid(True, alpha=0.3)
+        ax.margins(0.08)
+        ax.legend(loc="best", fontsize=8)
+    title = f"{len(rows)} subnets of {meta.get('teacher', 'the teacher')}"
+    if meta.get("num_val"):
+        title += f" (k-NN: {meta.get('num_train')} bank / {meta['num_val']} query images)"
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return _atomic_write(path, buffer.getvalue())
+
+
+def load_sweep(path):
+    """A ``SweepResult`` from a ``sweep.json`` or ``sweep.csv`` file (by extension)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return SweepResult.from_csv(path)
+    return SweepResult.from_json(path)
+
+
+__all__ = ["COST_COLUMNS", "Selection", "SweepResult", "format_table", "load_sweep", "pareto",
+           "plot", "print_table", "select", "sweep"]
