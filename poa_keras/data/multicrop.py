@@ -531,9 +531,14 @@ def _apply_to(x, selected, fn):
     """fn on the images of x (N, h, w, 3) where selected (N,) is True; the others unchanged.
     Only the selected images are computed (a blur with p 0.1 costs a tenth of a full one)."""
     which = tf.cast(selected, tf.int32)
-    keep, change = tf.dynamic_partition(x, which, 2)
-    positions = tf.dynamic_partition(tf.range(tf.shape(x)[0]), which, 2)
-    return tf.ensure_shape(tf.dynamic_stitch(positions, [keep, fn(change)]), x.shape)
+
+    def apply():
+        keep, change = tf.dynamic_partition(x, which, 2)
+        positions = tf.dynamic_partition(tf.range(tf.shape(x)[0]), which, 2)
+        return tf.dynamic_stitch(positions, [keep, fn(change)])
+
+    # With nothing selected fn would see an empty batch (a zero-sized blur filter is an error).
+    return tf.ensure_shape(tf.cond(tf.reduce_any(selected), apply, lambda: x), x.shape)
 
 
 def _photometric(x, seed, flip_prob, jitter, jitter_prob, grayscale_prob, blur_prob,
