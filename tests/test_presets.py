@@ -70,7 +70,7 @@ def test_registered_presets():
     for card in cards.values():
         assert {"name", "architecture", "weights", "license"} <= set(card)
     demo = Backbone.from_preset("poa_vit_demo", load_weights=False)
-    assert isinstance(demo, ElasticViT) and len(demo.subnets()) == 20
+    assert isinstance(demo, ElasticViT) and len(demo.subnets()) == 16   # 4 widths x 4 depths
     small = Backbone.from_preset("poa_vit_demo", load_weights=False, width=96, depth=4)
     assert (small.embed_dim, small.depth) == (96, 4)
 
@@ -161,7 +161,7 @@ def test_preset_of_another_architecture(preset_dir, tmp_path):
     config.update(class_name="ViTBackbone", registered_name="keras_hub>ViTBackbone")
     (foreign / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"'ViTBackbone', which is not a poa_keras backbone; "
-                                         r"known architectures: \['ElasticViT'"):
+                                         r"known architectures: \['ElasticResNet', 'ElasticSwin', 'ElasticViT'\]"):
         Backbone.from_preset(foreign)
     # same class, other shapes: weights of a 64-wide ViT into a 96-wide one
     other = tmp_path / "other_shapes"

@@ -1,9 +1,14 @@
 """Elastic backbone families."""
 from poa_keras.backbones.base import Backbone
+from poa_keras.backbones.resnet import CONFIGS as RESNET_CONFIGS
+from poa_keras.backbones.resnet import ElasticResNet
+from poa_keras.backbones.swin import CONFIGS as SWIN_CONFIGS
+from poa_keras.backbones.swin import ElasticSwin
 from poa_keras.backbones.vit import CONFIGS as VIT_CONFIGS
 from poa_keras.backbones.vit import ElasticViT
 
-BACKBONE_CLASSES = {"ElasticViT": ElasticViT}
+BACKBONE_CLASSES = {"ElasticViT": ElasticViT, "ElasticSwin": ElasticSwin,
+                    "ElasticResNet": ElasticResNet}
 
 
 def config_names():
@@ -22,5 +27,5 @@ def from_config_name(config_name, **overrides):
                      f"{sorted(config_names())}")
 
 
-__all__ = ["Backbone", "ElasticViT", "VIT_CONFIGS", "BACKBONE_CLASSES", "config_names",
-           "from_config_name"]
+__all__ = ["Backbone", "ElasticResNet", "ElasticSwin", "ElasticViT", "RESNET_CONFIGS",
+           "SWIN_CONFIGS", "VIT_CONFIGS", "BACKBONE_CLASSES", "config_names", "from_config_name"]

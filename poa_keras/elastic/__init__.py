@@ -3,10 +3,12 @@ from poa_keras.elastic.layers import (ElasticAttention, ElasticBlock, ElasticDen
                                       ElasticLayerNorm, ElasticLayerScale, ElasticMLP,
                                       ElasticPatchEmbed, StochasticDepth)
 from poa_keras.elastic.sampler import SubnetSampler
-from poa_keras.elastic.spec import ViTSubnet, block_ids, grid_values, selection_weights
+from poa_keras.elastic.spec import (ResNetSubnet, SwinSubnet, ViTSubnet, block_ids, grid_values,
+                                    selection_weights)
 
 __all__ = [
     "ElasticAttention", "ElasticBlock", "ElasticDense", "ElasticLayerNorm", "ElasticLayerScale",
-    "ElasticMLP", "ElasticPatchEmbed", "StochasticDepth", "SubnetSampler", "ViTSubnet",
+    "ElasticMLP", "ElasticPatchEmbed", "ResNetSubnet", "StochasticDepth", "SubnetSampler",
+    "SwinSubnet", "ViTSubnet",
     "block_ids", "grid_values", "selection_weights",
 ]

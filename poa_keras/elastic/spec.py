@@ -21,6 +21,33 @@ class ViTSubnet:
         return f"ViTSubnet(width={self.width}, depth={self.depth})"
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class SwinSubnet:
+    """A sub-network of an elastic Swin: base width `width` (stage i has width * 2**i channels,
+    head dim fixed) and `depth` blocks in stage 3 (the only elastic stage depth)."""
+
+    width: int
+    depth: int
+
+    def __str__(self):
+        return f"SwinSubnet(width={self.width}, depth={self.depth})"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class ResNetSubnet:
+    """A sub-network of an elastic ResNet: `width` = the bottleneck mid width of stage 1 (stage
+    i uses width * 2**i; block outputs are not elastic) and `depths` = blocks per stage."""
+
+    width: int
+    depths: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+
+    def __str__(self):
+        return f"ResNetSubnet(width={self.width}, depths={self.depths})"
+
+
 def block_ids(max_depth: int, depth: int) -> list[int]:
     """Blocks kept for `depth` of `max_depth`: floor((Lmax - 1) * j / (L - 1)), j = 0..L-1.
 
