@@ -74,10 +74,12 @@ CONFIGS.update({
         min_depth=2, layer_scale_init=1e-5, use_mask_token=True, net_select_scale=3,
         named_subnets={"small": (32, 2), "base": (64, 2), "large": (64, 4)}),
     # Small elastic ViT for CPU demos: widths 96..192 (4), depths 4..8 (5), 20 subnets.
+    # The CPU demo (recipes/demo.py): 32 x 32 images, patch 8 (16 tokens), widths 48..96 by
+    # 16 (3..6 heads of 16), depths 3..6: 16 subnets, 0.69 M parameters intact.
     "vit_elastic_demo": dict(
-        image_size=64, patch_size=8, embed_dim=192, depth=8, head_dim=32, min_width=96,
-        min_depth=4, layer_scale_init=1e-5, use_mask_token=True, net_select_scale=3,
-        named_subnets={"small": (96, 4), "base": (192, 4), "large": (192, 8)}),
+        image_size=32, patch_size=8, embed_dim=96, depth=6, head_dim=16, min_width=48,
+        min_depth=3, layer_scale_init=1e-5, use_mask_token=True, net_select_scale=3,
+        named_subnets={"small": (48, 3), "base": (96, 3), "large": (96, 6)}),
 })
 del _size, _w, _d, _h, _p
 
@@ -104,6 +106,10 @@ class ElasticViT(Backbone):
     Call: ``model(images, subnet=None, masks=None, training=None)`` with images (B, H, W, C)
     and optional boolean masks (B, H/p * W/p). Returns ``{"cls": (B, w), "patch_tokens":
     (B, N, w), "pooled": (B, w)}`` (final-norm tokens; pooled = cls).
+    On request (``return_blocks=True``) the dict also holds ``"blocks"``: one (B, 1 + N, w)
+    tensor per block the subnet runs, in order, each passed through the final LayerNorm
+    (DINOv2's ``get_intermediate_layers(norm=True)``); the last one is the final output. The
+    default call (``return_blocks=False``) is unchanged.
     """
 
     subnet_class = ViTSubnet
@@ -341,7 +347,7 @@ class ElasticViT(Backbone):
         patch_pos = ops.cast(ops.reshape(patch_pos, (1, grid_h * grid_w, width)), pos.dtype)
         return ops.concatenate([pos[:, :1], patch_pos], axis=1)
 
-    def call(self, images, subnet=None, masks=None, training=None):
+    def call(self, images, subnet=None, masks=None, training=None, return_blocks=False):
         spec = self.resolve_subnet(subnet)
         grid_h, grid_w = self._check_images(images)
         width = self.embed_dim if spec is None else spec.width
@@ -358,10 +364,16 @@ class ElasticViT(Backbone):
         x = ops.concatenate([cls, x], axis=1)
         x = x + ops.cast(self._position_embedding(grid_h, grid_w, width), x.dtype)
         ids = range(self.depth) if spec is None else block_ids(self.depth, spec.depth)
+        block_outputs = [] if return_blocks else None
         for i in ids:
             x = self.blocks[i](x, active=active, training=training)
+            if block_outputs is not None:
+                block_outputs.append(x)
         x = self.norm(x, active=active)
-        return {"cls": x[:, 0], "patch_tokens": x[:, 1:], "pooled": x[:, 0]}
+        out = {"cls": x[:, 0], "patch_tokens": x[:, 1:], "pooled": x[:, 0]}
+        if return_blocks:   # only on request: per-block outputs, final norm applied
+            out["blocks"] = [self.norm(b, active=active) for b in block_outputs[:-1]] + [x]
+        return out
 
     # -- extraction ----------------------------------------------------------------------------
     def extract(self, subnet):

@@ -1,0 +1,336 @@
+"""ImageClassifier: any backbone (or extracted subnet) plus a linear head, for fine-tuning.
+
+    backbone = poa_keras.Backbone.from_preset("poa_vit_l", width=384, depth=12)
+    clf = poa_keras.ImageClassifier(backbone, num_classes=10, pooling="avg")
+    clf.fit(images, labels, epochs=5)      # compiled with defaults: AdamW, softmax CE, accuracy
+    clf.compile(optimizer=clf.layer_decay_optimizer(                  # MAE-Lite fine-tuning
+        keras.optimizers.AdamW(1e-3, weight_decay=0.05), layer_decay=0.85))
+    clf.predict(images)                    # logits (B, num_classes), float32
+
+Layer-wise lr decay (BEiT / MAE / MAE-Lite fine-tuning, REFERENCE.md §3: layer decay 0.85):
+Keras 3 optimizers have no parameter groups, so `LRMultiplierOptimizer` wraps any optimizer and
+rescales its update of each variable: ``new = old + m * (optimizer_new - old)`` (the rule of
+``methods/base.py``). That equals a PyTorch parameter group with lr ``m * lr`` exactly whenever
+the update is linear in the learning rate and the optimizer state does not hold the learning
+rate: SGD without momentum, Adam, AdamW (its decoupled weight decay ``lr * wd * w`` is scaled
+with the group lr, as in PyTorch), Lion; SGD with momentum is exact for constant multipliers.
+Gradients, clipping and optimizer moments are those of the unscaled step, as with param groups.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import keras
+from keras import ops
+
+POOLINGS = ("cls", "avg")
+_HALF_DTYPES = ("float16", "bfloat16")
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class ImageClassifier(keras.Model):
+    """A backbone (elastic teacher, sliced subnet or extracted subnet) and a Dense head.
+
+    Args:
+        backbone: a ``poa_keras.Backbone`` (its call returns a dict with ``cls`` and/or
+            ``pooled``, and ``patch_tokens`` for ViTs).
+        num_classes: number of output logits (int >= 1).
+        pooling: ``"cls"``: the head reads the ``cls`` output; ``"avg"``: the mean of the
+            ``patch_tokens`` (MAE-Lite's "global pooling"; the tokens are final-normed). A
+            backbone without that output (no cls token, no patch tokens: ResNet, Swin) uses its
+            ``pooled`` output for either choice.
+        dropout: dropout rate on the pooled features before the head, in [0, 1).
+        subnet: None (the backbone as it is), or a spec / tuple / size name: the classifier
+            runs ``backbone(x, subnet=subnet)`` (weights sliced at run time). To deploy or
+            fine-tune one size, ``backbone.extract(subnet)`` first is usually what you want.
+        **kwargs: ``keras.Model`` arguments (``name``, ``dtype``).
+
+    Call: ``clf(images, training=None)`` with images (B, H, W, C) as the backbone takes them ->
+    logits (B, num_classes). Under a mixed policy (``"mixed_bfloat16"``, ``"mixed_float16"``)
+    the head computes in float32, so the logits are float32.
+
+    The head is ``Dense(num_classes)`` with truncated-normal (std 0.02) kernel and zero bias
+    (timm's classifier initialisation), named ``head``. The classifier is compiled at
+    construction with ``compile()``'s defaults (keras-hub's convention), so ``fit`` works
+    right away; ``compile`` again to choose otherwise.
+    """
+
+    def __init__(self, backbone, num_classes, pooling="cls", dropout=0.0, subnet=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(backbone, keras.layers.Layer):
+            raise TypeError(f"backbone must be a Keras backbone (e.g. poa_keras.ElasticViT), got "
+                            f"{type(backbone).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+            raise TypeError(f"num_classes must be an int, got {num_classes!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
+                or not 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.backbone = backbone
+        resolve = getattr(backbone, "resolve_subnet", None)
+        if subnet is not None and resolve is None:
+            raise ValueError(f"subnet={subnet!r} needs an elastic backbone; "
+                             f"{type(backbone).__name__} has no resolve_subnet")
+        self.subnet = None if resolve is None else resolve(subnet)
+        self.num_classes = int(num_classes)
+        self.pooling = pooling
+        self.dropout = float(dropout)
+
+        if not hasattr(backbone, "feature_dim"):
+            raise TypeError(f"{type(backbone).__name__} has no feature_dim(); ImageClassifier "
+                            "needs it to build its head")
+        self._feature_dim = int(backbone.feature_dim(self.subnet))
+        compute = self.dtype_policy.compute_dtype
+        head_dtype = "float32" if compute in _HALF_DTYPES else self.dtype_policy
+        self.dropout_layer = (keras.layers.Dropout(self.dropout, dtype=self.dtype_policy,
+                                                   name="dropout")
+                              if self.dropout > 0 else None)
+        self.head = keras.layers.Dense(
+            self.num_classes, dtype=head_dtype, name="head",
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            bias_initializer="zeros")
+        self.build()
+        self.compile()
+
+    def build(self, input_shape=None):
+        # Built at construction (in this layer's name scope: head paths "<name>/head/..."), so
+        # that weights exist for loading and for an optimizer before the first call.
+        if not self.head.built:
+            self.head.build((None, self._feature_dim))
+        self.built = True
+
+    def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
+        """``keras.Model.compile`` with defaults for "auto": ``AdamW(1e-4, weight_decay=0.05)``
+        (a conservative fine-tuning lr; see `layer_decay_optimizer` for the MAE-Lite recipe),
+        sparse softmax cross-entropy on the logits, and sparse categorical accuracy
+        ("accuracy")."""
+        if isinstance(optimizer, str) and optimizer == "auto":
+            optimizer = keras.optimizers.AdamW(1e-4, weight_decay=0.05)
+        if isinstance(loss, str) and loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if isinstance(metrics, str) and metrics == "auto":
+            metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        # compile() takes keras.Model.compile's arguments ("auto" defaults only added), so the
+        # saved ones replay unchanged; Keras skips an overridden compile() unless told so.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)   # variables to load the state into
+
+    def _pool(self, outputs):
+        if not isinstance(outputs, dict):
+            raise TypeError(f"the backbone must return a dict of outputs, got "
+                            f"{type(outputs).__name__}")
+        if self.pooling == "avg" and "patch_tokens" in outputs:
+            tokens = outputs["patch_tokens"]
+            return ops.mean(ops.cast(tokens, self.head.compute_dtype), axis=1)
+        key = "cls" if "cls" in outputs else "pooled"
+        if key not in outputs:
+            raise ValueError(f"the backbone's outputs have neither 'cls' nor 'pooled' (got "
+                             f"{sorted(outputs)})")
+        return outputs[key]
+
+    def call(self, images, training=None):
+        kwargs = {} if self.subnet is None else {"subnet": self.subnet}
+        features = self._pool(self.backbone(images, training=training, **kwargs))
+        if self.dropout_layer is not None:
+            features = self.dropout_layer(features, training=training)
+        return self.head(ops.cast(features, self.head.compute_dtype))
+
+    # -- layer-wise lr decay -------------------------------------------------------------------
+    def lr_multipliers(self, layer_decay=1.0, patch_embed_lr_mult=1.0):
+        """{variable path: lr multiplier} of every trainable variable: the backbone's come from
+        ``backbone.lr_multiplier(path, layer_decay, patch_embed_lr_mult)`` (ViT: layer id 0
+        for the embeddings, i + 1 for block i, depth + 1 for the final norm; multiplier
+        ``layer_decay ** (depth + 1 - id)``), the head's are 1.
+
+        With ``subnet`` set, the layer ids are those of the full backbone (its ``depth``); extract
+        the subnet first for the ids of its own depth."""
+        _check_multiplier(layer_decay, "layer_decay")
+        _check_multiplier(patch_embed_lr_mult, "patch_embed_lr_mult")
+        rule = getattr(self.backbone, "lr_multiplier", None)
+        if rule is None:   # not a poa_keras Backbone: no layer ids
+            if (layer_decay, patch_embed_lr_mult) != (1.0, 1.0):
+                raise ValueError(f"{type(self.backbone).__name__} defines no lr_multiplier "
+                                 "(no layer ids); layer_decay and patch_embed_lr_mult must be 1")
+            rule = lambda path, *_: 1.0  # noqa: E731
+        backbone_ids = {id(v) for v in self.backbone.trainable_variables}
+        multipliers = {}
+        for variable in self.trainable_variables:
+            if id(variable) in backbone_ids:
+                m = rule(variable.path, layer_decay, patch_embed_lr_mult)
+            else:
+                m = 1.0
+            multipliers[variable.path] = float(m)
+        return multipliers
+
+    def layer_decay_optimizer(self, optimizer="adamw", layer_decay=0.75, patch_embed_lr_mult=1.0):
+        """``optimizer`` (an unbuilt Keras optimizer, or a name / config ``keras.optimizers.get``
+        takes) wrapped in an `LRMultiplierOptimizer` with ``lr_multipliers(layer_decay,
+        patch_embed_lr_mult)``: pass it to ``compile``."""
+        inner = keras.optimizers.get(optimizer)
+        return LRMultiplierOptimizer(inner, self.lr_multipliers(layer_decay, patch_embed_lr_mult))
+
+    # -- configuration -------------------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            backbone=keras.saving.serialize_keras_object(self.backbone),
+            num_classes=self.num_classes, pooling=self.pooling, dropout=self.dropout,
+            subnet=_to_lists(self.subnet),
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        if config.get("subnet") is not None:
+            config["subnet"] = _to_tuples(config["subnet"])
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="poa_keras")
+class LRMultiplierOptimizer(keras.optimizers.Optimizer):
+    """Per-variable learning-rate multipliers for any Keras optimizer (parameter groups).
+
+    Args:
+        inner_optimizer: the optimizer that computes the update (unbuilt).
+        multipliers: {variable path: multiplier >= 0}; variables not listed get 1. When the
+            optimizer is built, every listed path must name exactly one of the variables it
+            updates (ValueError otherwise), so a renamed or missing variable cannot silently
+            lose its multiplier.
+        name: the optimizer's name.
+
+    Each step the inner optimizer updates every variable, then each variable with a multiplier
+    ``m != 1`` is set to ``old + m * (new - old)`` (see the module doc for when this equals a
+    PyTorch param group with lr ``m * lr``; ``m = 0`` freezes a variable). Learning rate,
+    iterations and loss scaling are the inner optimizer's (``learning_rate`` reads and sets it,
+    so lr callbacks work). Works in ``fit`` on every backend (JAX: through ``stateless_apply``).
+    """
+
+    def __init__(self, inner_optimizer, multipliers, name=None, **kwargs):
+        if kwargs:
+            raise ValueError(f"LRMultiplierOptimizer takes no optimizer arguments (set them on "
+                             f"the inner optimizer), got {sorted(kwargs)}")
+        super().__init__(learning_rate=0.0, name=name)
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise TypeError(f"inner_optimizer must be a keras.optimizers.Optimizer, got "
+                            f"{type(inner_optimizer).__name__}")
+        if inner_optimizer.built:
+            raise ValueError(f"inner_optimizer {inner_optimizer.name!r} is already built (it "
+                             "holds state for other variables); pass a new optimizer")
+        if inner_optimizer.use_ema:
+            raise ValueError("inner_optimizer has use_ema=True: its moving averages would "
+                             "follow the unscaled updates; keep the EMA outside (e.g. a "
+                             "callback) or use ema-free optimizers")
+        clean = {}
+        for path, m in dict(multipliers).items():
+            clean[str(path)] = _check_multiplier(m, f"multipliers[{path!r}]")
+        self.inner_optimizer = inner_optimizer
+        self.multipliers = clean
+        self._scale_by_key = {}
+
+    def build(self, var_list):
+        var_list = list(var_list)
+        by_path = {}
+        for variable in var_list:
+            by_path.setdefault(variable.path, []).append(variable)
+        missing = sorted(p for p in self.multipliers if p not in by_path)
+        if missing:
+            known = sorted(by_path)
+            raise ValueError(
+                f"{self.name}: {len(missing)} multiplier path(s) name no variable this optimizer "
+                f"updates, e.g. {missing[:3]}; its variables are e.g. {known[:3]} "
+                f"({len(known)} in all)")
+        shared = sorted(p for p in self.multipliers if len(by_path[p]) > 1)
+        if shared:
+            raise ValueError(f"{self.name}: the paths {shared[:3]} name several variables; "
+                             "give the layers unique names")
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+        self._scale_by_key = {self._var_key(v): self.multipliers[v.path] for v in var_list
+                              if self.multipliers.get(v.path, 1.0) != 1.0}
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError("When passing grads without variables, the optimizer must be "
+                                 "built: call optimizer.build(trainable_variables) first")
+            variables = self._trainable_variables
+        else:
+            variables = list(trainable_variables)
+            if not self.built:
+                with keras.name_scope(self.name, caller=self):
+                    self.build(variables)
+        scaled = [(v, self._scale_by_key[self._var_key(v)]) for v in variables
+                  if self._var_key(v) in self._scale_by_key]
+        before = [ops.copy(v.value) for v, _ in scaled]   # a copy: torch updates in place
+        self.inner_optimizer.apply(grads, trainable_variables)
+        for (variable, m), old in zip(scaled, before):
+            variable.assign(old + m * (variable.value - old))
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def get_config(self):
+        return {"name": self.name,
+                "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+                "multipliers": dict(self.multipliers)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"),
+                                                      custom_objects=custom_objects)
+        return cls(inner, **config)
+
+
+def _check_multiplier(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def _to_lists(value):
+    """A spec (dataclass) or nested tuples -> nested lists (JSON)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.astuple(value)
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
