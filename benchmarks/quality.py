@@ -17,7 +17,7 @@ Three teachers of one ElasticViT configuration, evaluated on three of its subnet
   the POA recipe with the recipe's seed, untrained -- the teacher both runs start from.
 
 Subnets: smallest = (min width, min depth), middle = (widths[len // 2], depths[len // 2]) of the
-grid (on ``vit_elastic_demo``: widths 96..192 by 32, depths 4..8, so (160, 6); with an even
+grid (on ``vit_elastic_demo``: widths 48..96 by 16, depths 3..6, so (80, 5); with an even
 number of grid values this is the upper of the two middle ones), full = (max width, max depth).
 
 Metric: weighted k-NN (DINO protocol, what ``poa_keras.eval.knn_eval`` computes: L2-normalised

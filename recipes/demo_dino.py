@@ -8,6 +8,6 @@ from poa_keras.methods.pretrain import load_recipe
 RECIPE = load_recipe("demo")
 RECIPE.pop("name")
 RECIPE.update(method="dino",
-              head=dict(hidden_dim=512, bottleneck_dim=128, out_dim=2048))
+              head=dict(hidden_dim=512, bottleneck_dim=128, out_dim=512))
 for _key in ("lambda_ie", "same_view_temp", "koleo_weight", "sampler_seed"):
     RECIPE["train"].pop(_key)

@@ -57,18 +57,35 @@ def _accuracy_centroid(features, labels, n_train, num_classes):
     return np.mean(np.argmin(dist, axis=1) == labels[n_train:])
 
 
-def test_class_is_in_the_shape_not_the_colour():
+@pytest.mark.parametrize("palette", ["light_on_dark", "any"])
+def test_class_is_in_the_shape_not_the_colour(palette):
     """A translation-invariant shape feature (|FFT| of the grey image) separates the classes;
-    the mean colour of an image is at chance (colour is drawn independently of the class)."""
-    images, labels, names = make_shapes(3000, image_size=32, seed=1)
+    the tint of an image (its mean colour over its mean brightness) is at chance: colours are
+    drawn independently of the class. (On "light_on_dark" the mean BRIGHTNESS is not at chance:
+    it grows with the shape's area, a property of the shape.)"""
+    images, labels, names = make_shapes(3000, image_size=32, seed=1, palette=palette)
     x = images.astype(np.float32) / 255.0
     grey = x.mean(-1)
     spectrum = np.abs(np.fft.fft2(grey - grey.mean((1, 2), keepdims=True))).reshape(len(x), -1)
     colour = x.mean((1, 2))
+    tint = colour / colour.sum(1, keepdims=True)
     chance = 1.0 / len(names)
     assert _accuracy_1nn(spectrum, labels, 2000) > 5 * chance
-    assert _accuracy_1nn(colour, labels, 2000) < 1.6 * chance
-    assert _accuracy_centroid(colour, labels, 2000, len(names)) < 1.6 * chance
+    assert _accuracy_1nn(tint, labels, 2000) < 1.6 * chance
+    assert _accuracy_centroid(tint, labels, 2000, len(names)) < 1.6 * chance
+
+
+def test_palettes_keep_the_geometry_and_order_the_brightness():
+    light, labels, _ = make_shapes(200, image_size=32, seed=3)
+    anyc, labels_any, _ = make_shapes(200, image_size=32, seed=3, palette="any")
+    np.testing.assert_array_equal(labels, labels_any)       # same stream: same shapes
+    # light_on_dark: the brightest pixels (the shape) are lighter than the darkest (background)
+    # by at least the palette's gap minus texture and noise, in every image
+    grey = light.astype(np.float32).mean(-1).reshape(200, -1) / 255.0
+    spread = np.sort(grey, 1)
+    assert (spread[:, -20:].mean(1) - spread[:, :100].mean(1)).min() > 0.15
+    with pytest.raises(ValueError, match="palette must be one of"):
+        make_shapes(2, image_size=16, palette="rainbow")
 
 
 def test_train_val_split_is_stratified_and_disjoint():

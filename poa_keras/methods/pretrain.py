@@ -13,7 +13,7 @@ dict with these sections (see recipes/demo.py for a commented example):
 * ``head``: arguments of the projection head(s) (``out_dims`` for POA's several heads,
   ``out_dim`` for one DINOHead);
 * ``data``: ``source`` = "shapes" (the embedded data set: ``num_images``, ``image_size``,
-  ``seed``), "folder" (``path``), or "tfds" (``name``, ``split``, ``data_dir``), and the
+  ``seed``, ``palette``), "folder" (``path``), or "tfds" (``name``, ``split``, ``data_dir``), and the
   multi-crop settings of ``multicrop_dataset`` (``global_size``, ``local_size``,
   ``num_local``, ``global_scale``, ``local_scale``, ...); ``steps_per_epoch`` when the data
   set size is unknown; ``threads`` (a private tf.data thread pool of that size; default: tf.data's
@@ -158,7 +158,7 @@ def validate_recipe(recipe):
             raise ValueError(f"train.{key} must be a positive integer, got {value!r}")
     unknown = sorted(set(recipe["data"]) - set(_MULTICROP_KEYS) - {
         "source", "num_images", "num_val", "image_size", "seed", "path", "name", "split", "data_dir",
-        "steps_per_epoch", "image_key", "threads"})
+        "steps_per_epoch", "image_key", "threads", "palette"})
     if unknown:
         raise ValueError(f"unknown data keys {unknown}")
     return recipe
@@ -203,7 +203,8 @@ def shapes_split(data, seed=0):
     return load_shapes(num_train=int(data.get("num_images", 10_000)),
                        num_val=int(data.get("num_val", 2_000)),
                        image_size=int(data.get("image_size", 64)),
-                       seed=int(data.get("seed", seed)))
+                       seed=int(data.get("seed", seed)),
+                       palette=data.get("palette", "light_on_dark"))
 
 
 def steps_per_epoch(recipe, num_images):
