@@ -2,12 +2,14 @@
 from poa_keras.elastic.layers import (ElasticAttention, ElasticBlock, ElasticDense,
                                       ElasticLayerNorm, ElasticLayerScale, ElasticMLP,
                                       ElasticPatchEmbed, StochasticDepth)
+from poa_keras.elastic.conv import ElasticBottleneck, ElasticConv2D, ElasticGroupNorm
 from poa_keras.elastic.sampler import SubnetSampler
 from poa_keras.elastic.spec import (ResNetSubnet, SwinSubnet, ViTSubnet, block_ids, grid_values,
                                     selection_weights)
 
 __all__ = [
-    "ElasticAttention", "ElasticBlock", "ElasticDense", "ElasticLayerNorm", "ElasticLayerScale",
+    "ElasticAttention", "ElasticBlock", "ElasticBottleneck", "ElasticConv2D", "ElasticDense",
+    "ElasticGroupNorm", "ElasticLayerNorm", "ElasticLayerScale",
     "ElasticMLP", "ElasticPatchEmbed", "ResNetSubnet", "StochasticDepth", "SubnetSampler",
     "SwinSubnet", "ViTSubnet",
     "block_ids", "grid_values", "selection_weights",

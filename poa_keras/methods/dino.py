@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import types
 
+import keras
 from keras import ops
 
 from poa_keras.losses import (centered_teacher_probs, multi_view_cross_entropy, sinkhorn_knopp,
@@ -179,10 +180,11 @@ class TeacherStudentTrainer(PlannedTrainer):
 
     # ------------------------------------------------------------------------------- teacher
     def teacher_features(self, globals_flat):
-        """The teacher backbone's outputs on the flattened global views (dict of tensors
-        without gradient: "cls" (2B, D), "patch_tokens" (2B, N, D), ...)."""
+        """The teacher backbone's outputs on the flattened global views (a dict of tensors
+        without gradient: "cls" (2B, D), "patch_tokens" (2B, N, D), ...; nested entries such
+        as per-stage feature maps are stopped too)."""
         out = self.teacher_backbone(globals_flat, training=False)
-        return {k: ops.stop_gradient(v) for k, v in out.items()}
+        return keras.tree.map_structure(ops.stop_gradient, out)
 
     def teacher_head_logits(self, features):
         """Raw teacher-head logits of features (..., D): one tensor per head (a list),
@@ -224,7 +226,7 @@ class DINO(TeacherStudentTrainer):
     Args:
         backbone: the student backbone (e.g. ElasticViT); DINO trains its full network.
         head: a DINOHead on the backbone's CLS features, or a dict of DINOHead arguments
-            (``in_dim`` defaults to ``backbone.embed_dim``).
+            (``in_dim`` defaults to ``backbone.feature_dim()``).
         recipe: dict of schedule keys (``Schedules.from_recipe``: ``epochs``,
             ``steps_per_epoch`` and ``batch_size`` are required) and method keys:
             ``student_temp`` (0.1), ``centering`` ("center" | "sinkhorn"), ``center_momentum``

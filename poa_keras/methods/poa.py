@@ -4,10 +4,11 @@ Three branches sharing one set of student weights:
 
 * teacher: EMA of the intact student (backbone + heads), non-trainable, sees the 2 global views;
 * intact student: the full network, on every view;
-* elastic student: a sub-network (``ViTSubnet``) drawn on the host every step by the
-  backbone's ``SubnetSampler`` (never the intact network). The plan of a step is that
-  ViTSubnet (see "plan" below for the iBOT phase). The heads are shared: the elastic student's
-  CLS features of width w enter the heads with ``active_in=w`` (the elastic first linear).
+* elastic student: a sub-network (the family's subnet spec: ``ViTSubnet``, ``SwinSubnet``,
+  ``ResNetSubnet``) drawn on the host every step by the backbone's ``SubnetSampler`` (never
+  the intact network). The plan of a step is that spec (see "plan" below for the iBOT phase).
+  The heads are shared: the elastic student's features enter the heads with
+  ``active_in=backbone.head_active_in(spec)`` (the elastic first linear; the ViT's width w).
 
 Per projection head (``MultiProjectionHead``, or one ``DINOHead``), with λ = ``lambda_ie``::
 
@@ -57,7 +58,7 @@ weights do not move (no gradient step, no weight decay) while AdamW's moments st
 gradients, and the gradient norm for clipping includes them -- as with DINOv2's
 ``last_layer_lr`` param group. It costs no program: the freeze is a step value, not a plan.
 
-The plan: the elastic student's ``ViTSubnet``; during the iBOT phase it is
+The plan: the elastic student's subnet spec; during the iBOT phase it is
 ``POAPlan(subnet, ibot=True)`` (hashable). So at most 2 programs per subnet are compiled
 (one before the iBOT start epoch, one after; 1 without iBOT), plus one retrace of an iBOT plan
 for a batch of another structure (with/without "masks"). ``last_subnet`` (and
@@ -82,7 +83,6 @@ from typing import NamedTuple
 from keras import ops
 
 from poa_keras.data.masking import mask_upper_bound
-from poa_keras.elastic.spec import ViTSubnet
 from poa_keras.losses import (centered_teacher_probs, dino_cross_entropy, koleo_loss,
                               multi_view_cross_entropy, update_center)
 from poa_keras.losses.ibot import (ibot_masked_token_loss, masked_sinkhorn_knopp,
@@ -108,9 +108,9 @@ POA_RECIPE = dict(
 
 class POAPlan(NamedTuple):
     """The plan of a POA step in the iBOT phase: the elastic student's subnet, and whether
-    the step computes the iBOT branch. (Outside it the plan is the bare ViTSubnet.)"""
+    the step computes the iBOT branch. (Outside it the plan is the bare subnet spec.)"""
 
-    subnet: ViTSubnet
+    subnet: object   # the family's subnet spec (ViTSubnet, SwinSubnet, ResNetSubnet)
     ibot: bool = False
 
 
@@ -118,10 +118,11 @@ class POA(TeacherStudentTrainer):
     """POA trainer: EMA teacher, intact student and elastic student (REFERENCE.md §1).
 
     Args:
-        backbone: the elastic student backbone (ElasticViT: ``sampler``, ``embed_dim``).
+        backbone: the elastic student backbone (any family: ``sampler``, ``feature_dim``,
+            ``head_active_in``; iBOT needs ``supports_masks``).
         head: a MultiProjectionHead or DINOHead, or a dict of arguments: with ``out_dim`` a
             single DINOHead, otherwise a MultiProjectionHead (``out_dims``). ``in_dim`` defaults
-            to ``backbone.embed_dim``.
+            to ``backbone.feature_dim()``.
         recipe: schedule keys (``Schedules.from_recipe``; ``epochs``, ``steps_per_epoch``,
             ``batch_size`` required) and method keys: ``lambda_ie`` (0.8), ``student_temp``
             (0.1), ``same_view_temp`` (0.1), ``centering`` ("sinkhorn" | "center"),
@@ -179,7 +180,7 @@ class POA(TeacherStudentTrainer):
 
     @staticmethod
     def plan_subnet(plan):
-        """The elastic student's subnet of a plan (a ViTSubnet or a POAPlan)."""
+        """The elastic student's subnet of a plan (a subnet spec or a POAPlan)."""
         return plan.subnet if isinstance(plan, POAPlan) else plan
 
     @property
