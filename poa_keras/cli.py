@@ -1,48 +1,117 @@
-"""The ``poa-keras`` command.
+"""The ``poa-keras`` command: pretrain once, then sweep, extract, fine-tune and export any size.
 
-    poa-keras demo      build the demo elastic teacher, list its subnets, extract one and run it
-    poa-keras info      backend, registered presets and named configurations
-    poa-keras subnets   the subnet grid of a preset: size, parameters, blocks, sampling weight
-    poa-keras extract   write one subnet of a preset as a standalone preset directory
-    poa-keras pretrain  run (or resume) a pretraining recipe: `--recipe=demo` (the default) is
-                        POA on the embedded shapes data, about 10 minutes on 2 CPU cores
+usage: poa-keras <command> [--flags]      (KERAS_BACKEND=jax|tensorflow|torch picks the backend)
+
+    pretrain  run (or resume) a pretraining recipe: `--recipe=demo` (the default) is POA on the
+              embedded shapes data, about 10 minutes on 2 CPU cores
+    sweep     k-NN top-1, parameters, FLOPs and latency of every subnet of a teacher; writes
+              sweep.csv, sweep.json and sweep.png into --output; --budget_* picks the best fit
+    extract   write one subnet of a teacher as a standalone preset directory
+    finetune  train an ImageClassifier on a subnet (embedded shapes or an image folder), report
+              the val accuracy before and after, save the model (.keras)
+    export    write one subnet (optionally int8) as deployable artefacts (preset, SavedModel,
+              ONNX, LiteRT, torch .pt2 as the backend allows) with sizes, checks and the int8
+              accuracy change
+    info      backend, registered presets, every family's named configurations, export formats
+    subnets   the subnet grid of a teacher: size, parameters, sampling weight, names
+    demo      build the demo elastic teacher, list its subnets, extract one and run it
+
+The model comes from --preset (a registered name or a preset directory) or --config (a named
+configuration with random weights, e.g. vit_elastic_test, swin_elastic_test,
+resnet_elastic_test); the size from --subnet (a name such as small, or fields such as
+width=48,depth=3 or, for a ResNet, width=8,depths=1-1-2-1) or --width/--depth.
+
+Examples (tiny, seconds on a CPU):
+    poa-keras info
+    poa-keras sweep --config=vit_elastic_test --num_train=64 --num_val=32 --output=/tmp/sw
+    poa-keras extract --config=vit_elastic_test --subnet=small --output=/tmp/small
+    poa-keras finetune --config=vit_elastic_test --subnet=small --epochs=1 --output=/tmp/ft
+    poa-keras export --config=vit_elastic_test --subnet=small --quantize=int8 --output=/tmp/ex
+See docs/cli.md for every flag.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 import time
 
 from absl import app, flags, logging
 
-COMMANDS = ("demo", "info", "subnets", "extract", "pretrain")
+COMMANDS = ("pretrain", "sweep", "extract", "finetune", "export", "info", "subnets", "demo")
 
 FLAGS = flags.FLAGS
+# -- the model
 flags.DEFINE_string("preset", "poa_vit_demo",
                     "Registered preset name or preset directory (see `poa-keras info`).")
-flags.DEFINE_string("config", None, "A named configuration (e.g. vit_elastic_demo) to build "
-                    "with random weights instead of a preset.")
+flags.DEFINE_string("config", None, "A named configuration of any family (e.g. "
+                    "vit_elastic_test, swin_elastic_test, resnet_elastic_test) built with random "
+                    "weights instead of a preset (see `poa-keras info`).")
 flags.DEFINE_enum("weights", "auto", ["auto", "yes", "no"],
                   "Load the preset's weights: auto = when they exist (a registered preset whose "
                   "weights are not published yet is built with random weights).")
-flags.DEFINE_integer("width", None, "Subnet width (a multiple of the head dim).")
-flags.DEFINE_integer("depth", None, "Subnet depth (number of blocks).")
-flags.DEFINE_string("subnet", None, "A named size instead of --width/--depth (e.g. small).")
-flags.DEFINE_string("output", None, "Directory to write (extract: required).")
-flags.DEFINE_integer("batch_size", 4, "Images per batch in the demo.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_string("subnet", None, "The size: a named size (e.g. small), or spec fields, e.g. "
+                    "width=48,depth=3 (ViT, Swin) or width=8,depths=1-1-2-1 (ResNet). Default: "
+                    "the intact network.")
+flags.DEFINE_integer("width", None, "Subnet width (instead of --subnet).")
+flags.DEFINE_integer("depth", None, "Subnet depth (ViT: blocks; Swin: stage-3 blocks).")
+flags.DEFINE_string("output", None, "Where to write: a directory (sweep, extract, finetune, "
+                    "export, pretrain; optional for sweep and demo).")
+flags.DEFINE_integer("batch_size", None, "Images per batch (demo: 4, sweep: 64 per feature "
+                     "pass, finetune: 32 per step).")
+flags.DEFINE_integer("seed", 0, "Random seed (data, initialisation).")
+# -- data (sweep, finetune, export)
+flags.DEFINE_string("data", None, "pretrain: an image folder to train on; sweep / finetune / "
+                    "export: an image folder with one sub-folder per class (split into train "
+                    "and val by --val_fraction). Default: the embedded shapes data.")
+flags.DEFINE_integer("num_train", 512, "sweep / finetune / export: shapes images of the train "
+                     "split (the k-NN bank).")
+flags.DEFINE_integer("num_val", 256, "sweep / finetune / export: shapes images of the val "
+                     "split (the k-NN queries).")
+flags.DEFINE_integer("image_size", None, "Image side for the data (default: the model's).")
+flags.DEFINE_float("val_fraction", 0.2, "--data folders: the share of images held out for val.")
+# -- pretrain
 flags.DEFINE_string("recipe", "demo", "pretrain: a shipped recipe name (demo, demo_dino, "
                     "poa_vit_l16_in1k, dino_vit_s16_in1k) or a .py file defining RECIPE.")
-flags.DEFINE_string("data", None, "pretrain: an image folder to train on (sets data.source="
-                    "'folder' and data.path).")
 flags.DEFINE_multi_string("override", [], "pretrain: section.key=value changes of the recipe, "
                           "e.g. --override=train.epochs=1 (repeatable; values are Python "
                           "literals).")
 flags.DEFINE_integer("epochs", None, "pretrain: stop after this many epochs (the schedules keep "
-                     "the recipe's length; run again to resume).")
+                     "the recipe's length; run again to resume). finetune: epochs (default 3).")
 flags.DEFINE_bool("resume", True, "pretrain: resume from the latest checkpoint in --output.")
-flags.DEFINE_enum("verbose", "1", ["0", "1", "2"], "pretrain: 1 = progress bar with every loss "
-                  "term, 2 = one line per epoch, 0 = silent.")
+flags.DEFINE_enum("verbose", "1", ["0", "1", "2"], "pretrain / finetune: 1 = progress bar, 2 = "
+                  "one line per epoch, 0 = silent.")
+# -- sweep
+flags.DEFINE_string("subnets", "all", "sweep: 'all' (the whole grid) or sizes separated by ';' "
+                    "(names may also be separated by ','), e.g. 'small;width=48,depth=3'.")
+flags.DEFINE_integer("k", 20, "sweep / export: the k of the weighted k-NN.")
+flags.DEFINE_float("temperature", 0.07, "sweep / export: k-NN vote temperature T.")
+flags.DEFINE_bool("latency", True, "sweep: time each extracted subnet.")
+flags.DEFINE_integer("latency_runs", 5, "sweep: timed calls per subnet (median reported).")
+flags.DEFINE_integer("latency_batch", 8, "sweep: images per timed call.")
+flags.DEFINE_float("budget_params", None, "sweep: print the best subnet with at most this many "
+                   "parameters (combines with the other budgets).")
+flags.DEFINE_float("budget_flops", None, "sweep: ... at most this many FLOPs per image.")
+flags.DEFINE_float("budget_latency_ms", None, "sweep: ... at most this latency (ms per timed "
+                   "batch).")
+# -- finetune
+flags.DEFINE_float("lr", 1e-3, "finetune: peak learning rate (AdamW).")
+flags.DEFINE_float("weight_decay", 0.05, "finetune: AdamW weight decay.")
+flags.DEFINE_float("layer_decay", 1.0, "finetune: layer-wise lr decay (ViT, e.g. 0.75; 1 = off).")
+flags.DEFINE_enum("pooling", "cls", ["cls", "avg"], "finetune: the head reads the cls token or "
+                  "the mean patch token (ViT; others use their pooled output).")
+# -- export
+flags.DEFINE_enum("quantize", "none", ["none", "int8"], "export: quantize a copy with "
+                  "model.quantize('int8') before exporting it.")
+flags.DEFINE_string("formats", "auto", "export: comma-separated formats among preset, "
+                    "tf_saved_model, onnx, openvino, litert, torch; auto = every one this "
+                    "backend exports for this model (see `poa-keras info`).")
+flags.DEFINE_bool("eval", True, "export: report the k-NN top-1 of the float (and int8) subnet "
+                  "on the data (--num_train / --num_val shapes, or --data).")
+flags.DEFINE_integer("export_batch_size", None, "export: fix the batch of every artefact "
+                     "(default: any batch where the format allows it, else 1).")
+flags.DEFINE_bool("overwrite", False, "export: replace an earlier export at --output.")
 
 
 def _usage():
@@ -50,56 +119,197 @@ def _usage():
             "       poa-keras --help shows every flag")
 
 
+def _say(message):
+    print(message, flush=True)
+
+
+# ----- the model and its size --------------------------------------------------------------
+
 def _load_backbone():
-    from poa_keras import Backbone, ElasticViT, presets
+    from poa_keras import Backbone, presets
+    from poa_keras.backbones import from_config_name
     if FLAGS.config:
-        return ElasticViT.from_config_name(FLAGS.config)
+        import keras
+
+        keras.utils.set_random_seed(FLAGS.seed)   # the same random weights for the same seed
+        return from_config_name(FLAGS.config)
     source = FLAGS.preset
     load = FLAGS.weights != "no"
     if FLAGS.weights == "auto" and not os.path.isdir(source):
         card = presets.get_card(source)
         if not (card.get("weights") or {}).get("url"):
-            print(f"note: preset {source!r} has no published weights yet; using random weights")
+            _say(f"note: preset {source!r} has no published weights yet; using random weights")
             load = False
     return Backbone.from_preset(source, load_weights=load)
+
+
+def _parse_value(key, text):
+    text = text.strip()
+    try:
+        if "-" in text.strip("-"):
+            return tuple(int(t) for t in text.split("-"))
+        return int(text)
+    except ValueError:
+        raise ValueError(f"bad subnet value {key}={text!r}: give an integer or integers joined "
+                         "by '-' (e.g. depths=3-4-6-3)") from None
+
+
+def parse_subnet(backbone, text):
+    """A spec from --subnet text: a named size, or fields 'width=48,depth=3' /
+    'width=64,depths=3-4-6-3' (missing fields: the intact network's)."""
+    text = (text or "").strip()
+    if not text:
+        raise ValueError("empty subnet; give a named size or fields such as width=48,depth=3")
+    fields = [f.name for f in dataclasses.fields(backbone.subnet_class)]
+    if "=" not in text:
+        if text not in backbone.named_subnets:
+            raise ValueError(f"unknown subnet {text!r} for {backbone.name}; named sizes: "
+                             f"{sorted(backbone.named_subnets) or 'none'}, or give fields of "
+                             f"{backbone.subnet_class.__name__} ({', '.join(fields)}), e.g. "
+                             f"{_example(backbone)}")
+        return backbone.resolve_subnet(text)
+    kwargs = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"bad subnet {text!r}: write name=value pairs separated by ',', "
+                             f"e.g. {_example(backbone)}")
+        if key not in fields:
+            raise ValueError(f"bad subnet {text!r}: {key!r} is not a field of "
+                             f"{backbone.subnet_class.__name__}; its fields: {fields}")
+        kwargs[key] = _parse_value(key, value)
+    return backbone.subnet_from_kwargs(**kwargs)
+
+
+def _example(backbone):
+    spec = backbone.subnets()[0]
+    return ",".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                    for k, v in dataclasses.asdict(spec).items())
 
 
 def _subnet(backbone):
     if FLAGS.subnet and (FLAGS.width is not None or FLAGS.depth is not None):
         raise ValueError("give either --subnet or --width/--depth, not both")
     if FLAGS.subnet:
-        return backbone.resolve_subnet(FLAGS.subnet)
+        return parse_subnet(backbone, FLAGS.subnet)
     if FLAGS.width is None and FLAGS.depth is None:
         return None
-    return backbone.subnet_from_kwargs(width=FLAGS.width, depth=FLAGS.depth)
+    kwargs = {k: v for k, v in (("width", FLAGS.width), ("depth", FLAGS.depth)) if v is not None}
+    return backbone.subnet_from_kwargs(**kwargs)
+
+
+def _grid_hint(backbone):
+    specs = backbone.subnets()
+    return (f"named sizes {sorted(backbone.named_subnets)}; the grid runs from {specs[0]} to "
+            f"{specs[-1]} ({len(specs)} subnets, `poa-keras subnets` lists them), e.g. "
+            f"--subnet={_example(backbone)}")
+
+
+def _spec_text(spec):
+    return ", ".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                     for k, v in dataclasses.asdict(spec).items())
 
 
 def _print_grid(backbone):
     freq = backbone.sampler().frequencies()
-    names = {spec: name for name, spec in backbone.named_subnets.items()}
-    print(f"{'width':>6} {'depth':>6} {'heads':>6} {'params':>12} {'p(draw)':>8}  name")
-    for spec in backbone.subnets():
-        print(f"{spec.width:>6} {spec.depth:>6} {spec.width // backbone.head_dim:>6} "
-              f"{backbone.subnet_params(spec):>12,} {freq.get(spec, 0.0):>8.4f}  "
-              f"{names.get(spec, '')}")
-    print(f"{len(backbone.subnets())} subnets; the intact network (p=0) is trained by the intact "
-          "student, the others are drawn for the elastic student")
+    names = {backbone.resolve_subnet(s): n for n, s in backbone.named_subnets.items()}
+    fields = [f.name for f in dataclasses.fields(backbone.subnet_class)]
 
+    def cell(v):
+        return "-".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    rows = [[cell(getattr(spec, f)) for f in fields]
+            + [f"{backbone.subnet_params(spec):,}", f"{freq.get(spec, 0.0):.4f}",
+               names.get(spec, "")] for spec in backbone.subnets()]
+    header = fields + ["params", "p(draw)", "name"]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        _say("  ".join(c.rjust(w) if i < len(header) - 1 else c
+                       for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    _say(f"{len(backbone.subnets())} subnets; the intact network (p=0) is trained by the intact "
+         "student, the others are drawn for the elastic student")
+
+
+# ----- data ---------------------------------------------------------------------------------
+
+def _labelled_data(image_size, seed=None):
+    """((train images, labels), (val images, labels), class names): the embedded shapes data
+    (--num_train / --num_val), or --data, a folder with one sub-folder per class."""
+    import numpy as np
+
+    seed = FLAGS.seed if seed is None else seed
+    if FLAGS.data:
+        if not os.path.isdir(FLAGS.data):
+            raise ValueError(f"--data={FLAGS.data!r} is not a directory (it should hold one "
+                             "sub-folder of images per class)")
+        from poa_keras.data import images_from_directory, train_val_split
+
+        dataset, names = images_from_directory(FLAGS.data, image_size=image_size,
+                                               with_labels=True)
+        images, labels = [], []
+        for image, label in dataset.as_numpy_iterator():
+            images.append(image)
+            labels.append(label)
+        images, labels = np.stack(images), np.asarray(labels, np.int32)
+        if len(names) < 2:
+            raise ValueError(f"--data={FLAGS.data!r} has {len(names)} class folder(s); "
+                             "classification needs at least 2")
+        train, val = train_val_split(images, labels, val_fraction=FLAGS.val_fraction, seed=seed)
+        if len(train[0]) == 0 or len(val[0]) == 0:
+            raise ValueError(f"--data={FLAGS.data!r}: {len(images)} images leave an empty split "
+                             f"at --val_fraction={FLAGS.val_fraction}")
+        _say(f"data: {FLAGS.data} ({len(names)} classes), {len(train[0])} train / "
+             f"{len(val[0])} val images of {image_size} px")
+        return train, val, list(names)
+    for flag in ("num_train", "num_val"):
+        if getattr(FLAGS, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(FLAGS, flag)}")
+    from poa_keras.data import load_shapes
+
+    train, val, names = load_shapes(FLAGS.num_train, FLAGS.num_val, image_size=image_size,
+                                    seed=seed)
+    _say(f"data: the embedded shapes, {len(train[0])} train / {len(val[0])} val images of "
+         f"{image_size} px, {len(names)} classes")
+    return train, val, list(names)
+
+
+def _image_size(backbone):
+    size = FLAGS.image_size or int(backbone.image_size)
+    if size < 8:
+        raise ValueError(f"--image_size must be >= 8, got {size}")
+    return size
+
+
+def _require_output(command):
+    if not FLAGS.output:
+        raise ValueError(f"{command} needs --output=DIR, the directory to write")
+    return FLAGS.output
+
+
+# ----- commands -----------------------------------------------------------------------------
 
 def cmd_info():
     import keras
 
     from poa_keras import __version__, presets
-    from poa_keras.backbones import VIT_CONFIGS
-    print(f"poa_keras {__version__}, keras {keras.__version__}, backend "
-          f"{keras.backend.backend()}")
-    print("registered presets:")
+    from poa_keras.backbones import BACKBONE_CLASSES
+    from poa_keras.export import available_formats
+
+    _say(f"poa_keras {__version__}, keras {keras.__version__}, backend "
+         f"{keras.backend.backend()}")
+    _say("registered presets:")
     for name, card in presets.list_presets().items():
         weights = "weights published" if (card.get("weights") or {}).get("url") else \
             "no weights yet"
-        print(f"  {name:<16} {card['architecture']['class_name']} "
-              f"({card['architecture']['config_name']}), {weights}: {card['description']}")
-    print("named configurations:", ", ".join(sorted(VIT_CONFIGS)))
+        _say(f"  {name:<16} {card['architecture']['class_name']} "
+             f"({card['architecture']['config_name']}), {weights}: {card['description']}")
+    _say("named configurations (--config):")
+    for class_name, cls in BACKBONE_CLASSES.items():
+        _say(f"  {class_name}: {', '.join(sorted(cls.configs))}")
+    _say(f"export formats on the {keras.backend.backend()} backend:")
+    for fmt, reason in available_formats().items():
+        _say(f"  {fmt:<15} {'yes' if reason is None else 'no: ' + reason}")
 
 
 def cmd_subnets():
@@ -107,17 +317,14 @@ def cmd_subnets():
 
 
 def cmd_extract():
-    if not FLAGS.output:
-        raise ValueError("extract needs --output=DIR, the preset directory to write")
+    output = _require_output("extract")
     backbone = _load_backbone()
     spec = _subnet(backbone)
     if spec is None:
-        raise ValueError("extract needs --width/--depth or --subnet; valid widths "
-                         f"{backbone.widths}, depths {backbone.depths[0]}..{backbone.depths[-1]}"
-                         f", named sizes {sorted(backbone.named_subnets)}")
+        raise ValueError(f"extract needs --subnet (or --width/--depth); {_grid_hint(backbone)}")
     sub = backbone.extract(spec)
-    sub.save_to_preset(FLAGS.output)
-    print(f"wrote {spec} ({sub.count_params():,} parameters) to {FLAGS.output}")
+    sub.save_to_preset(output)
+    _say(f"wrote {spec} ({sub.count_params():,} parameters) to {output}")
 
 
 def cmd_demo():
@@ -127,28 +334,28 @@ def cmd_demo():
     keras.utils.set_random_seed(FLAGS.seed)
     start = time.perf_counter()
     backbone = _load_backbone()
-    print(f"built {backbone.name}: {backbone.count_params():,} parameters, "
-          f"{len(backbone.subnets())} subnets ({time.perf_counter() - start:.1f} s)")
+    _say(f"built {backbone.name}: {backbone.count_params():,} parameters, "
+         f"{len(backbone.subnets())} subnets ({time.perf_counter() - start:.1f} s)")
     _print_grid(backbone)
     spec = _subnet(backbone) or backbone.resolve_subnet(
         "small" if "small" in backbone.named_subnets else backbone.subnets()[0])
     start = time.perf_counter()
     sub = backbone.extract(spec)
-    print(f"extracted {spec}: {sub.count_params():,} parameters "
-          f"({time.perf_counter() - start:.2f} s)")
+    _say(f"extracted {spec}: {sub.count_params():,} parameters "
+         f"({time.perf_counter() - start:.2f} s)")
     size = backbone.image_size
     images = np.random.default_rng(FLAGS.seed).uniform(
-        -1, 1, (FLAGS.batch_size, size, size, backbone.in_channels)).astype("float32")
+        -1, 1, (FLAGS.batch_size or 4, size, size, backbone.in_channels)).astype("float32")
     elastic = backbone.compiled_forward(spec)(images)
     out = sub.compiled_forward()(images)
     diff = float(np.abs(keras.ops.convert_to_numpy(out["cls"])
                         - keras.ops.convert_to_numpy(elastic["cls"])).max())
-    print(f"ran the extracted subnet on {images.shape}: cls {tuple(out['cls'].shape)}, "
-          f"patch tokens {tuple(out['patch_tokens'].shape)}; max |extracted - elastic| = "
-          f"{diff:.2e}")
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in out.items())
+    _say(f"ran the extracted subnet on {images.shape}: {shapes}; max |extracted - elastic| = "
+         f"{diff:.2e}")
     if FLAGS.output:
         sub.save_to_preset(FLAGS.output)
-        print(f"saved the subnet as a preset in {FLAGS.output}")
+        _say(f"saved the subnet as a preset in {FLAGS.output}")
 
 
 def cmd_pretrain():
@@ -162,9 +369,9 @@ def cmd_pretrain():
     output = FLAGS.output or os.path.join("runs", recipe.get("name") or "recipe")
     import keras
 
-    print(f"pretraining recipe {recipe.get('name', FLAGS.recipe)!r} ({recipe['method']}, "
-          f"{recipe['backbone']['config']}) on the {keras.backend.backend()} backend into "
-          f"{output}")
+    _say(f"pretraining recipe {recipe.get('name', FLAGS.recipe)!r} ({recipe['method']}, "
+         f"{recipe['backbone']['config']}) on the {keras.backend.backend()} backend into "
+         f"{output}")
     start = time.perf_counter()
     try:
         result = pretrain(recipe, output, resume=FLAGS.resume, epochs=FLAGS.epochs,
@@ -174,25 +381,165 @@ def cmd_pretrain():
         return 1
     trainer = result.trainer
     if result.resumed_from:
-        print(f"resumed from {result.resumed_from}")
+        _say(f"resumed from {result.resumed_from}")
     if result.history:
         last = result.history[-1]
         terms = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "dino_intact", "dino_elastic",
                                                           "same_view", "koleo", "dino")
                           if k in last)
-        print(f"epoch {int(last['epoch'])}/{recipe['train']['epochs']}: {terms}")
+        _say(f"epoch {int(last['epoch'])}/{recipe['train']['epochs']}: {terms}")
     report = trainer.compilation_report()
-    print(f"{report['plans_seen']} plans run, {report['num_compilations']} step programs "
-          f"compiled ({report['backend']}); {time.perf_counter() - start:.0f} s")
+    _say(f"{report['plans_seen']} plans run, {report['num_compilations']} step programs "
+         f"compiled ({report['backend']}); {time.perf_counter() - start:.0f} s")
     teacher = os.path.join(output, "teacher")
     if os.path.isdir(teacher):
-        print(f"teacher preset: {teacher}  (Backbone.from_preset({teacher!r}, width=..., "
-              "depth=...))")
+        _say(f"teacher preset: {teacher}  (Backbone.from_preset({teacher!r}, width=..., "
+             "depth=...))")
     return 0
 
 
+def _sweep_subnets(backbone):
+    text = (FLAGS.subnets or "all").strip()
+    if text == "all":
+        return None
+    parts = text.split(";") if (";" in text or "=" in text) else text.split(",")
+    parts = [p.strip() for p in parts if p.strip()]
+    if not parts:
+        raise ValueError(f"--subnets={FLAGS.subnets!r} names no subnet; give 'all' or sizes "
+                         "such as 'small;base'")
+    return [parse_subnet(backbone, p) for p in parts]
+
+
+def cmd_sweep():
+    from poa_keras.eval.sweep import format_table, select, sweep
+
+    budgets = {k: v for k, v in (("params", FLAGS.budget_params), ("flops", FLAGS.budget_flops),
+                                 ("latency_ms", FLAGS.budget_latency_ms)) if v is not None}
+    for key, value in budgets.items():
+        if not value > 0:
+            raise ValueError(f"--budget_{key}={value} must be > 0")
+    if "latency_ms" in budgets and not FLAGS.latency:
+        raise ValueError("--budget_latency_ms needs the latency measured (drop --nolatency)")
+    if FLAGS.output and os.path.exists(FLAGS.output) and not os.path.isdir(FLAGS.output):
+        raise ValueError(f"--output={FLAGS.output!r} exists and is not a directory")
+    teacher = _load_backbone()
+    specs = _sweep_subnets(teacher)
+    train, val, names = _labelled_data(_image_size(teacher))
+    count = len(teacher.subnets()) if specs is None else len(specs)
+    _say(f"sweeping {count} subnets of {teacher.name} ({type(teacher).__name__}) on the "
+         f"{__import__('keras').backend.backend()} backend: k-NN k={FLAGS.k}, "
+         f"T={FLAGS.temperature}")
+    result = sweep(teacher, train, val, subnets=specs, ks=(FLAGS.k,),
+                   temperature=FLAGS.temperature, batch_size=FLAGS.batch_size or 64,
+                   measure_latency=FLAGS.latency, latency_batch=FLAGS.latency_batch,
+                   latency_runs=FLAGS.latency_runs, output_dir=FLAGS.output,
+                   progress=FLAGS.verbose != "0", num_classes=len(names))
+    _say(format_table(result, pareto_x="params"))
+    if FLAGS.output:
+        _say(f"wrote {os.path.join(FLAGS.output, 'sweep.csv')}, sweep.json and sweep.png")
+    if budgets:
+        row, spec = select(result, **budgets)
+        wanted = ", ".join(f"{k} <= {v:g}" for k, v in budgets.items())
+        _say(f"best within {wanted}: {spec} ({row['params']:,} parameters, "
+             f"{row['flops'] / 1e9:.4g} GFLOPs, top-1 {100 * row['top1']:.1f} %); extract it "
+             f"with --subnet={_spec_text(spec).replace(', ', ',')}")
+
+
+def cmd_finetune():
+    import keras
+    import numpy as np
+
+    from poa_keras.classifier import ImageClassifier
+    from poa_keras.eval.features import preprocess_uint8
+
+    output = _require_output("finetune")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output={output!r} exists and is not a directory")
+    epochs = 3 if FLAGS.epochs is None else FLAGS.epochs
+    if epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    if not FLAGS.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {FLAGS.lr}")
+    if not 0 < FLAGS.layer_decay <= 1:
+        raise ValueError(f"--layer_decay must lie in (0, 1], got {FLAGS.layer_decay}")
+    keras.utils.set_random_seed(FLAGS.seed)
+    teacher = _load_backbone()
+    spec = _subnet(teacher)
+    backbone = teacher if spec is None else teacher.extract(spec)
+    train, val, names = _labelled_data(_image_size(backbone))
+
+    def prepare(images):
+        if images.shape[-1] == 1 and getattr(backbone, "in_channels", 3) == 3:
+            images = np.repeat(images, 3, axis=-1)
+        return preprocess_uint8(images)
+
+    x_train, y_train = prepare(train[0]), train[1].astype("int32")
+    x_val, y_val = prepare(val[0]), val[1].astype("int32")
+    clf = ImageClassifier(backbone, num_classes=len(names), pooling=FLAGS.pooling)
+    optimizer = keras.optimizers.AdamW(FLAGS.lr, weight_decay=FLAGS.weight_decay)
+    if FLAGS.layer_decay != 1.0:
+        optimizer = clf.layer_decay_optimizer(optimizer, layer_decay=FLAGS.layer_decay)
+    clf.compile(optimizer=optimizer)
+    batch = FLAGS.batch_size or 32
+    what = "the intact network" if spec is None else str(spec)
+    _say(f"fine-tuning {what} of {teacher.name} ({backbone.count_params():,} parameters) + a "
+         f"{len(names)}-class head for {epochs} epochs (AdamW lr {FLAGS.lr:g}, layer decay "
+         f"{FLAGS.layer_decay:g}, batch {batch})")
+    before = clf.evaluate(x_val, y_val, batch_size=batch, verbose=0, return_dict=True)
+    _say(f"val accuracy before: {100 * before['accuracy']:.2f} %")
+    import warnings
+    with warnings.catch_warnings():
+        # a ViT's mask token (iBOT pretraining only) gets no gradient here: expected
+        warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
+        history = clf.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs,
+                          batch_size=batch, verbose=int(FLAGS.verbose), shuffle=True)
+    after = clf.evaluate(x_val, y_val, batch_size=batch, verbose=0, return_dict=True)
+    _say(f"val accuracy after: {100 * after['accuracy']:.2f} % (before "
+         f"{100 * before['accuracy']:.2f} %)")
+    os.makedirs(output, exist_ok=True)
+    model_path = os.path.join(output, "classifier.keras")
+    clf.save(model_path)
+    report = {"backbone": teacher.name, "family": type(backbone).__name__,
+              "subnet": None if spec is None else dataclasses.asdict(spec),
+              "parameters": int(clf.count_params()), "classes": names, "epochs": epochs,
+              "lr": FLAGS.lr, "layer_decay": FLAGS.layer_decay,
+              "num_train": int(len(y_train)), "num_val": int(len(y_val)),
+              "val_accuracy_before": float(before["accuracy"]),
+              "val_accuracy_after": float(after["accuracy"]),
+              "history": {k: [float(v) for v in vs] for k, vs in history.history.items()}}
+    with open(os.path.join(output, "finetune.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    _say(f"wrote {model_path} (keras.saving.load_model) and finetune.json")
+
+
+def cmd_export():
+    from poa_keras.export import export_subnet
+
+    output = _require_output("export")
+    formats = None if FLAGS.formats.strip() in ("", "auto") else FLAGS.formats
+    quantize = None if FLAGS.quantize == "none" else FLAGS.quantize
+    from poa_keras.export import _check_output, _parse_formats
+
+    _check_output(output, FLAGS.overwrite)   # the cheap checks before loading anything
+    _parse_formats(formats)
+    teacher = _load_backbone()
+    spec = _subnet(teacher)
+    eval_data = None
+    if FLAGS.eval:
+        train, val, _ = _labelled_data(_image_size(teacher))
+        eval_data = (train, val)
+    export_subnet(teacher, subnet=spec, output=output, quantize=quantize, formats=formats,
+                  eval_data=eval_data, batch_size=FLAGS.export_batch_size,
+                  overwrite=FLAGS.overwrite, k=FLAGS.k, temperature=FLAGS.temperature,
+                  progress=True)
+
+
 def main(argv):
+    import logging as std_logging
+
     logging.set_verbosity(logging.WARNING)  # JAX reports its backend search at INFO
+    # tf.function retracing notes (a check batch of another size is expected to retrace)
+    std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
     if len(argv) < 2 or argv[1] not in COMMANDS:
         got = argv[1] if len(argv) > 1 else "nothing"
         raise app.UsageError(f"unknown command {got!r}; valid commands: {', '.join(COMMANDS)}\n"
@@ -201,13 +548,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[2:]}; flags look like --name=value")
     try:
         return globals()[f"cmd_{argv[1]}"]() or 0
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
         return 1
 
 
 def run():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and not main_module.__doc__:
+        main_module.__doc__ = __doc__   # what --help prints under the `poa-keras` script
     app.run(main)
 
 
