@@ -97,6 +97,11 @@ def save_preset(backbone, preset_dir):
             "date_saved": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        # mkdtemp makes the directory owner-only (0o700); a preset is an ordinary directory
+        # (0o777 less the umask) like the files in it.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / "preset")

@@ -197,6 +197,9 @@ def test_save_is_atomic(teacher, tmp_path, monkeypatch):
     before = (target / "metadata.json").read_text()
     teacher.save_to_preset(target)  # replacing an existing preset works
     assert sorted(os.listdir(tmp_path)) == ["atomic"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o777 & ~umask   # not mkdtemp's owner-only 0o700
     assert json.loads(before)["weights_sha256"] == json.loads(
         (target / "metadata.json").read_text())["weights_sha256"]
 
