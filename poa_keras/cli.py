@@ -559,7 +559,13 @@ def run():
     main_module = sys.modules.get("__main__")
     if main_module is not None and not main_module.__doc__:
         main_module.__doc__ = __doc__   # what --help prints under the `poa-keras` script
-    app.run(main)
+    try:
+        app.run(main)
+    except BrokenPipeError:
+        # `poa-keras info | head`: the reader closed the pipe; not an error of the command.
+        # Point stdout at devnull so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,6 @@ CONFIGS.update({
         image_size=32, patch_size=8, embed_dim=64, depth=4, head_dim=16, min_width=32,
         min_depth=2, layer_scale_init=1e-5, use_mask_token=True, net_select_scale=3,
         named_subnets={"small": (32, 2), "base": (64, 2), "large": (64, 4)}),
-    # Small elastic ViT for CPU demos: widths 96..192 (4), depths 4..8 (5), 20 subnets.
     # The CPU demo (recipes/demo.py): 32 x 32 images, patch 8 (16 tokens), widths 48..96 by
     # 16 (3..6 heads of 16), depths 3..6: 16 subnets, 0.69 M parameters intact.
     "vit_elastic_demo": dict(
