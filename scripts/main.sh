@@ -16,5 +16,5 @@ OUTPUT=${OUTPUT:-runs/demo}
 POA=${POA:-.venv/bin/poa-keras}
 "$POA" pretrain --recipe=demo --output="$OUTPUT" "$@"
 # The k-NN bank and queries: shapes images like the recipe's (same size and palette), labelled.
-"$POA" sweep --preset="$OUTPUT/teacher" --num_train=3200 --num_val=1000 --output="$OUTPUT/sweep"
+"$POA" sweep --preset="$OUTPUT/teacher" --num_train=6400 --num_val=2000 --output="$OUTPUT/sweep"
 echo "plot: $OUTPUT/sweep/sweep.png   table: $OUTPUT/sweep/sweep.csv"
