@@ -519,3 +519,30 @@ def test_sweep_argument_errors(teacher, data, tmp_path):
         args.update(change)
         with pytest.raises(error, match=match):
             sweep(**args)
+
+
+@pytest.mark.parametrize("config", ["swin_elastic_test", "resnet_elastic_test"])
+def test_sweep_of_a_tiny_swin_and_resnet_teacher(config, data, tmp_path):
+    """The same sweep, unchanged, on the other two families: rows = the chosen subnets, each
+    equal to a direct knn_eval of that subnet, parameters = the extracted network's count,
+    files written, select() within the budget."""
+    from poa_keras.backbones import from_config_name
+    keras.utils.set_random_seed(0)
+    teacher = from_config_name(config)
+    randomize(teacher, seed=4)
+    specs = [teacher.subnets()[0], teacher.subnets()[-1]]   # the smallest and the intact one
+    (train_x, train_y), (val_x, val_y) = data
+    result = sweep(teacher, *data, subnets=specs, measure_latency=False, output_dir=tmp_path,
+                   **FAST)
+    assert result.specs == specs and len(result.rows) == 2
+    assert result.metadata["spec_class"] == type(specs[0]).__name__
+    for row, spec in zip(result.rows, specs):
+        direct = knn_eval(teacher, train_x, train_y, val_x, val_y, subnet=spec, ks=KS,
+                          batch_size=BATCH)
+        assert row["top1"] == direct[KS[0]]["top1"], spec
+        assert row["params"] == teacher.extract(spec).count_params()
+    assert result.rows[0]["params"] < result.rows[1]["params"]
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert len(load_sweep(tmp_path / "sweep.json").rows) == 2
+    row, spec = select(result, params=result.rows[0]["params"])
+    assert spec == specs[0] and row["params"] <= result.rows[0]["params"]
