@@ -33,6 +33,19 @@ class Backbone(keras.Model):
 
     subnet_class = None
     configs: dict = {}   # named configurations of the family (see ``from_config_name``)
+    family: str = "backbone"   # the family's name in messages ("ViT", "Swin", "ResNet")
+
+    @classmethod
+    def from_config_name(cls, config_name, **overrides):
+        """Builds a named configuration of this family (see ``cls.configs``); keywords
+        override its entries (and may set the Keras ``name`` or ``dtype``)."""
+        if config_name not in cls.configs:
+            raise ValueError(f"unknown {cls.family} configuration {config_name!r}; known: "
+                             f"{sorted(cls.configs)}")
+        config = dict(cls.configs[config_name])
+        config.update(overrides)
+        config.setdefault("name", config_name)
+        return cls(**config)
 
     # -- the grid ------------------------------------------------------------------------------
     @property

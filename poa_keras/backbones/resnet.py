@@ -108,6 +108,7 @@ class ElasticResNet(Backbone):
     subnet_class = ResNetSubnet
     supports_masks = False
     configs = CONFIGS
+    family = "ResNet"
 
     def __init__(self, image_size=224, in_channels=3, stem_channels=64, base_channels=64,
                  expansion=4, widths=(64,), max_depths=(3, 4, 6, 3), min_depths=None,
@@ -453,18 +454,6 @@ class ElasticResNet(Backbone):
         return sub
 
     # -- configuration -------------------------------------------------------------------------
-    @classmethod
-    def from_config_name(cls, config_name, **overrides):
-        """Builds a named configuration (see ``CONFIGS``), e.g. "resnet_elastic"; keywords
-        override its entries (and may set the Keras ``name`` or ``dtype``)."""
-        if config_name not in CONFIGS:
-            raise ValueError(f"unknown ResNet configuration {config_name!r}; known: "
-                             f"{sorted(CONFIGS)}")
-        config = dict(CONFIGS[config_name])
-        config.update(overrides)
-        config.setdefault("name", config_name)
-        return cls(**config)
-
     def get_config(self):
         config = super().get_config()
         config.update(

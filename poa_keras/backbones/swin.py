@@ -107,6 +107,7 @@ class ElasticSwin(Backbone):
     subnet_class = SwinSubnet
     supports_masks = False
     configs = CONFIGS
+    family = "Swin"
 
     def __init__(self, image_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2),
                  head_dim=16, window_size=7, min_width=None, min_depth=None, mlp_ratio=4.0,
@@ -491,18 +492,6 @@ class ElasticSwin(Backbone):
         return sub
 
     # -- configuration -------------------------------------------------------------------------
-    @classmethod
-    def from_config_name(cls, config_name, **overrides):
-        """Builds a named configuration (see ``CONFIGS``), e.g. "swin_elastic"; keywords
-        override its entries (and may set the Keras ``name`` or ``dtype``)."""
-        if config_name not in CONFIGS:
-            raise ValueError(f"unknown Swin configuration {config_name!r}; known: "
-                             f"{sorted(CONFIGS)}")
-        config = dict(CONFIGS[config_name])
-        config.update(overrides)
-        config.setdefault("name", config_name)
-        return cls(**config)
-
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -114,6 +114,7 @@ class ElasticViT(Backbone):
     subnet_class = ViTSubnet
     supports_masks = True
     configs = CONFIGS
+    family = "ViT"
 
     def __init__(self, image_size=224, patch_size=16, embed_dim=768, depth=12, head_dim=64,
                  min_width=None, min_depth=None, mlp_ratio=4.0, qkv_bias=True, proj_bias=True,
@@ -432,18 +433,6 @@ class ElasticViT(Backbone):
         return sub
 
     # -- configuration -------------------------------------------------------------------------
-    @classmethod
-    def from_config_name(cls, config_name, **overrides):
-        """Builds a named configuration (see ``CONFIGS``), e.g. "vit_l16_elastic"; keywords
-        override its entries (and may set the Keras ``name`` or ``dtype``)."""
-        if config_name not in CONFIGS:
-            raise ValueError(f"unknown ViT configuration {config_name!r}; known: "
-                             f"{sorted(CONFIGS)}")
-        config = dict(CONFIGS[config_name])
-        config.update(overrides)
-        config.setdefault("name", config_name)
-        return cls(**config)
-
     def get_config(self):
         config = super().get_config()
         config.update(
