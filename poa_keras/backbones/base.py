@@ -47,6 +47,18 @@ class Backbone(keras.Model):
         config.setdefault("name", config_name)
         return cls(**config)
 
+    def _check_rank_and_channels(self, images):
+        """The image checks every family shares: rank 4, channels-last with ``in_channels``
+        channels. Returns the shape as a tuple (the family checks its sizes)."""
+        shape = tuple(images.shape)
+        if len(shape) != 4:
+            raise ValueError(f"{self.name} expects images of rank 4 (batch, height, width, "
+                             f"channels), got shape {shape}")
+        if shape[-1] != self.in_channels:
+            raise ValueError(f"{self.name} expects {self.in_channels} channels (channels-last), "
+                             f"got shape {shape} with {shape[-1]} channels")
+        return shape
+
     # -- the grid ------------------------------------------------------------------------------
     @property
     def named_subnets(self) -> dict:

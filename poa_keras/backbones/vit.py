@@ -319,13 +319,7 @@ class ElasticViT(Backbone):
 
     # -- forward -------------------------------------------------------------------------------
     def _check_images(self, images):
-        shape = tuple(images.shape)
-        if len(shape) != 4:
-            raise ValueError(f"{self.name} expects images of rank 4 (batch, height, width, "
-                             f"channels), got shape {shape}")
-        if shape[-1] != self.in_channels:
-            raise ValueError(f"{self.name} expects {self.in_channels} channels (channels-last), "
-                             f"got shape {shape} with {shape[-1]} channels")
+        shape = self._check_rank_and_channels(images)
         for what, size in (("height", shape[1]), ("width", shape[2])):
             if size is None:
                 raise ValueError(f"{self.name} needs a static image {what}; got shape {shape}")
