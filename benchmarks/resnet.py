@@ -12,12 +12,16 @@ Prints one JSON line per measurement:
   (seconds each, parameter counts).
 * ``resnet_forward``: median latency of ``--subnet`` extracted from the teacher, of the same
   configuration built directly (``--direct``; parameter counts must match) and of the teacher's
-  elastic (sliced) forward of that subnet, over ``--repeats`` interleaved calls after a warm-up
-  (compiled on jax / tensorflow, eager without autograd on torch). ``extracted_over_direct``
+  elastic (sliced) forward of that subnet, over ``--repeats`` interleaved rounds (each
+  starting with the next variant) after a warm-up (compiled on jax / tensorflow, eager without
+  autograd on torch). ``extracted_over_direct``
   should stay near 1: extraction leaves no slicing at run time.
 * ``resnet_poa_step``: POA ``train_on_batch`` time (min over ``--poa_steps`` after one warm-up
   step per plan; a fixed plan, so no step compiles) on ``--poa_config`` with 2 global crops of
   its image size and ``--local_crops`` crops of half that size; images/s = batch / step time.
+
+``--skip=teacher`` or ``--skip=poa`` leaves a part out. The extraction time of every subnet of
+the grid (not only the named ones) is ``benchmarks/extract.py --config=resnet_elastic``.
 """
 import json
 import statistics
@@ -39,7 +43,7 @@ flags.DEFINE_string("poa_config", "resnet_elastic_demo", "Configuration trained 
 flags.DEFINE_integer("poa_batch", 16, "POA batch size (images).")
 flags.DEFINE_integer("local_crops", 2, "POA local crops per image (half the image size).")
 flags.DEFINE_integer("poa_steps", 3, "Timed POA steps.")
-flags.DEFINE_bool("skip_teacher", False, "Skip the teacher measurements (extract, forward).")
+flags.DEFINE_list("skip", [], "Parts to leave out: teacher (extract and forward), poa.")
 FLAGS = flags.FLAGS
 
 
@@ -83,8 +87,12 @@ def bench_teacher():
     for fn in variants.values():  # compile and warm up
         _sync(fn(images))
     times = {name: [] for name in variants}
-    for _ in range(FLAGS.repeats):
-        for name, fn in variants.items():
+    order = list(variants)
+    for i in range(FLAGS.repeats):
+        # each round starts with the next variant, so that no variant always follows the same
+        # one (caches, allocator state): position effects spread over all of them
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            fn = variants[name]
             start = time.perf_counter()
             _sync(fn(images))
             times[name].append(time.perf_counter() - start)
@@ -138,9 +146,13 @@ def bench_poa():
 
 
 def main(_):
-    if not FLAGS.skip_teacher:
+    unknown = set(FLAGS.skip) - {"teacher", "poa"}
+    if unknown:
+        raise ValueError(f"--skip={sorted(unknown)}: valid parts are 'teacher' and 'poa'")
+    if "teacher" not in FLAGS.skip:
         bench_teacher()
-    bench_poa()
+    if "poa" not in FLAGS.skip:
+        bench_poa()
 
 
 if __name__ == "__main__":

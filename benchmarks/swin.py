@@ -6,12 +6,14 @@ elastic forward), and POA step throughput on a small configuration.
         --batch=8 --repeats=5 --step_config=swin_elastic_demo --step_batch=16 --steps=3]
 
 Prints one JSON line per measurement. Forwards are compiled (jax.jit / tf.function) or eager
-without autograd (torch), as ``Backbone.compiled_forward``; variants are timed interleaved and
-the median is reported (the minimum beside it). The extracted/direct ratio should be ~1:
-extraction leaves no slicing at run time. POA: 2 global crops of the configuration's image
-size and ``--local_crops`` local crops of half of it, random images, AdamW; the plan is pinned
-to ``--step_subnet`` (one compiled program); images/s = batch / min step time after
-``--warmup`` untimed (compiling) steps. ``--skip`` leaves out parts (extract, latency, step).
+without autograd (torch), as ``Backbone.compiled_forward``; variants are timed interleaved,
+each round starting with the next variant, and the median is reported (the minimum beside it).
+The extracted/direct ratio should be ~1: extraction leaves no slicing at run time. POA: 2
+global crops of the configuration's image size and ``--local_crops`` local crops of half of it,
+random images, AdamW; the plan is pinned to ``--step_subnet`` (one compiled program); images/s
+= batch / min step time after ``--warmup`` untimed (compiling) steps. ``--skip`` leaves out
+parts (extract, latency, step).
+Extraction of every subnet of the grid: ``benchmarks/extract.py --config=swin_elastic``.
 """
 import json
 import statistics
@@ -77,8 +79,12 @@ def bench_latency(teacher):
         compile_s[name] = round(time.perf_counter() - start, 2)
         _sync(fn(images))
     times = {name: [] for name in variants}
-    for _ in range(FLAGS.repeats):
-        for name, fn in variants.items():
+    order = list(variants)
+    for i in range(FLAGS.repeats):
+        # each round starts with the next variant, so that no variant always follows the same
+        # one (caches, allocator state): position effects spread over all of them
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            fn = variants[name]
             start = time.perf_counter()
             _sync(fn(images))
             times[name].append(time.perf_counter() - start)
@@ -134,6 +140,9 @@ def bench_step():
 
 
 def main(_):
+    unknown = set(FLAGS.skip) - {"extract", "latency", "step"}
+    if unknown:
+        raise ValueError(f"--skip={sorted(unknown)}: valid parts are 'extract', 'latency', 'step'")
     keras.utils.set_random_seed(0)
     if not {"extract", "latency"} <= set(FLAGS.skip):
         start = time.perf_counter()
