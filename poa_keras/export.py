@@ -11,7 +11,8 @@ quantizes a copy with ``model.quantize("int8")`` when asked, and writes into ``o
     preset/          the float subnet as a preset (``save_to_preset``; always):
                      ``Backbone.from_preset("deploy/small/preset")``
     preset_int8/     with quantize="int8": the int8 model's preset (int8 kernels + scales);
-                     load it with ``poa_keras.export.load_preset`` (it quantizes, then loads)
+                     ``Backbone.from_preset`` loads it (its metadata says "quantization":
+                     "int8", so the architecture is quantized before the weights load)
     saved_model/     tf_saved_model: ``tf.saved_model.load(path).serve(images)`` -> dict
     model.onnx       onnx: ``onnxruntime.InferenceSession(path)``
     openvino/model.xml  openvino: ``openvino.Core().compile_model(path)``
@@ -23,7 +24,7 @@ Every artefact but the presets comes from ``model.export(path, format=...)`` (Ke
 model that is deployed (the int8 one when quantized), with inputs (batch, H, W, C) float32 at the
 backbone's image size, already normalised (as ``poa_keras.eval.features.preprocess_uint8``
 gives them), and the backbone's output dict (``cls``, ``pooled``, ViT also ``patch_tokens``).
-Every artefact is reloaded (presets with ``Backbone.from_preset`` / ``load_preset``, the others
+Every artefact is reloaded (presets with ``Backbone.from_preset``, the others
 by their own runtime, see ``run_artifact``) and run on the same images as the in-memory model:
 float32 outputs must agree within ``ATOL + RTOL * |expected|`` (1e-5 each); int8 ones as
 ``_compare`` says (one-step rounding flips of the on-the-fly input quantization are allowed,
@@ -62,7 +63,6 @@ ResNet). Packages: ``onnx`` needs ``onnx`` plus ``tf2onnx`` (tensorflow) or ``on
 from __future__ import annotations
 
 import dataclasses
-import gc
 import importlib.util
 import json
 import os
@@ -74,8 +74,10 @@ from pathlib import Path
 
 import numpy as np
 
+from poa_keras import presets
+
 FORMATS = ("preset", "tf_saved_model", "onnx", "openvino", "litert", "torch")
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = presets.QUANTIZE_MODES
 REPORT_FILE = "report.json"
 ATOL = RTOL = 1e-5
 
@@ -227,7 +229,7 @@ def _check_formats(formats, family, quantize):
         return default_formats(backend, family, quantize)
     available = available_formats(backend, family, quantize)
     here = [f for f in FORMATS if available.get(f) is None]
-    what = f"a {quantize} {family}" if quantize else f"a {family}"
+    what = f"an {quantize} {family}" if quantize else f"an {family}"  # int8, Elastic...
     for fmt in formats:
         if available.get(fmt) is not None:
             raise ValueError(f"format {fmt!r} cannot export {what} on the {backend} backend: "
@@ -349,7 +351,7 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
     deployed = model
     if quantize:
         deployed = teacher.extract(spec_full)   # a separate copy: the float model stays float
-        _quantize(deployed, quantize)
+        presets.quantize(deployed, quantize)
         _log(progress, f"quantized a copy to {quantize}")
 
     size = int(model.image_size)
@@ -405,21 +407,6 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
         _JAX_FORWARDS.clear()   # no references to the models kept past the export
     _log(progress, format_report(report))
     return report
-
-
-def _quantize(model, mode):
-    """``model.quantize(mode)``, quietly and quickly."""
-    with warnings.catch_warnings():
-        # Keras names every layer without int8 kernels (norms, convolutions): expected.
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method.*")
-        # Keras runs gc.collect() for every kernel it replaces; with TensorFlow, JAX and torch
-        # loaded that is about 0.5 s each. Freezing the objects that exist now makes each
-        # collection cheap (seconds -> milliseconds for a tiny Swin).
-        gc.freeze()
-        try:
-            model.quantize(mode)
-        finally:
-            gc.unfreeze()
 
 
 def _chmod_like_mkdir(path):
@@ -584,22 +571,13 @@ def _compare(expected, got, what, float_outputs=None):
 
 def _write_preset(model, tmp, name, images, quantize, float_model, progress):
     path = tmp / name
-    model.save_to_preset(path)
-    if quantize:
-        from poa_keras.presets import METADATA_FILE
-
-        meta_path = path / METADATA_FILE
-        metadata = json.loads(meta_path.read_text())
-        metadata["quantization"] = quantize
-        meta_path.write_text(json.dumps(metadata, indent=2))
+    model.save_to_preset(path)   # its metadata records the quantization mode
     x = _batch(images, None)
     reloaded = load_preset(path)
     stats = _compare(_outputs(model, x), _outputs(reloaded, x, like=model), f"{name} reloaded",
                      _outputs(float_model, x) if quantize else None)
     entry = {"path": name, "bytes": _bytes(path), "precision": quantize or "float32",
-             "batch": "any", **stats,
-             "check": "Backbone.from_preset" if not quantize else
-             "poa_keras.export.load_preset"}
+             "batch": "any", **stats, "check": "Backbone.from_preset"}
     _log(progress, f"wrote {name}/ ({entry['bytes']:,} bytes; reloaded: max |diff| "
                    f"{entry['max_abs_diff']:.2g})")
     return entry
@@ -728,26 +706,11 @@ def _named(out, names, to_numpy=np.asarray):
 
 
 def load_preset(path):
-    """A preset written by ``export_subnet``: the float one (``Backbone.from_preset``) or the
-    int8 one (its metadata says ``"quantization": "int8"``: the architecture is built, quantized
-    the same way, then the int8 weights are loaded)."""
-    from poa_keras import presets
+    """A preset written by ``export_subnet``, float or int8: ``Backbone.from_preset(path)``
+    (kept for code written when only this function could load int8 presets)."""
     from poa_keras.backbones.base import Backbone
 
-    path = Path(path)
-    meta_path = path / presets.METADATA_FILE
-    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    mode = metadata.get("quantization")
-    if not mode:
-        return Backbone.from_preset(path)
-    if mode not in QUANTIZE_MODES:
-        raise ValueError(f"preset {str(path)!r} says quantization={mode!r}; known modes: "
-                         f"{list(QUANTIZE_MODES)}")
-    model = Backbone.from_preset(path, load_weights=False)
-    _quantize(model, mode)
-    presets._load_weights(model, path / presets.WEIGHTS_FILE, metadata.get("weights_sha256"),
-                          f"preset {str(path)!r}")
-    return model
+    return Backbone.from_preset(path)
 
 
 # ----- accuracy ---------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gc
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +26,35 @@ import keras
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "model.weights.h5"
+QUANTIZE_MODES = ("int8",)
+
+
+# -- quantization -----------------------------------------------------------------------------
+def quantization_mode(backbone):
+    """The mode (e.g. "int8") ``backbone`` was quantized with, or None for float weights."""
+    modes = {getattr(layer, "quantization_mode", None) for layer in backbone._flatten_layers()}
+    modes.discard(None)
+    if len(modes) > 1:
+        raise ValueError(f"{backbone.name} mixes quantization modes {sorted(modes)}")
+    return modes.pop() if modes else None
+
+
+def quantize(backbone, mode):
+    """``backbone.quantize(mode)`` in place, quietly and quickly; ``mode`` in QUANTIZE_MODES."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; valid: "
+                         f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
+    with warnings.catch_warnings():
+        # Keras names every layer without int8 kernels (norms, convolutions): expected.
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method.*")
+        # Keras runs gc.collect() for every kernel it replaces; with TensorFlow, JAX and torch
+        # loaded that is about 0.5 s each. Freezing the objects that exist now makes each
+        # collection cheap (seconds -> milliseconds for a tiny Swin).
+        gc.freeze()
+        try:
+            backbone.quantize(mode)
+        finally:
+            gc.unfreeze()
 
 
 # -- the zoo ----------------------------------------------------------------------------------
@@ -94,6 +125,7 @@ def save_preset(backbone, preset_dir):
             "parameter_count": int(backbone.count_params()),
             "num_subnets": len(backbone.subnets()),
             "weights_sha256": sha256_of(tmp / WEIGHTS_FILE),
+            "quantization": quantization_mode(backbone),
             "date_saved": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
@@ -119,12 +151,12 @@ def save_preset(backbone, preset_dir):
 def _check_class(cls, class_name, where):
     classes = _backbone_classes()
     if class_name not in classes:
-        raise ValueError(f"{where} holds a {class_name!r}, which is not a poa_keras backbone; "
+        raise ValueError(f"{where} holds {class_name!r}, which is not a poa_keras backbone; "
                          f"known architectures: {sorted(classes)}")
     klass = classes[class_name]
     from poa_keras.backbones.base import Backbone
     if cls is not Backbone and not issubclass(klass, cls):
-        raise ValueError(f"{where} holds a {class_name}, not a {cls.__name__}: load it with "
+        raise ValueError(f"{where} holds an {class_name}, not an {cls.__name__}: load it with "
                          f"{class_name}.from_preset or Backbone.from_preset")
     return klass
 
@@ -157,6 +189,12 @@ def load_preset(cls, preset, load_weights=True, subnet=None, **subnet_kwargs):
         raise ValueError(f"give either subnet= or {sorted(subnet_kwargs)}, not both")
     if subnet is None and not any(v is not None for v in subnet_kwargs.values()):
         return backbone
+    mode = quantization_mode(backbone)
+    if mode is not None:
+        raise ValueError(
+            f"preset {preset!r} holds {mode} weights: sub-networks are extracted from float "
+            "weights. Load the float teacher, extract, then quantize the extracted model (or "
+            "export it with quantize='int8'); or load this preset without a subnet.")
     spec = (backbone.resolve_subnet(subnet) if subnet is not None
             else backbone.subnet_from_kwargs(**subnet_kwargs))
     return backbone.extract(spec)
@@ -177,11 +215,20 @@ def _load_directory(cls, directory, load_weights):
         raise ValueError(f"{where}: {CONFIG_FILE} is not a serialized backbone "
                          "(no 'class_name'/'config')")
     klass = _check_class(cls, class_name, where)
-    backbone = klass.from_config(config["config"])
-    if load_weights:
-        metadata = {}
-        if (directory / METADATA_FILE).is_file():
+    metadata = {}
+    if (directory / METADATA_FILE).is_file():
+        try:
             metadata = json.loads((directory / METADATA_FILE).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: {METADATA_FILE} is not valid JSON ({error})") from error
+    mode = metadata.get("quantization")
+    if mode is not None and mode not in QUANTIZE_MODES:
+        raise ValueError(f"{where}: {METADATA_FILE} says quantization={mode!r}; known modes: "
+                         f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
+    backbone = klass.from_config(config["config"])
+    if mode is not None:  # the architecture of the saved weights: quantized kernels and scales
+        quantize(backbone, mode)
+    if load_weights:
         _load_weights(backbone, directory / WEIGHTS_FILE, metadata.get("weights_sha256"), where)
     return backbone
 

@@ -39,6 +39,7 @@ def test_layout_is_keras_hub(preset_dir):
     metadata = json.loads((preset_dir / "metadata.json").read_text())
     assert metadata["parameter_count"] > 0 and len(metadata["weights_sha256"]) == 64
     assert metadata["num_subnets"] == 9
+    assert metadata["quantization"] is None
 
 
 def test_round_trip_full(teacher, preset_dir, images):
@@ -112,6 +113,42 @@ def test_width_off_the_grid_and_depth_out_of_range(preset_dir):
         Backbone.from_preset(preset_dir, width=40)
     with pytest.raises(ValueError, match=r"depth=9 .*valid depths: 2\.\.4"):
         Backbone.from_preset(preset_dir, depth=9)
+
+
+def test_int8_preset_round_trip(teacher, tmp_path, images):
+    """A quantized model saves as a preset that from_preset loads back quantized: the same int8
+    kernels, scales and float weights, the same outputs."""
+    sub = teacher.extract(ViTSubnet(48, 3))
+    presets.quantize(sub, "int8")
+    sub.save_to_preset(tmp_path / "int8")
+    metadata = json.loads((tmp_path / "int8" / "metadata.json").read_text())
+    assert metadata["quantization"] == "int8"
+    loaded = Backbone.from_preset(tmp_path / "int8")
+    assert presets.quantization_mode(loaded) == "int8"
+    assert [w.path for w in loaded.weights] == [w.path for w in sub.weights]
+    dtypes = set()
+    for got, want in zip(loaded.weights, sub.weights):
+        dtypes.add(str(got.dtype))
+        assert got.dtype == want.dtype, got.path
+        np.testing.assert_array_equal(to_np(got), to_np(want), err_msg=got.path)
+    assert dtypes == {"float32", "int8"}
+    _same(loaded(images), sub(images))
+    with pytest.raises(ValueError, match="holds int8 weights: sub-networks are extracted"):
+        Backbone.from_preset(tmp_path / "int8", width=32)
+    # without the metadata entry the int8 weights do not fit the float architecture
+    metadata["quantization"] = "int4"
+    (tmp_path / "int8" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"quantization='int4'; known modes: 'int8'"):
+        Backbone.from_preset(tmp_path / "int8")
+    del metadata["quantization"]
+    (tmp_path / "int8" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="another architecture"):
+        Backbone.from_preset(tmp_path / "int8")
+
+
+def test_quantize_names_the_valid_modes(teacher):
+    with pytest.raises(ValueError, match=r"unknown quantization mode 'int3'; valid: 'int8'"):
+        presets.quantize(teacher.extract(ViTSubnet(32, 2)), "int3")
 
 
 def _copy_preset(src, dst):
