@@ -282,3 +282,4 @@ def test_pretrain_runs_a_recipe_file_resumes_and_reports_errors(tmp_path, cli):
     code, _, err = cli("pretrain", "--recipe=demo", "--data=/no/such/dir",
                        f"--output={tmp_path / 'y'}")
     assert code == 1 and "/no/such/dir" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # no empty run dirs

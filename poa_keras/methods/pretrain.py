@@ -318,7 +318,6 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
 
     recipe = load_recipe(recipe, overrides)
     output_dir = os.fspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
     manager = CheckpointManager(os.path.join(output_dir, "checkpoints"),
                                 keep=int((recipe.get("checkpoint") or {}).get("keep", 2)))
     latest = manager.latest()
@@ -342,6 +341,8 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         state = manager.restore(trainer, latest)
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
+    # Created only now: a recipe whose data or backbone fails leaves no empty run directory.
+    os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, ".recipe.json.tmp"), "w") as f:
         json.dump(recipe, f, indent=1, default=list)
     os.replace(os.path.join(output_dir, ".recipe.json.tmp"),
