@@ -193,3 +193,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert [os.path.basename(p) for p in manager.checkpoints()] == ["epoch_0001"]
     assert all(np.isfinite(x).all() for x in arrays(manager.latest()).values())
     assert not (tmp_path / "teacher").exists()
+
+
+def test_tfds_source_says_what_it_needs(monkeypatch):
+    from poa_keras.methods.pretrain import _images
+
+    with pytest.raises(ValueError, match=r'data.source="tfds" needs data.name'):
+        _images({"source": "tfds"}, 0)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
+    with pytest.raises(ImportError, match=r'pip install "poa_keras\[tfds\]"'):
+        _images({"source": "tfds", "name": "imagenette"}, 0)

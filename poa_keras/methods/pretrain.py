@@ -188,7 +188,14 @@ def _images(data, seed):
         ds = images_from_directory(path)
         n = int(ds.cardinality())
         return ds, (n if n > 0 else None)
-    import tensorflow_datasets as tfds  # only for source="tfds"
+    if not data.get("name"):
+        raise ValueError('data.source="tfds" needs data.name, a TFDS data set name (e.g. '
+                         'data.name=imagenette)')
+    try:
+        import tensorflow_datasets as tfds  # only for source="tfds"
+    except ImportError as error:
+        raise ImportError('data.source="tfds" needs the tensorflow-datasets package: pip '
+                          'install "poa_keras[tfds]" (or tensorflow-datasets)') from error
 
     ds = tfds.load(data["name"], split=data.get("split", "train"), data_dir=data.get("data_dir"))
     n = int(ds.cardinality())
