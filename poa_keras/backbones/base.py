@@ -84,11 +84,12 @@ class Backbone(keras.Model):
         self.validate_subnet(subnet)
         return subnet
 
-    def compiled_forward(self, subnet=None, training=False):
+    def compiled_forward(self, subnet=None, training=False, **options):
         """A compiled callable images -> outputs for one plan (see ``backbones/compiled.py``);
-        much faster than eager calls on JAX."""
+        much faster than eager calls on JAX. ``options``: boolean call flags such as
+        ``return_feature_maps=True`` (Swin, ResNet) or ``return_blocks=True`` (ViT)."""
         from poa_keras.backbones.compiled import compiled_forward
-        return compiled_forward(self, subnet, training)
+        return compiled_forward(self, subnet, training, **options)
 
     def sampler(self, seed=0, net_select_scale=None) -> SubnetSampler:
         """A sampler over the grid with the reference weighting, excluding the intact net."""
