@@ -112,6 +112,7 @@ def test_run_writes_checkpoints_log_and_teacher(straight):
     # The saved teacher is the trainer's EMA teacher.
     from poa_keras import Backbone
     teacher = Backbone.from_preset(str(out / "teacher"))
+    assert teacher.name == "teacher_vit_elastic_test"   # the configuration, not "student"
     for a, b in zip(teacher.weights, result.trainer.teacher_backbone.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
                                       keras.ops.convert_to_numpy(b))

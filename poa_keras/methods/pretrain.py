@@ -268,7 +268,10 @@ def build_trainer(recipe, steps):
 
     keras.utils.set_random_seed(int(recipe.get("seed", 0)))
     bcfg = dict(recipe["backbone"])
-    backbone = from_config_name(bcfg.pop("config"), name="student", **bcfg)
+    config = bcfg.pop("config")
+    # named after its configuration, so the saved teacher preset says what it is
+    # ("teacher_vit_elastic_demo"; sweeps and plots show that name)
+    backbone = from_config_name(config, name=bcfg.pop("name", config), **bcfg)
     train = dict(recipe["train"], steps_per_epoch=int(steps))
     cls = POA if recipe["method"] == "poa" else DINO
     trainer = cls(backbone, dict(recipe["head"]), recipe=train)
