@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data: POA-pretrain the demo elastic ViT (recipes/demo.py),
 # then sweep every subnet of its teacher (k-NN top-1, parameters, FLOPs, latency), print the
-# table and write the plot. Run scripts/setup.sh first. About 15 minutes on 2 CPU cores with the
+# table and write the plot. Run scripts/setup.sh first. About 8-10 minutes on 2 CPU cores with the
 # PyTorch backend (the default here; KERAS_BACKEND=jax or tensorflow work too, and first compile
 # one train step per subnet).
 #
