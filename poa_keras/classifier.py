@@ -25,12 +25,14 @@ import numbers
 import keras
 from keras import ops
 
+from poa_keras.quantization import FrozenGCQuantize
+
 POOLINGS = ("cls", "avg")
 _HALF_DTYPES = ("float16", "bfloat16")
 
 
 @keras.saving.register_keras_serializable(package="poa_keras")
-class ImageClassifier(keras.Model):
+class ImageClassifier(FrozenGCQuantize, keras.Model):
     """A backbone (elastic teacher, sliced subnet or extracted subnet) and a Dense head.
 
     Args:

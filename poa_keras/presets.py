@@ -11,50 +11,21 @@ from __future__ import annotations
 
 import datetime
 import functools
-import gc
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-import warnings
 from importlib import resources
 from pathlib import Path
 
 import keras
 
+from poa_keras.quantization import QUANTIZE_MODES, quantization_mode, quantize  # noqa: F401
+
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "model.weights.h5"
-QUANTIZE_MODES = ("int8",)
-
-
-# -- quantization -----------------------------------------------------------------------------
-def quantization_mode(backbone):
-    """The mode (e.g. "int8") ``backbone`` was quantized with, or None for float weights."""
-    modes = {getattr(layer, "quantization_mode", None) for layer in backbone._flatten_layers()}
-    modes.discard(None)
-    if len(modes) > 1:
-        raise ValueError(f"{backbone.name} mixes quantization modes {sorted(modes)}")
-    return modes.pop() if modes else None
-
-
-def quantize(backbone, mode):
-    """``backbone.quantize(mode)`` in place, quietly and quickly; ``mode`` in QUANTIZE_MODES."""
-    if mode not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; valid: "
-                         f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
-    with warnings.catch_warnings():
-        # Keras names every layer without int8 kernels (norms, convolutions): expected.
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method.*")
-        # Keras runs gc.collect() for every kernel it replaces; with TensorFlow, JAX and torch
-        # loaded that is about 0.5 s each. Freezing the objects that exist now makes each
-        # collection cheap (seconds -> milliseconds for a tiny Swin).
-        gc.freeze()
-        try:
-            backbone.quantize(mode)
-        finally:
-            gc.unfreeze()
 
 
 # -- the zoo ----------------------------------------------------------------------------------

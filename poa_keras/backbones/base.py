@@ -6,9 +6,10 @@ import keras
 
 from poa_keras import presets
 from poa_keras.elastic.sampler import SubnetSampler
+from poa_keras.quantization import FrozenGCQuantize
 
 
-class Backbone(keras.Model):
+class Backbone(FrozenGCQuantize, keras.Model):
     """An elastic backbone: one set of full-size weights, many sub-networks.
 
     Families define:
