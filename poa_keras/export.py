@@ -399,7 +399,7 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
         report["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         _chmod_like_mkdir(tmp)
-        _replace(tmp, target)
+        presets.replace_directory(tmp, target)   # never half written
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -419,18 +419,6 @@ def _chmod_like_mkdir(path):
         os.chmod(directory, mode)
 
 
-def _replace(tmp, target):
-    """Renames the finished temporary directory into place (an old export is moved aside
-    first, then deleted), so that `target` is never half written."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / "export")
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def _spec_dict(spec):
     return {k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(spec).items()}
@@ -440,14 +428,10 @@ FEATURE_BATCH = 32   # images per forward pass of the k-NN features and of the r
 
 
 def _prepare(images, channels, pixel_normalization):
-    """uint8 -> float32 as training fed the backbone (see eval.features); float unchanged."""
-    if images.dtype == np.uint8:
-        from poa_keras.eval.features import preprocess_uint8
+    """uint8 -> float32 as training fed the backbone; float unchanged (eval.features)."""
+    from poa_keras.eval.features import to_backbone_input
 
-        if images.shape[-1] == 1 and channels == 3:
-            images = np.repeat(images, 3, axis=-1)
-        return preprocess_uint8(images, pixel_normalization)
-    return np.asarray(images, np.float32)
+    return to_backbone_input(images, channels, pixel_normalization)
 
 
 def _check_images(check_images, evaluation, size, channels, pixel_normalization):

@@ -36,6 +36,17 @@ def preprocess_uint8(images, pixel_normalization="imagenet"):
     return x.astype(np.float32, copy=False)
 
 
+def to_backbone_input(images, in_channels=3, pixel_normalization="imagenet"):
+    """A batch as the backbone takes it: uint8 images normalised as in training
+    (``preprocess_uint8``; single-channel ones repeated to RGB for a 3-channel backbone), float
+    images cast to float32 and otherwise unchanged (taken as already normalised)."""
+    if images.dtype == np.uint8:
+        if images.shape[-1] == 1 and in_channels == 3:
+            images = np.repeat(images, 3, axis=-1)
+        return preprocess_uint8(images, pixel_normalization)
+    return np.asarray(images, np.float32)
+
+
 def extract_features(backbone, images, subnet=None, batch_size=64, normalize=True,
                      pixel_normalization="imagenet"):
     """CLS features of ``backbone(images, subnet=subnet)``, batch by batch, as numpy.
@@ -87,12 +98,8 @@ def extract_features(backbone, images, subnet=None, batch_size=64, normalize=Tru
     for start in range(0, n, step):
         batch = images[start:start + step]
         rows = batch.shape[0]
-        if is_uint8:
-            if batch.shape[-1] == 1 and getattr(backbone, "in_channels", 3) == 3:
-                batch = np.repeat(batch, 3, axis=-1)
-            batch = preprocess_uint8(batch, pixel_normalization)
-        else:
-            batch = np.asarray(batch, np.float32)
+        batch = to_backbone_input(batch, getattr(backbone, "in_channels", 3),
+                                  pixel_normalization)
         if rows < step:   # pad: same shape as every other batch, no new trace
             pad = np.zeros((step - rows,) + batch.shape[1:], np.float32)
             batch = np.concatenate([batch, pad], axis=0)

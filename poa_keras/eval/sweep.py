@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from poa_keras.eval.features import PIXEL_NORMALIZATIONS, extract_features, preprocess_uint8
+from poa_keras.eval.features import PIXEL_NORMALIZATIONS, extract_features, to_backbone_input
 from poa_keras.eval.knn import _check_int, _check_ks, _check_positive_number, knn_classify
 
 #: Cost columns a row has (``pareto`` x-axes and ``select`` budgets).
@@ -278,12 +278,8 @@ def _json_value(v):
 
 def _latency_batch(images, size, pixel_normalization, in_channels):
     """The fixed timed batch: the first `size` images (repeated if fewer), as fed to the net."""
-    batch = images[np.arange(size) % images.shape[0]]
-    if batch.dtype == np.uint8:
-        if batch.shape[-1] == 1 and in_channels == 3:
-            batch = np.repeat(batch, 3, axis=-1)
-        return preprocess_uint8(batch, pixel_normalization)
-    return np.asarray(batch, np.float32)
+    return to_backbone_input(images[np.arange(size) % images.shape[0]], in_channels,
+                             pixel_normalization)
 
 
 def _measure_latency(teacher, spec, batch, runs, warmup):
