@@ -25,6 +25,21 @@ def forward(model, images, subnet=None):
     return model(images, subnet=subnet)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One PyTorch CPU thread for a module (``pytestmark = pytest.mark.usefixtures(...)``):
+    its thread pool spins when the cores are shared (a tiny forward measured 25x slower with 2
+    threads than with 1 on a busy 2-core machine); restored after the module."""
+    if keras.backend.backend() != "torch":
+        yield
+        return
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize(model, seed=0):
     """Gives every weight random values of a moderate scale, so that slicing errors show
     (LayerScale 1e-5, zero biases or zero mask tokens would hide them)."""

@@ -31,17 +31,7 @@ HAVE_ONNX_TORCH = _have("onnx", "onnxscript", "onnxruntime")
 HAVE_ONNX_TF = _have("onnx", "tf2onnx", "onnxruntime")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """PyTorch's CPU thread pool spins when the cores are shared; restored afterwards."""
-    if BACKEND != "torch":
-        yield
-        return
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -28,18 +28,7 @@ BATCH = 50          # <= both split sizes: every forward pass has the same shape
 FAST = dict(ks=KS, batch_size=BATCH, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """PyTorch's CPU thread pool spins when the cores are shared (a tiny forward measured 25x
-    slower with 2 threads than with 1 on a busy 2-core machine); restored after this module."""
-    if keras.backend.backend() != "torch":
-        yield
-        return
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # see conftest.py
 
 
 @pytest.fixture(scope="module")
