@@ -12,21 +12,29 @@
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import warnings
 
 QUANTIZE_MODES = ("int8",)
 
 
+@contextlib.contextmanager
+def _frozen_gc():
+    """Objects that exist now are not scanned by the collections inside."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class FrozenGCQuantize:
     """Mixin for keras.Model subclasses: ``quantize`` with ``gc.freeze()`` around Keras'."""
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        gc.freeze()   # objects that exist now are not scanned by the collections inside
-        try:
+        with _frozen_gc():
             return super().quantize(mode, config=config, filters=filters, **kwargs)
-        finally:
-            gc.unfreeze()
 
 
 def quantization_mode(model):
@@ -46,11 +54,8 @@ def quantize(model, mode):
     with warnings.catch_warnings():
         # Keras names every layer without int8 kernels (norms, convolutions): expected.
         warnings.filterwarnings("ignore", message=".*does not have a `quantize` method.*")
-        gc.freeze()   # also for models without the mixin (FrozenGCQuantize's does the same)
-        try:
+        with _frozen_gc():   # also for models without the mixin
             model.quantize(mode)
-        finally:
-            gc.unfreeze()
 
 
 __all__ = ["FrozenGCQuantize", "QUANTIZE_MODES", "quantization_mode", "quantize"]
