@@ -129,7 +129,7 @@ def _r(x, digits=4):
 # ------------------------------------------------------------------------------ recipes, data
 
 def recipes():
-    from poa_keras.methods.pretrain import load_recipe
+    from poa_keras.pretrain import load_recipe
 
     poa = load_recipe(FLAGS.poa_recipe, list(FLAGS.override) + list(FLAGS.poa_override))
     dino = load_recipe(FLAGS.dino_recipe, list(FLAGS.override) + list(FLAGS.dino_override))
@@ -245,7 +245,7 @@ def timing_summary(run_dir):
 # ------------------------------------------------------------------------------ training
 
 def train(recipe, run_dir, label):
-    from poa_keras.methods.pretrain import pretrain
+    from poa_keras.pretrain import pretrain
 
     os.makedirs(run_dir, exist_ok=True)
     timer = StepTimer(os.path.join(run_dir, TIMING_FILE))
@@ -270,7 +270,7 @@ def _to_int(x):
 
 
 def _steps_per_epoch(recipe):
-    from poa_keras.methods.pretrain import steps_per_epoch
+    from poa_keras.pretrain import steps_per_epoch
 
     if recipe["data"].get("steps_per_epoch"):
         return int(recipe["data"]["steps_per_epoch"])
@@ -283,7 +283,7 @@ _SHAPES = {}
 
 def shapes_data(recipe):
     """shapes_split of the recipe's data section (what pretraining used), generated once."""
-    from poa_keras.methods.pretrain import shapes_split
+    from poa_keras.pretrain import shapes_split
 
     data = {k: v for k, v in recipe["data"].items() if k != "steps_per_epoch"}
     key = json.dumps([data, recipe.get("seed", 0)], sort_keys=True, default=list)
@@ -325,7 +325,7 @@ def dino_step_time(dino_recipe, steps):
     """Median seconds of a DINO training step of the recipe, on its own data."""
     import numpy as np
 
-    from poa_keras.methods.pretrain import build_trainer, epoch_datasets
+    from poa_keras.pretrain import build_trainer, epoch_datasets
 
     (images, _), _, _ = shapes_data(dino_recipe)
     trainer = build_trainer(dino_recipe, steps)
@@ -345,7 +345,7 @@ def dino_step_time(dino_recipe, steps):
 
 def decide_budget(poa_recipe, dino_recipe, poa_result, poa_timing):
     """The DINO recipe with its steps per epoch set for the same compute as POA's run."""
-    from poa_keras.methods.pretrain import apply_override
+    from poa_keras.pretrain import apply_override
 
     poa_spe = _steps_per_epoch(poa_recipe)
     epochs = int(poa_recipe["train"]["epochs"])
@@ -522,7 +522,7 @@ def main(argv):
     del argv
     import numpy as np
 
-    from poa_keras.methods.pretrain import build_trainer
+    from poa_keras.pretrain import build_trainer
 
     ks = sorted({int(k) for k in FLAGS.ks} | {FLAGS.k})
     os.makedirs(FLAGS.runs, exist_ok=True)

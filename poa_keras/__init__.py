@@ -1,12 +1,10 @@
 """poa_keras: pretrain elastic vision backbones once, deploy every size (Keras 3: JAX,
 TensorFlow, PyTorch)."""
-__version__ = "0.1.0"
-
-from poa_keras import elastic, presets, quantization  # noqa: E402
-from poa_keras.backbones import Backbone, ElasticResNet, ElasticSwin, ElasticViT  # noqa: E402
-from poa_keras.elastic import SubnetSampler, SwinSubnet, ViTSubnet  # noqa: E402
-from poa_keras.elastic.spec import ResNetSubnet  # noqa: E402
-from poa_keras.classifier import ImageClassifier  # noqa: E402
+from poa_keras.version import __version__
+from poa_keras import elastic, presets, quantization
+from poa_keras.backbones import Backbone, ElasticResNet, ElasticSwin, ElasticViT
+from poa_keras.elastic import ResNetSubnet, SubnetSampler, SwinSubnet, ViTSubnet
+from poa_keras.classifier import ImageClassifier
 
 __all__ = ["Backbone", "ElasticResNet", "ElasticSwin", "ElasticViT", "ImageClassifier",
            "ResNetSubnet", "SubnetSampler", "SwinSubnet", "ViTSubnet", "elastic", "presets",

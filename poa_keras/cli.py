@@ -32,7 +32,6 @@ See docs/cli.md for every flag.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -292,8 +291,9 @@ def _require_output(command):
 def cmd_info():
     import keras
 
-    from poa_keras import __version__, presets
+    from poa_keras import presets
     from poa_keras.backbones import BACKBONE_CLASSES
+    from poa_keras.version import __version__
     from poa_keras.export import available_formats
 
     _say(f"poa_keras {__version__}, keras {keras.__version__}, backend "
@@ -359,8 +359,8 @@ def cmd_demo():
 
 
 def cmd_pretrain():
-    from poa_keras.methods.checkpoint import NonFiniteLoss
-    from poa_keras.methods.pretrain import load_recipe, pretrain
+    from poa_keras.methods.nan_guard import NonFiniteLoss
+    from poa_keras.pretrain import load_recipe, pretrain
 
     overrides = list(FLAGS.override)
     if FLAGS.data:
@@ -451,6 +451,7 @@ def cmd_finetune():
 
     from poa_keras.classifier import ImageClassifier
     from poa_keras.eval.features import preprocess_uint8
+    from poa_keras.files import atomic_path, atomic_write_json
 
     output = _require_output("finetune")
     if os.path.exists(output) and not os.path.isdir(output):
@@ -496,9 +497,9 @@ def cmd_finetune():
     after = clf.evaluate(x_val, y_val, batch_size=batch, verbose=0, return_dict=True)
     _say(f"val accuracy after: {100 * after['accuracy']:.2f} % (before "
          f"{100 * before['accuracy']:.2f} %)")
-    os.makedirs(output, exist_ok=True)
     model_path = os.path.join(output, "classifier.keras")
-    clf.save(model_path)
+    with atomic_path(model_path) as tmp:
+        clf.save(str(tmp))
     report = {"backbone": teacher.name, "family": type(backbone).__name__,
               "subnet": None if spec is None else dataclasses.asdict(spec),
               "parameters": int(clf.count_params()), "classes": names, "epochs": epochs,
@@ -507,21 +508,18 @@ def cmd_finetune():
               "val_accuracy_before": float(before["accuracy"]),
               "val_accuracy_after": float(after["accuracy"]),
               "history": {k: [float(v) for v in vs] for k, vs in history.history.items()}}
-    with open(os.path.join(output, "finetune.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    atomic_write_json(os.path.join(output, "finetune.json"), report)
     _say(f"wrote {model_path} (keras.saving.load_model) and finetune.json")
 
 
 def cmd_export():
-    from poa_keras.export import export_subnet
+    from poa_keras.export import check_output, export_subnet, parse_formats
 
     output = _require_output("export")
     formats = None if FLAGS.formats.strip() in ("", "auto") else FLAGS.formats
     quantize = None if FLAGS.quantize == "none" else FLAGS.quantize
-    from poa_keras.export import _check_output, _parse_formats
-
-    _check_output(output, FLAGS.overwrite)   # the cheap checks before loading anything
-    _parse_formats(formats)
+    check_output(output, FLAGS.overwrite)   # the cheap checks before loading anything
+    parse_formats(formats)
     teacher = _load_backbone()
     spec = _subnet(teacher)
     eval_data = None

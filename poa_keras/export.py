@@ -66,18 +66,20 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from poa_keras import presets
+from poa_keras.backbones.base import Backbone
+from poa_keras.eval.features import extract_features, to_backbone_input
+from poa_keras.eval.knn import knn_classify
+from poa_keras.files import staged_directory
+from poa_keras.quantization import QUANTIZE_MODES, check_mode, quantize as quantize_model
+from poa_keras.validation import check_int, check_labelled_images
 
 FORMATS = ("preset", "tf_saved_model", "onnx", "openvino", "litert", "torch")
-QUANTIZE_MODES = presets.QUANTIZE_MODES
 REPORT_FILE = "report.json"
 ATOL = RTOL = 1e-5
 
@@ -207,7 +209,7 @@ def default_formats(backend=None, family=None, quantize=None):
     return [f for f in FORMATS if f in available and available[f] is None]
 
 
-def _parse_formats(formats):
+def parse_formats(formats):
     """Format names checked against FORMATS (before anything is loaded); None stays None."""
     if formats is None:
         return None
@@ -239,14 +241,9 @@ def _check_formats(formats, family, quantize):
     return formats
 
 
-def _check_quantize(quantize):
-    if quantize is None or quantize in QUANTIZE_MODES:
-        return quantize
-    raise ValueError(f"unknown quantize mode {quantize!r}; valid: None (float32) or "
-                     f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
-
-
-def _check_output(output, overwrite):
+def check_output(output, overwrite):
+    """The export directory as a resolved Path, checked before anything is loaded: it must not
+    exist, unless ``overwrite`` and it holds an earlier export (its report.json)."""
     if output is None or str(output) == "":
         raise ValueError("export needs an output directory (output=...)")
     target = Path(output).expanduser().resolve()
@@ -270,9 +267,8 @@ def _split_eval(eval_data):
     if not isinstance(eval_data, (tuple, list)) or len(eval_data) not in (2, 3):
         raise TypeError("eval_data must be ((train_images, train_labels), (val_images, "
                         "val_labels)), as poa_keras.data.load_shapes returns it")
-    from poa_keras.eval.sweep import _split
-
-    return _split(eval_data[0], "eval_data train"), _split(eval_data[1], "eval_data val")
+    return (check_labelled_images(eval_data[0], "eval_data train"),
+            check_labelled_images(eval_data[1], "eval_data val"))
 
 
 def _log(progress, message):
@@ -325,16 +321,12 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
       FileExistsError: ``output`` exists (and ``overwrite`` is False, or it holds no export).
     """
     started = time.perf_counter()
-    quantize = _check_quantize(quantize)
-    target = _check_output(output, overwrite)
-    formats = _parse_formats(formats)
+    quantize = check_mode(quantize, allow_none=True, what="quantize mode")
+    target = check_output(output, overwrite)
+    formats = parse_formats(formats)
     evaluation = _split_eval(eval_data)
     if batch_size is not None:
-        from poa_keras.eval.knn import _check_int
-
-        batch_size = _check_int(batch_size, "batch_size", minimum=1)
-    from poa_keras.backbones.base import Backbone
-
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
     if isinstance(backbone_or_preset, (str, os.PathLike)):
         _log(progress, f"loading preset {os.fspath(backbone_or_preset)!r}")
         teacher = Backbone.from_preset(backbone_or_preset)
@@ -351,7 +343,7 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
     deployed = model
     if quantize:
         deployed = teacher.extract(spec_full)   # a separate copy: the float model stays float
-        presets.quantize(deployed, quantize)
+        quantize_model(deployed, quantize)
         _log(progress, f"quantized a copy to {quantize}")
 
     size = int(model.image_size)
@@ -359,9 +351,7 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
     images = _check_images(check_images, evaluation, size, channels, pixel_normalization)
     backend = _backend()
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with staged_directory(target) as tmp:   # the export appears whole or not at all
         artifacts = {}
         for fmt in formats:
             if fmt == "preset":
@@ -398,25 +388,8 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
         }
         report["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        _chmod_like_mkdir(tmp)
-        presets.replace_directory(tmp, target)   # never half written
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        _JAX_FORWARDS.clear()   # no references to the models kept past the export
     _log(progress, format_report(report))
     return report
-
-
-def _chmod_like_mkdir(path):
-    """mkdtemp makes 0o700 directories; give the export (and its presets) the permissions
-    that the umask gives a directory made with mkdir."""
-    umask = os.umask(0)
-    os.umask(umask)
-    mode = 0o777 & ~umask
-    for directory in [path, *(p for p in Path(path).rglob("*") if p.is_dir())]:
-        os.chmod(directory, mode)
 
 
 def _spec_dict(spec):
@@ -425,13 +398,6 @@ def _spec_dict(spec):
 
 
 FEATURE_BATCH = 32   # images per forward pass of the k-NN features and of the reload checks
-
-
-def _prepare(images, channels, pixel_normalization):
-    """uint8 -> float32 as training fed the backbone; float unchanged (eval.features)."""
-    from poa_keras.eval.features import to_backbone_input
-
-    return to_backbone_input(images, channels, pixel_normalization)
 
 
 def _check_images(check_images, evaluation, size, channels, pixel_normalization):
@@ -448,53 +414,18 @@ def _check_images(check_images, evaluation, size, channels, pixel_normalization)
         (train_x, _), (val_x, _) = evaluation
         if val_x.shape[1:3] == (size, size):
             step = min(FEATURE_BATCH, len(train_x), len(val_x))
-            return _prepare(val_x[:step], channels, pixel_normalization)
+            return to_backbone_input(val_x[:step], channels, pixel_normalization)
     return np.random.default_rng(0).normal(size=(2, size, size, channels)).astype(np.float32)
 
 
-def _outputs(model, images, like=None):
-    """The model's outputs as {name: numpy}, in the model's output order.
-
-    ``like``: another model of the same class and configuration (the in-memory one, when
-    checking a reloaded preset). On JAX the reloaded weights then run through ``like``'s
-    compiled program, the one forward that is compiled per (model, batch) anyway: jitting the
-    reloaded copy would compile the same graph again (seconds for a Swin on a CPU). Its
-    configuration is compared first."""
+def _outputs(model, images):
+    """The model's outputs as {name: numpy}, in the model's output order, through its compiled
+    forward (on JAX a reloaded copy runs the program compiled for the model it was saved
+    from: ``backbones/compiled.py`` shares programs between models of one architecture)."""
     from keras import ops
 
-    x = ops.convert_to_tensor(images)
-    if like is not None and _backend() == "jax":
-        if model.get_config() != like.get_config():
-            raise ValueError(f"the reloaded preset's configuration differs from the exported "
-                             f"model's: {model.get_config()} != {like.get_config()}")
-        forward = _jax_forward(like)
-        out = forward([v.value for v in model.trainable_variables],
-                      [v.value for v in model.non_trainable_variables], x)
-    elif _backend() == "jax":
-        out = _jax_forward(model)([v.value for v in model.trainable_variables],
-                                  [v.value for v in model.non_trainable_variables], x)
-    else:
-        out = model.compiled_forward()(x)
+    out = model.compiled_forward()(ops.convert_to_tensor(images))
     return {name: np.asarray(ops.convert_to_numpy(v)) for name, v in out.items()}
-
-
-_JAX_FORWARDS = {}
-
-
-def _jax_forward(model):
-    """A jitted stateless forward of `model` (its code, any variables of its structure)."""
-    import jax
-
-    key = id(model)
-    if key not in _JAX_FORWARDS or _JAX_FORWARDS[key][0] is not model:
-
-        @jax.jit
-        def forward(trainable, non_trainable, images):
-            out, _ = model.stateless_call(trainable, non_trainable, images, training=False)
-            return out
-
-        _JAX_FORWARDS[key] = (model, forward)
-    return _JAX_FORWARDS[key][1]
 
 
 def _bytes(path):
@@ -558,7 +489,10 @@ def _write_preset(model, tmp, name, images, quantize, float_model, progress):
     model.save_to_preset(path)   # its metadata records the quantization mode
     x = _batch(images, None)
     reloaded = load_preset(path)
-    stats = _compare(_outputs(model, x), _outputs(reloaded, x, like=model), f"{name} reloaded",
+    if reloaded.get_config() != model.get_config():
+        raise ValueError(f"the reloaded preset's configuration differs from the exported "
+                         f"model's: {reloaded.get_config()} != {model.get_config()}")
+    stats = _compare(_outputs(model, x), _outputs(reloaded, x), f"{name} reloaded",
                      _outputs(float_model, x) if quantize else None)
     entry = {"path": name, "bytes": _bytes(path), "precision": quantize or "float32",
              "batch": "any", **stats, "check": "Backbone.from_preset"}
@@ -692,35 +626,23 @@ def _named(out, names, to_numpy=np.asarray):
 def load_preset(path):
     """A preset written by ``export_subnet``, float or int8: ``Backbone.from_preset(path)``
     (kept for code written when only this function could load int8 presets)."""
-    from poa_keras.backbones.base import Backbone
-
     return Backbone.from_preset(path)
 
 
 # ----- accuracy ---------------------------------------------------------------------------------
 
-def _features(model, images, channels, pixel_normalization):
-    """(N, D) float32 ``cls`` features, FEATURE_BATCH images per pass (the last one padded,
-    so that one compiled program serves every batch and the reload checks)."""
-    step = min(FEATURE_BATCH, len(images))
-    chunks = []
-    for start in range(0, len(images), step):
-        batch = _prepare(images[start:start + step], channels, pixel_normalization)
-        rows = len(batch)
-        if rows < step:
-            batch = np.concatenate([batch, np.zeros((step - rows,) + batch.shape[1:],
-                                                    np.float32)])
-        chunks.append(_outputs(model, batch)["cls"][:rows])
-    return np.concatenate(chunks).astype(np.float32)
+def _features(model, images, pixel_normalization):
+    """(N, D) float32 ``cls`` features (not normalised), FEATURE_BATCH images per pass: the
+    k-NN's own feature extraction (``eval.features``), whose fixed, padded batches reuse the
+    program compiled for the reload checks."""
+    return extract_features(model, images, batch_size=FEATURE_BATCH, normalize=False,
+                            pixel_normalization=pixel_normalization)
 
 
 def _evaluate(model, quantized, evaluation, k, temperature, pixel_normalization):
     """k-NN top-1 of the float model (and the int8 one) and their feature differences."""
-    from poa_keras.eval.knn import knn_classify
-
     (train_x, train_y), (val_x, val_y) = evaluation
     num_classes = int(max(train_y.max(), val_y.max())) + 1
-    channels = int(getattr(model, "in_channels", 3))
     # Both splits in one pass of one batch shape (N train + M val, padded at the very end).
     both = np.concatenate([train_x, val_x]) if train_x.shape[1:] == val_x.shape[1:] else None
     if both is None:
@@ -728,7 +650,7 @@ def _evaluate(model, quantized, evaluation, k, temperature, pixel_normalization)
                          f"{train_x.shape[1:]} and {val_x.shape[1:]}")
 
     def top1(net):
-        feats = _features(net, both, channels, pixel_normalization)
+        feats = _features(net, both, pixel_normalization)
         bank, queries = feats[:len(train_x)], feats[len(train_x):]
         result = knn_classify(bank, train_y, queries, val_y, num_classes, ks=(k,),
                               temperature=temperature)   # L2-normalises the features
@@ -782,4 +704,5 @@ def format_report(report):
 
 
 __all__ = ["ATOL", "FORMATS", "FORMAT_SUPPORT", "QUANTIZE_MODES", "RTOL", "available_formats",
-           "default_formats", "export_subnet", "format_report", "load_preset", "run_artifact"]
+           "check_output", "default_formats", "export_subnet", "format_report", "load_preset",
+           "parse_formats", "run_artifact"]

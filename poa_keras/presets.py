@@ -1,31 +1,50 @@
-"""Presets in the keras-hub layout: a directory with
+"""Presets: their files, the zoo registry, checksums and downloads -- no model code.
 
-    config.json        the backbone's serialized config ({"module", "class_name", "config", ...})
-    metadata.json      versions, parameter count, sha256 of the weights, date saved
+A preset is a directory in the keras-hub layout::
+
+    config.json        the backbone's serialized config ({"module", "class_name", "config",
+                       "registered_name"})
+    metadata.json      versions, parameter count, sha256 of the weights, quantization mode, date
     model.weights.h5   the weights (Keras h5 weights format)
 
-and a registry of named presets read from the zoo cards (JSON files shipped with the package).
-Loading never runs pickled code: configs are JSON, weights are h5 arrays.
+A registered name resolves through the zoo cards (JSON files shipped as ``poa_keras.zoo``): a
+card names the architecture (class and named configuration) and the weights (URL and sha256;
+downloaded once into the Keras cache and checked).
+
+This module never imports a backbone family: classes resolve through Keras' serialization
+registry (``registered_class``; every family registers itself), and building, quantizing,
+loading and extracting a size are ``Backbone.from_preset``'s (backbones/base.py). It reads only
+JSON and h5 arrays: loading never runs pickled code.
+
+Converters plug in here. A card whose weights are not a Keras h5 file gives their ``format``
+(e.g. an official PyTorch checkpoint); ``register_converter(format, convert)`` registers the
+function that turns such a file into a preset directory. Converter modules register themselves
+when imported, so this module never imports them (no import circle); ``resolve`` converts the
+downloaded file on first use and caches the converted preset beside it.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import keras
 
-from poa_keras.quantization import QUANTIZE_MODES, quantization_mode, quantize  # noqa: F401
+from poa_keras.files import staged_directory
+from poa_keras.quantization import QUANTIZE_MODES
+from poa_keras.version import __version__
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "model.weights.h5"
+KERAS_WEIGHTS = "keras_h5"   # the weights format of our own presets
+
+_CONVERTERS = {}   # weights format -> convert(checkpoint_path, card, output_dir)
 
 
 # -- the zoo ----------------------------------------------------------------------------------
@@ -55,11 +74,6 @@ def get_card(name) -> dict:
     return cards[name]
 
 
-def _backbone_classes():
-    from poa_keras.backbones import BACKBONE_CLASSES
-    return BACKBONE_CLASSES
-
-
 def sha256_of(path, chunk=1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -68,11 +82,42 @@ def sha256_of(path, chunk=1 << 20) -> str:
     return digest.hexdigest()
 
 
+def registered_class(registered_name):
+    """The class Keras' serialization registry holds under ``registered_name`` (e.g.
+    "poa_keras>ElasticViT"), or None. Nothing is imported: an unregistered name stays unknown."""
+    return keras.saving.get_registered_object(registered_name)
+
+
+def registered_name_of(class_name):
+    """The registry name of a poa_keras class: "poa_keras>" + class_name."""
+    return f"poa_keras>{class_name}"
+
+
+# -- converters -------------------------------------------------------------------------------
+def register_converter(weights_format, convert):
+    """Registers ``convert(checkpoint_path, card, output_dir)``, which writes the preset of a
+    checkpoint in ``weights_format`` (a card's ``weights.format``) to ``output_dir``."""
+    if not isinstance(weights_format, str) or not weights_format or \
+            weights_format == KERAS_WEIGHTS:
+        raise ValueError(f"a converter needs a format name other than {KERAS_WEIGHTS!r}, got "
+                         f"{weights_format!r}")
+    if not callable(convert):
+        raise TypeError(f"convert must be callable, got {type(convert).__name__}")
+    _CONVERTERS[weights_format] = convert
+
+
+def weights_formats():
+    """Every weights format a card may give: ours and those of the registered converters."""
+    return [KERAS_WEIGHTS] + sorted(_CONVERTERS)
+
+
 # -- saving -----------------------------------------------------------------------------------
-def save_preset(backbone, preset_dir):
+def save_preset(model, preset_dir, metadata=None):
     """Writes a preset directory atomically: into a temporary sibling, then renamed into place.
 
-    An existing preset at `preset_dir` is replaced; any other non-empty directory is refused.
+    ``metadata``: entries of metadata.json beside the ones written here (versions, backend,
+    class, parameter count, weights sha256, date). An existing preset at `preset_dir` is
+    replaced; any other non-empty directory is refused.
     """
     target = Path(preset_dir).resolve()
     if target.exists():
@@ -81,65 +126,142 @@ def save_preset(backbone, preset_dir):
         if any(target.iterdir()) and not (target / CONFIG_FILE).exists():
             raise ValueError(f"cannot save a preset to {target}: the directory is not empty "
                              f"and holds no preset ({CONFIG_FILE} missing)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        backbone.save_weights(str(tmp / WEIGHTS_FILE))
-        config = keras.saving.serialize_keras_object(backbone)
+    with staged_directory(target) as tmp:
+        model.save_weights(str(tmp / WEIGHTS_FILE))
+        config = keras.saving.serialize_keras_object(model)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        from poa_keras import __version__
-        metadata = {
+        written = {
             "poa_keras_version": __version__,
             "keras_version": keras.__version__,
             "backend": keras.backend.backend(),
-            "class_name": type(backbone).__name__,
-            "parameter_count": int(backbone.count_params()),
-            "num_subnets": len(backbone.subnets()),
-            "weights_sha256": sha256_of(tmp / WEIGHTS_FILE),
-            "quantization": quantization_mode(backbone),
-            "date_saved": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "class_name": type(model).__name__,
+            "parameter_count": int(model.count_params()),
         }
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        # mkdtemp makes the directory owner-only (0o700); a preset is an ordinary directory
-        # (0o777 less the umask) like the files in it.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        written.update(metadata or {})
+        written.update(
+            weights_sha256=sha256_of(tmp / WEIGHTS_FILE),
+            date_saved=datetime.datetime.now(datetime.timezone.utc).isoformat())
+        (tmp / METADATA_FILE).write_text(json.dumps(written, indent=2))
     return target
 
 
-def replace_directory(tmp, target):
-    """Renames the finished directory `tmp` to `target` (a sibling). An existing `target` is
-    first moved aside, then deleted, so `target` is never half written."""
-    tmp, target = Path(tmp), Path(target)
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / target.name)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+# -- resolving a preset -----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PresetSource:
+    """What a preset holds, read and checked, before any model is built.
+
+    Either ``config`` (a directory's serialized config) or ``config_name`` (a card's named
+    configuration, built with the name ``name``) is set. ``weights`` is the local h5 file
+    (None when weights are not wanted), ``weights_sha256`` its expected digest (or None)."""
+
+    where: str                    # "preset 'name'" / "preset '/dir'", for messages
+    class_name: str
+    registered_name: str
+    config: dict | None = None
+    config_name: str | None = None
+    name: str | None = None
+    quantization: str | None = None
+    weights: Path | None = None
+    weights_sha256: str | None = None
 
 
-# -- loading ----------------------------------------------------------------------------------
-def _check_class(cls, class_name, where):
-    classes = _backbone_classes()
-    if class_name not in classes:
-        raise ValueError(f"{where} holds {class_name!r}, which is not a poa_keras backbone; "
-                         f"known architectures: {sorted(classes)}")
-    klass = classes[class_name]
-    from poa_keras.backbones.base import Backbone
-    if cls is not Backbone and not issubclass(klass, cls):
-        raise ValueError(f"{where} holds an {class_name}, not an {cls.__name__}: load it with "
-                         f"{class_name}.from_preset or Backbone.from_preset")
-    return klass
+def resolve(preset, load_weights=True) -> PresetSource:
+    """A preset directory or registered name -> its ``PresetSource``: files read and checked,
+    registered weights downloaded (once, into the Keras cache, sha256 checked) and converted
+    when they are another format."""
+    preset = os.fspath(preset)
+    if os.path.isdir(preset):
+        return read_directory(preset, load_weights)
+    return _resolve_registered(preset, load_weights)
 
 
-def _load_weights(backbone, weights_path, expected_sha256, where):
+def read_directory(directory, load_weights=True, where=None) -> PresetSource:
+    """The ``PresetSource`` of a preset directory (config.json and metadata.json read and
+    checked; the weights file's presence and digest are checked when it is loaded)."""
+    directory = Path(directory)
+    where = where or f"preset {str(directory)!r}"
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{where} has no {CONFIG_FILE}; a preset directory holds "
+                         f"{CONFIG_FILE}, {METADATA_FILE} and {WEIGHTS_FILE}")
+    config = _read_json(config_path, where)
+    class_name = config.get("class_name") if isinstance(config, dict) else None
+    if class_name is None or "config" not in config:
+        raise ValueError(f"{where}: {CONFIG_FILE} is not a serialized backbone "
+                         "(no 'class_name'/'config')")
+    metadata = {}
+    if (directory / METADATA_FILE).is_file():
+        metadata = _read_json(directory / METADATA_FILE, where)
+    mode = metadata.get("quantization")
+    if mode is not None and mode not in QUANTIZE_MODES:
+        raise ValueError(f"{where}: {METADATA_FILE} says quantization={mode!r}; known modes: "
+                         f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
+    return PresetSource(
+        where=where, class_name=class_name,
+        registered_name=config.get("registered_name") or registered_name_of(class_name),
+        config=config["config"], quantization=mode,
+        weights=directory / WEIGHTS_FILE if load_weights else None,
+        weights_sha256=metadata.get("weights_sha256"))
+
+
+def _read_json(path, where):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: {Path(path).name} is not valid JSON ({error})") from error
+
+
+def _resolve_registered(name, load_weights):
+    card = get_card(name)
+    arch = card["architecture"]
+    where = f"preset {name!r}"
+    weights = card.get("weights") or {}
+    source = PresetSource(where=where, class_name=arch["class_name"],
+                          registered_name=registered_name_of(arch["class_name"]),
+                          config_name=arch["config_name"], name=name)
+    if not load_weights:
+        return source
+    if not weights.get("url"):  # say so before anything is built
+        status = weights.get("status", "not published")
+        raise ValueError(
+            f"preset {name!r} has no published weights yet ({status}). Use load_weights=False "
+            "for the architecture with random weights, or pass a local preset directory.")
+    fmt = weights.get("format", KERAS_WEIGHTS)
+    if fmt != KERAS_WEIGHTS and fmt not in _CONVERTERS:
+        raise ValueError(f"{where}: its weights are a {fmt!r} checkpoint and no converter is "
+                         f"registered for that format; known formats: {weights_formats()} "
+                         "(converters register with poa_keras.presets.register_converter)")
+    suffix = "weights.h5" if fmt == KERAS_WEIGHTS else f"{fmt}.checkpoint"
+    path = Path(keras.utils.get_file(
+        fname=f"{name}.{suffix}", origin=weights["url"], file_hash=weights.get("sha256"),
+        hash_algorithm="sha256", cache_dir=cache_dir(),
+        cache_subdir=os.path.join("poa_keras", name)))
+    if fmt == KERAS_WEIGHTS:
+        return dataclasses.replace(source, weights=path, weights_sha256=weights.get("sha256"))
+    # Converted once per checkpoint (keyed by its digest: a new release converts anew), then
+    # read from the cache.
+    digest = weights.get("sha256") or sha256_of(path)
+    converted = path.parent / f"preset_{fmt}_{digest[:16]}"
+    if not (converted / CONFIG_FILE).is_file():
+        _CONVERTERS[fmt](path, card, converted)
+    return read_directory(converted, load_weights, where=f"{where} (converted from {fmt})")
+
+
+def cache_dir():
+    """Where downloads and converted presets are cached: ``$KERAS_HOME`` (read at every call,
+    so it may be set after Keras was imported; Keras reads it once, at import), else None:
+    Keras' own cache (``~/.keras``). Files go below ``poa_keras/<preset name>/``. A
+    ``$KERAS_HOME`` that does not exist yet is created (Keras would silently use /tmp)."""
+    home = os.environ.get("KERAS_HOME")
+    if home:
+        os.makedirs(os.path.expanduser(home), exist_ok=True)
+    return home or None
+
+
+# -- loading weights --------------------------------------------------------------------------
+def load_weights(model, weights_path, expected_sha256, where):
+    """``model.load_weights`` of an h5 file after checking that it exists and matches its
+    digest; every failure is a clear error naming the file."""
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise FileNotFoundError(f"{where}: weights file {weights_path} is missing")
@@ -150,82 +272,13 @@ def _load_weights(backbone, weights_path, expected_sha256, where):
                 f"{where}: weights file {weights_path} is corrupted or truncated: its sha256 is "
                 f"{actual}, expected {expected_sha256} ({weights_path.stat().st_size} bytes)")
     try:
-        backbone.load_weights(str(weights_path))
+        model.load_weights(str(weights_path))
     except Exception as error:  # h5py/Keras say "unable to open", "shape mismatch", ...
         raise ValueError(f"{where}: cannot load weights from {weights_path}: the file is "
                          f"corrupted, truncated or of another architecture ({error})") from error
 
 
-def load_preset(cls, preset, load_weights=True, subnet=None, **subnet_kwargs):
-    """See ``Backbone.from_preset``."""
-    preset = os.fspath(preset)
-    if os.path.isdir(preset):
-        backbone = _load_directory(cls, Path(preset), load_weights)
-    else:
-        backbone = _load_registered(cls, preset, load_weights)
-    if subnet is not None and subnet_kwargs:
-        raise ValueError(f"give either subnet= or {sorted(subnet_kwargs)}, not both")
-    if subnet is None and not any(v is not None for v in subnet_kwargs.values()):
-        return backbone
-    mode = quantization_mode(backbone)
-    if mode is not None:
-        raise ValueError(
-            f"preset {preset!r} holds {mode} weights: sub-networks are extracted from float "
-            "weights. Load the float teacher, extract, then quantize the extracted model (or "
-            "export it with quantize='int8'); or load this preset without a subnet.")
-    spec = (backbone.resolve_subnet(subnet) if subnet is not None
-            else backbone.subnet_from_kwargs(**subnet_kwargs))
-    return backbone.extract(spec)
-
-
-def _load_directory(cls, directory, load_weights):
-    where = f"preset {str(directory)!r}"
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueError(f"{where} has no {CONFIG_FILE}; a preset directory holds "
-                         f"{CONFIG_FILE}, {METADATA_FILE} and {WEIGHTS_FILE}")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: {CONFIG_FILE} is not valid JSON ({error})") from error
-    class_name = config.get("class_name") if isinstance(config, dict) else None
-    if class_name is None or "config" not in config:
-        raise ValueError(f"{where}: {CONFIG_FILE} is not a serialized backbone "
-                         "(no 'class_name'/'config')")
-    klass = _check_class(cls, class_name, where)
-    metadata = {}
-    if (directory / METADATA_FILE).is_file():
-        try:
-            metadata = json.loads((directory / METADATA_FILE).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: {METADATA_FILE} is not valid JSON ({error})") from error
-    mode = metadata.get("quantization")
-    if mode is not None and mode not in QUANTIZE_MODES:
-        raise ValueError(f"{where}: {METADATA_FILE} says quantization={mode!r}; known modes: "
-                         f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
-    backbone = klass.from_config(config["config"])
-    if mode is not None:  # the architecture of the saved weights: quantized kernels and scales
-        quantize(backbone, mode)
-    if load_weights:
-        _load_weights(backbone, directory / WEIGHTS_FILE, metadata.get("weights_sha256"), where)
-    return backbone
-
-
-def _load_registered(cls, name, load_weights):
-    card = get_card(name)
-    arch = card["architecture"]
-    klass = _check_class(cls, arch["class_name"], f"preset {name!r}")
-    weights = card.get("weights") or {}
-    if load_weights and not weights.get("url"):  # say so before building a large model
-        status = weights.get("status", "not published")
-        raise ValueError(
-            f"preset {name!r} has no published weights yet ({status}). Use load_weights=False "
-            "for the architecture with random weights, or pass a local preset directory.")
-    backbone = klass.from_config_name(arch["config_name"], name=name)
-    if not load_weights:
-        return backbone
-    path = keras.utils.get_file(
-        fname=f"{name}.weights.h5", origin=weights["url"], file_hash=weights["sha256"],
-        hash_algorithm="sha256", cache_subdir=os.path.join("poa_keras", name))
-    _load_weights(backbone, path, weights["sha256"], f"preset {name!r}")
-    return backbone
+__all__ = ["CONFIG_FILE", "KERAS_WEIGHTS", "METADATA_FILE", "PresetSource", "WEIGHTS_FILE",
+           "cache_dir", "get_card", "list_presets", "load_weights", "read_directory", "register_converter",
+           "registered_class", "registered_name_of", "resolve", "save_preset", "sha256_of",
+           "weights_formats"]

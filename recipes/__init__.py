@@ -1,6 +1,6 @@
 """Training recipes, one Python file each, defining ``RECIPE`` (a dict; the sections are
-described in ``poa_keras/methods/pretrain.py``). Run one with
-``poa-keras pretrain --recipe=NAME`` or ``poa_keras.methods.pretrain.pretrain("NAME", dir)``.
+described in ``poa_keras/pretrain.py``). Run one with
+``poa-keras pretrain --recipe=NAME`` or ``poa_keras.pretrain.pretrain("NAME", dir)``.
 
 * ``demo``: POA on the embedded shapes data set, a small elastic ViT, about 10 minutes on 2 CPU
   cores (the README's main job).

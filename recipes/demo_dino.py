@@ -3,7 +3,7 @@ student -- the same backbone, data, crops, schedules and teacher targets (Sinkho
 DINO head. benchmarks/quality.py trains it for as long as the POA demo took (equal compute) and
 slices subnets out of its teacher, the "DINO, then slice" baseline of the POA paper.
 """
-from poa_keras.methods.pretrain import load_recipe
+from poa_keras.pretrain import load_recipe
 
 RECIPE = load_recipe("demo")
 RECIPE.pop("name")

@@ -257,11 +257,11 @@ def test_images_from_directory(tmp_path, shapes):
 
 
 def test_crop_boxes_follow_the_scale_and_ratio_ranges():
-    from poa_keras.data.multicrop import _crop_boxes
+    from poa_keras.data.multicrop import crop_boxes
     scales = np.array([(0.32, 1.0)] * 50 + [(0.05, 0.32)] * 50, np.float32)
     height, width = 90, 120
     for s in range(4):
-        boxes = _crop_boxes(tf.constant([s, 0], tf.int64), height, width, scales,
+        boxes = crop_boxes(tf.constant([s, 0], tf.int64), height, width, scales,
                             (3 / 4, 4 / 3)).numpy()
         y1, x1, y2, x2 = (boxes[:, i] for i in range(4))
         ch = np.round((y2 - y1) * (height - 1)) + 1
@@ -277,7 +277,7 @@ def test_crop_boxes_follow_the_scale_and_ratio_ranges():
 
 
 def test_photometric_operations_match_their_formulas():
-    from poa_keras.data.multicrop import _photometric
+    from poa_keras.data.multicrop import photometric
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (6, 8, 8, 3)).astype(np.float32)
     # six images = three views of two images (view-major); probabilities are per view
@@ -287,7 +287,7 @@ def test_photometric_operations_match_their_formulas():
     seed = tf.constant([1, 2], tf.int64)
 
     def run(**kw):
-        return _photometric(tf.constant(x), seed, **{**off, **kw}).numpy()
+        return photometric(tf.constant(x), seed, **{**off, **kw}).numpy()
 
     np.testing.assert_allclose(run(), x, atol=1e-6)
     np.testing.assert_allclose(run(flip_prob=1.0), x[:, :, ::-1], atol=1e-6)
@@ -312,23 +312,23 @@ def test_photometric_operations_match_their_formulas():
     blurred = run(blur_prob=(1.0, 1.0, 1.0))
     assert blurred.std() < x.std()
     flat = np.full_like(x, 0.3)
-    out = _photometric(tf.constant(flat), seed, **{**off, "blur_prob": (1.0, 1.0, 1.0)})
+    out = photometric(tf.constant(flat), seed, **{**off, "blur_prob": (1.0, 1.0, 1.0)})
     np.testing.assert_allclose(out.numpy(), flat, atol=1e-5)
     # hue only: grey pixels stay grey, colours keep their HSV value (max channel)
     hued = run(jitter_prob=1.0, jitter=(0.0, 0.0, 0.0, 0.1))
     np.testing.assert_allclose(hued.max(-1), x.max(-1), atol=1e-5)
     assert not np.allclose(hued, x, atol=1e-3)
     # every operation copes with no selected image (small batches, low probabilities)
-    from poa_keras.data.multicrop import _apply_to, _color_jitter, _gaussian_blur
+    from poa_keras.data.multicrop import apply_to, color_jitter, gaussian_blur
     nothing = tf.zeros(6, bool)
-    for fn in (lambda v: _color_jitter(v, seed, 0.4, 0.4, 0.2, 0.1),
-               lambda v: _gaussian_blur(v, seed, (0.1, 2.0))):
-        np.testing.assert_array_equal(_apply_to(tf.constant(x), nothing, fn).numpy(), x)
+    for fn in (lambda v: color_jitter(v, seed, 0.4, 0.4, 0.2, 0.1),
+               lambda v: gaussian_blur(v, seed, (0.1, 2.0))):
+        np.testing.assert_array_equal(apply_to(tf.constant(x), nothing, fn).numpy(), x)
 
 
 def test_gaussian_blur_matches_a_numpy_reference():
     """Separable Gaussian, radius ceil(3 sigma), weights renormalised inside the image."""
-    from poa_keras.data.multicrop import _gaussian_blur
+    from poa_keras.data.multicrop import gaussian_blur
     x = np.random.default_rng(1).uniform(0, 1, (3, 9, 11, 3)).astype(np.float32)
     sigma = 1.3
     radius = int(np.ceil(3 * sigma))
@@ -350,5 +350,5 @@ def test_gaussian_blur_matches_a_numpy_reference():
         return out
 
     expected = blur_axis(blur_axis(x, 1), 2)
-    got = _gaussian_blur(tf.constant(x), tf.constant([3, 4], tf.int64), (sigma, sigma)).numpy()
+    got = gaussian_blur(tf.constant(x), tf.constant([3, 4], tf.int64), (sigma, sigma)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)

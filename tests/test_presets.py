@@ -7,6 +7,7 @@ import pytest
 from conftest import to_np
 
 from poa_keras import Backbone, ElasticViT, ViTSubnet, presets
+from poa_keras.quantization import quantization_mode, quantize
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,44 @@ def test_registered_weights_are_downloaded_and_checked(teacher, preset_dir, monk
         Backbone.from_preset("local_test")
 
 
+def test_a_registered_converter_plugs_into_loading(teacher, tmp_path, monkeypatch, images):
+    """A card whose weights are another format (an official checkpoint) is converted once, by
+    the converter registered for that format, into a preset cached beside the download; then
+    it loads like any preset. Here the "checkpoint" is an npz of the weights (no pickles)."""
+    checkpoint = tmp_path / "checkpoint.npz"
+    np.savez(checkpoint, *teacher.get_weights())
+    card = {"name": "converted_test", "license": "test",
+            "architecture": {"class_name": "ElasticViT", "config_name": "vit_elastic_test"},
+            "weights": {"url": checkpoint.as_uri(), "sha256": presets.sha256_of(checkpoint),
+                        "format": "npz_unregistered"}}
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setattr(presets, "list_presets", lambda: {"converted_test": card})
+    with pytest.raises(ValueError, match=r"'npz_unregistered' checkpoint and no converter is "
+                                         r"registered.*known formats: \['keras_h5'"):
+        Backbone.from_preset("converted_test")
+    calls = []
+
+    def convert(path, card, output_dir):
+        calls.append(path)
+        with np.load(path) as arrays:   # allow_pickle=False: arrays only
+            values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+        arch = card["architecture"]
+        model = ElasticViT.from_config_name(arch["config_name"], name=card["name"])
+        model.set_weights(values)
+        model.save_to_preset(output_dir)
+
+    presets.register_converter("npz_test", convert)
+    assert "npz_test" in presets.weights_formats()
+    card["weights"]["format"] = "npz_test"
+    loaded = Backbone.from_preset("converted_test")
+    _same(loaded(images), teacher(images))
+    sub = Backbone.from_preset("converted_test", width=48, depth=3)   # from the cache
+    _same(sub(images), teacher.extract(ViTSubnet(48, 3))(images))
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="other than 'keras_h5'"):
+        presets.register_converter("keras_h5", convert)
+
+
 # -- bad input -------------------------------------------------------------------------------
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown preset 'vit_nope'.*known presets: \[.*"
@@ -119,12 +158,12 @@ def test_int8_preset_round_trip(teacher, tmp_path, images):
     """A quantized model saves as a preset that from_preset loads back quantized: the same int8
     kernels, scales and float weights, the same outputs."""
     sub = teacher.extract(ViTSubnet(48, 3))
-    presets.quantize(sub, "int8")
+    quantize(sub, "int8")
     sub.save_to_preset(tmp_path / "int8")
     metadata = json.loads((tmp_path / "int8" / "metadata.json").read_text())
     assert metadata["quantization"] == "int8"
     loaded = Backbone.from_preset(tmp_path / "int8")
-    assert presets.quantization_mode(loaded) == "int8"
+    assert quantization_mode(loaded) == "int8"
     assert [w.path for w in loaded.weights] == [w.path for w in sub.weights]
     dtypes = set()
     for got, want in zip(loaded.weights, sub.weights):
@@ -148,7 +187,7 @@ def test_int8_preset_round_trip(teacher, tmp_path, images):
 
 def test_quantize_names_the_valid_modes(teacher):
     with pytest.raises(ValueError, match=r"unknown quantization mode 'int3'; valid: 'int8'"):
-        presets.quantize(teacher.extract(ViTSubnet(32, 2)), "int3")
+        quantize(teacher.extract(ViTSubnet(32, 2)), "int3")
 
 
 def _copy_preset(src, dst):

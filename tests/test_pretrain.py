@@ -1,4 +1,4 @@
-"""Recipes, checkpoints, resume after SIGKILL and the NaN stop (methods/pretrain.py,
+"""Recipes, checkpoints, resume after SIGKILL and the NaN stop (pretrain.py,
 methods/checkpoint.py), on a tiny POA run: a 16 x 16 elastic ViT with one elastic subnet,
 2 epochs of 2 steps."""
 import json
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from poa_keras.methods import schedules
-from poa_keras.methods.checkpoint import CheckpointManager, NonFiniteLoss
-from poa_keras.methods.pretrain import load_recipe, pretrain, recipe_names
+from poa_keras.methods.checkpoint import CheckpointManager
+from poa_keras.methods.nan_guard import NonFiniteLoss
+from poa_keras.pretrain import load_recipe, pretrain, recipe_names
 
 BACKEND = keras.backend.backend()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,11 +125,11 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(straight, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         import keras
-        from poa_keras.methods.pretrain import pretrain
+        from poa_keras.pretrain import pretrain
 
         class Kill(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
-                if self.model._plans.host_step == 3:   # mid-epoch 2, after checkpoint 1
+                if self.model.host_step == 3:   # mid-epoch 2, after checkpoint 1
                     os.kill(os.getpid(), signal.SIGKILL)
 
         pretrain({TINY!r}, sys.argv[1], verbose=0, callbacks=[Kill()])
@@ -169,7 +170,7 @@ def test_resume_refuses_another_recipe_and_nothing_to_resume_is_a_fresh_start(st
 
 def test_checkpoint_of_another_architecture_is_refused(straight, tmp_path):
     out, _ = straight
-    from poa_keras.methods.pretrain import build_trainer
+    from poa_keras.pretrain import build_trainer
     wider = load_recipe(TINY, ["backbone.embed_dim=48"])
     trainer = build_trainer(wider, steps=2)
     with pytest.raises(ValueError, match="has shape .* another architecture"):
@@ -180,7 +181,7 @@ class PoisonWeights(keras.callbacks.Callback):
     """Writes NaN into a student weight before the 3rd step (epoch 2)."""
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.model._plans.host_step == 2:
+        if self.model.host_step == 2:
             if BACKEND == "jax":
                 self.model.jax_state_sync()  # variables hold the state again; fit re-reads them
             v = self.model.backbone.cls_token
@@ -197,10 +198,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_tfds_source_says_what_it_needs(monkeypatch):
-    from poa_keras.methods.pretrain import _images
+    from poa_keras.pretrain import training_images
 
     with pytest.raises(ValueError, match=r'data.source="tfds" needs data.name'):
-        _images({"source": "tfds"}, 0)
+        training_images({"source": "tfds"}, 0)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
     with pytest.raises(ImportError, match=r'pip install "poa_keras\[tfds\]"'):
-        _images({"source": "tfds", "name": "imagenette"}, 0)
+        training_images({"source": "tfds", "name": "imagenette"}, 0)

@@ -7,10 +7,9 @@ import pytest
 
 from poa_keras.methods.schedules import (DINO_DEFAULTS, Schedules, cosine_schedule, cosine_span,
                                          cosine_value, last_layer_lr_schedule,
-                                         layer_decay_multipliers, linear_warmup_schedule,
-                                         momentum_schedule, scaled_lr, teacher_temp_schedule,
-                                         vit_layer_id, vit_lr_multiplier,
-                                         weight_decay_multiplier, weight_decay_schedule)
+                                         linear_warmup_schedule, momentum_schedule, scaled_lr,
+                                         teacher_temp_schedule, weight_decay_multiplier,
+                                         weight_decay_schedule)
 
 
 def cos_formula(base, final, i, n):
@@ -122,23 +121,7 @@ def test_scaled_lr():
         scaled_lr(0.1, 64, "cube")
 
 
-def test_layer_decay():
-    m = layer_decay_multipliers(4, 0.9)
-    np.testing.assert_allclose(m, [0.9 ** 5, 0.9 ** 4, 0.9 ** 3, 0.9 ** 2, 0.9, 1.0])
-    assert vit_layer_id("vit/patch_embed/proj/kernel", 4) == 0
-    assert vit_layer_id("vit/cls_token", 4) == 0
-    assert vit_layer_id("vit/pos_embed", 4) == 0
-    assert vit_layer_id("vit/blocks_0/attn/qkv/dense/kernel", 4) == 1
-    assert vit_layer_id("vit/blocks_3/mlp/fc2/dense/bias", 4) == 4
-    assert vit_layer_id("vit/norm/norm/gamma", 4) == 5
-    assert vit_layer_id("dino_head/mlp_0/dense/kernel", 4) == 5
-    assert vit_lr_multiplier("vit/patch_embed/proj/kernel", 4, 0.9, 0.2) == pytest.approx(
-        0.2 * 0.9 ** 5)
-    assert vit_lr_multiplier("vit/blocks_1/norm1/norm/gamma", 4, 0.9, 0.2) == pytest.approx(
-        0.9 ** 3)
-    assert vit_lr_multiplier("head/last_layer/weight_v", 4, 0.9, 0.2) == 1.0
-    with pytest.raises(ValueError, match="block 7 out of range"):
-        vit_layer_id("vit/blocks_7/attn", 4)
+def test_weight_decay_multiplier():
     assert weight_decay_multiplier((16, 8)) == 1.0
     assert weight_decay_multiplier((8,)) == 0.0
 

@@ -8,7 +8,8 @@ import pytest
 from conftest import SMALL_VIT, forward, randomize, to_np
 
 from poa_keras import ElasticViT, ViTSubnet
-from poa_keras.backbones.vit import CONFIGS, bicubic_resize_matrix
+from poa_keras.backbones.vit import (CONFIGS, bicubic_resize_matrix, layer_decay_multipliers,
+                                     vit_layer_id, vit_lr_multiplier)
 
 BACKEND = keras.backend.backend()
 
@@ -220,6 +221,25 @@ def test_bfloat16_forward(images):
     assert np.abs(to_np(out["cls"]) - ref).max() < 0.1 * np.abs(ref).max() + 0.05
     sub = model.extract(spec)
     assert keras.backend.standardize_dtype(sub(images)["cls"].dtype) == "bfloat16"
+
+
+def test_layer_decay():
+    m = layer_decay_multipliers(4, 0.9)
+    np.testing.assert_allclose(m, [0.9 ** 5, 0.9 ** 4, 0.9 ** 3, 0.9 ** 2, 0.9, 1.0])
+    assert vit_layer_id("vit/patch_embed/proj/kernel", 4) == 0
+    assert vit_layer_id("vit/cls_token", 4) == 0
+    assert vit_layer_id("vit/pos_embed", 4) == 0
+    assert vit_layer_id("vit/blocks_0/attn/qkv/dense/kernel", 4) == 1
+    assert vit_layer_id("vit/blocks_3/mlp/fc2/dense/bias", 4) == 4
+    assert vit_layer_id("vit/norm/norm/gamma", 4) == 5
+    assert vit_layer_id("dino_head/mlp_0/dense/kernel", 4) == 5
+    assert vit_lr_multiplier("vit/patch_embed/proj/kernel", 4, 0.9, 0.2) == pytest.approx(
+        0.2 * 0.9 ** 5)
+    assert vit_lr_multiplier("vit/blocks_1/norm1/norm/gamma", 4, 0.9, 0.2) == pytest.approx(
+        0.9 ** 3)
+    assert vit_lr_multiplier("head/last_layer/weight_v", 4, 0.9, 0.2) == 1.0
+    with pytest.raises(ValueError, match="block 7 out of range"):
+        vit_layer_id("vit/blocks_7/attn", 4)
 
 
 def test_family_hooks_that_trainers_and_eval_use(small_vit, images):

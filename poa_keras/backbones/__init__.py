@@ -1,5 +1,6 @@
-"""Elastic backbone families."""
-from poa_keras.backbones.base import Backbone
+"""Backbone families: the elastic ViT, Swin and ResNet, and the base classes of every family
+(``Backbone``; ``NonElasticBackbone`` for families of one size)."""
+from poa_keras.backbones.base import Backbone, NonElasticBackbone
 from poa_keras.backbones.resnet import CONFIGS as RESNET_CONFIGS
 from poa_keras.backbones.resnet import ElasticResNet
 from poa_keras.backbones.swin import CONFIGS as SWIN_CONFIGS
@@ -27,5 +28,6 @@ def from_config_name(config_name, **overrides):
                      f"{sorted(config_names())}")
 
 
-__all__ = ["Backbone", "ElasticResNet", "ElasticSwin", "ElasticViT", "RESNET_CONFIGS",
-           "SWIN_CONFIGS", "VIT_CONFIGS", "BACKBONE_CLASSES", "config_names", "from_config_name"]
+__all__ = ["BACKBONE_CLASSES", "Backbone", "ElasticResNet", "ElasticSwin", "ElasticViT",
+           "NonElasticBackbone", "RESNET_CONFIGS", "SWIN_CONFIGS", "VIT_CONFIGS", "config_names",
+           "from_config_name"]

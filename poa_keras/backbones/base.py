@@ -1,12 +1,43 @@
-"""The Backbone base class: what every elastic family shares (grid, sampler, extraction,
-presets). Families implement the few family-specific hooks."""
+"""The Backbone base class: what every family shares (the grid and its sampler, extraction,
+presets through ``from_preset``, the layer-decay rule), and ``NonElasticBackbone`` for families
+of one size. Families implement the few family-specific hooks; tests/family_contract.py is the
+contract they all pass."""
 from __future__ import annotations
+
+import os
 
 import keras
 
 from poa_keras import presets
 from poa_keras.elastic.sampler import SubnetSampler
-from poa_keras.quantization import FrozenGCQuantize
+from poa_keras.elastic.spec import IntactSubnet
+from poa_keras.quantization import FrozenGCQuantize, quantization_mode, quantize
+
+
+def layer_decay_multiplier(layer_id, max_layer_id, layer_decay):
+    """``layer_decay ** (max_layer_id - layer_id)``: the layer-wise lr decay rule of BEiT,
+    DINOv2 and POA (the last layer id gets 1, every layer below one more factor of the
+    decay)."""
+    if not 0 <= int(layer_id) <= int(max_layer_id):
+        raise ValueError(f"layer id {layer_id} out of range [0, {max_layer_id}]")
+    return float(layer_decay) ** (int(max_layer_id) - int(layer_id))
+
+
+def backbone_class(registered_name, class_name, where):
+    """The Backbone subclass Keras' registry holds under ``registered_name``; a ValueError
+    naming the known poa_keras architectures for anything else (nothing is imported)."""
+    klass = presets.registered_class(registered_name)
+    if not (isinstance(klass, type) and issubclass(klass, Backbone)):
+        raise ValueError(f"{where} holds {class_name!r}, which is not a poa_keras backbone; "
+                         f"known architectures: {known_architectures()}")
+    return klass
+
+
+def known_architectures():
+    """Class names of the backbone families poa_keras registers ("poa_keras>..." names)."""
+    return sorted(name.split(">", 1)[1] for name, obj in keras.saving.get_custom_objects().items()
+                  if name.startswith("poa_keras>") and isinstance(obj, type)
+                  and issubclass(obj, Backbone))
 
 
 class Backbone(FrozenGCQuantize, keras.Model):
@@ -22,8 +53,8 @@ class Backbone(FrozenGCQuantize, keras.Model):
       * ``extract(spec)``: a new backbone of the same class with exactly that size;
       * ``feature_dim(spec)``: channels of the ``cls`` / ``pooled`` output of a subnet;
       * ``subnet_log_values(spec)``: a few numbers that describe a spec in training logs;
-      * ``lr_multiplier(path, layer_decay, patch_embed_lr_mult)`` (optional): the lr factor of
-        one variable under layer-wise lr decay and the patch-embed (stem) multiplier;
+      * ``layer_id(path)``, ``max_layer_id``, ``is_patch_embedding(path)`` (optional): the
+        layer ids of layer-wise lr decay (``lr_multiplier`` applies the one rule);
       * ``supports_masks``: whether ``call`` takes iBOT ``masks`` (and returns patch tokens).
 
     Trainers, heads and evaluation only talk to these hooks, so a new family works with them
@@ -80,8 +111,9 @@ class Backbone(FrozenGCQuantize, keras.Model):
         if isinstance(subnet, (tuple, list)) and not isinstance(subnet, self.subnet_class):
             subnet = self.subnet_class(*subnet)
         if not isinstance(subnet, self.subnet_class):
-            raise TypeError(f"expected a {self.subnet_class.__name__}, a size name or a tuple, "
-                            f"got {subnet!r}")
+            name = self.subnet_class.__name__
+            article = "an" if name[0] in "AEIOU" else "a"
+            raise TypeError(f"expected {article} {name}, a size name or a tuple, got {subnet!r}")
         self.validate_subnet(subnet)
         return subnet
 
@@ -100,8 +132,11 @@ class Backbone(FrozenGCQuantize, keras.Model):
 
     # -- presets -------------------------------------------------------------------------------
     def save_to_preset(self, preset_dir):
-        """Writes config.json, metadata.json and model.weights.h5 (keras-hub layout), atomically."""
-        presets.save_preset(self, preset_dir)
+        """Writes config.json, metadata.json and model.weights.h5 (keras-hub layout), atomically.
+        The metadata records the grid size and the quantization mode (None or "int8"), so
+        ``from_preset`` rebuilds a quantized model before loading its weights."""
+        presets.save_preset(self, preset_dir, metadata={
+            "num_subnets": len(self.subnets()), "quantization": quantization_mode(self)})
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, subnet=None, **subnet_kwargs):
@@ -113,9 +148,39 @@ class Backbone(FrozenGCQuantize, keras.Model):
             load_weights: False gives the architecture with random weights.
             subnet: a named size ("small"), a spec or a tuple; or use keywords such as
                 ``width=384, depth=12``. Missing keywords default to the full network's value.
+
+        The architecture comes from the preset (a directory's config.json or a card's named
+        configuration), quantized first when the preset holds int8 weights; the weights are
+        checked against their sha256 before loading; a size is extracted from the loaded full
+        network, so weights are never loaded into a network of another shape.
         """
-        return presets.load_preset(cls, preset, load_weights=load_weights, subnet=subnet,
-                                   **subnet_kwargs)
+        if subnet is not None and subnet_kwargs:
+            raise ValueError(f"give either subnet= or {sorted(subnet_kwargs)}, not both")
+        source = presets.resolve(preset, load_weights=load_weights)
+        klass = backbone_class(source.registered_name, source.class_name, source.where)
+        if cls is not Backbone and not issubclass(klass, cls):
+            raise ValueError(f"{source.where} holds an {source.class_name}, not an "
+                             f"{cls.__name__}: load it with {source.class_name}.from_preset or "
+                             "Backbone.from_preset")
+        if source.config is not None:
+            backbone = klass.from_config(source.config)
+        else:
+            backbone = klass.from_config_name(source.config_name, name=source.name)
+        if source.quantization is not None:   # the architecture of the saved int8 weights
+            quantize(backbone, source.quantization)
+        if source.weights is not None:
+            presets.load_weights(backbone, source.weights, source.weights_sha256, source.where)
+        if subnet is None and not any(v is not None for v in subnet_kwargs.values()):
+            return backbone
+        if source.quantization is not None:
+            raise ValueError(
+                f"preset {os.fspath(preset)!r} holds {source.quantization} weights: "
+                "sub-networks are extracted from float weights. Load the float teacher, "
+                "extract, then quantize the extracted model (or export it with "
+                "quantize='int8'); or load this preset without a subnet.")
+        spec = (backbone.resolve_subnet(subnet) if subnet is not None
+                else backbone.subnet_from_kwargs(**subnet_kwargs))
+        return backbone.extract(spec)
 
     def subnet_from_kwargs(self, **kwargs):
         raise NotImplementedError
@@ -141,14 +206,37 @@ class Backbone(FrozenGCQuantize, keras.Model):
         return {f.name: float(getattr(spec, f.name)) for f in dataclasses.fields(spec)
                 if isinstance(getattr(spec, f.name), int)}
 
+    # -- layer-wise lr decay ---------------------------------------------------------------------
+    def layer_id(self, path):
+        """The layer id of the variable at ``path`` for layer-wise lr decay (0 = the embedding,
+        ``max_layer_id`` = what comes after the last block), or None for a family that defines
+        no layer ids (the default)."""
+        return None
+
+    @property
+    def max_layer_id(self):
+        """The largest layer id (its variables get the multiplier 1)."""
+        return None
+
+    def is_patch_embedding(self, path):
+        """Whether ``patch_embed_lr_mult`` applies to the variable at ``path`` (default: no)."""
+        return False
+
     def lr_multiplier(self, path, layer_decay=1.0, patch_embed_lr_mult=1.0):
-        """The learning-rate factor of the variable at ``path`` under layer-wise lr decay
-        (``layer_decay ** (num_layers + 1 - layer_id)``, BEiT/DINOv2) and the patch-embed /
-        stem multiplier. Families without layer ids accept only 1.0 for both."""
+        """The learning-rate factor of the variable at ``path``: ``layer_decay_multiplier``
+        of its ``layer_id`` (BEiT/DINOv2/POA), times ``patch_embed_lr_mult`` where
+        ``is_patch_embedding``. Families without layer ids accept only 1.0 for both."""
         if layer_decay == 1.0 and patch_embed_lr_mult == 1.0:
             return 1.0
-        raise ValueError(f"layer_decay={layer_decay} / patch_embed_lr_mult={patch_embed_lr_mult}"
-                         f": {type(self).__name__} defines no layer ids; set both to 1.0")
+        layer_id = self.layer_id(path)
+        if layer_id is None:
+            raise ValueError(f"layer_decay={layer_decay} / patch_embed_lr_mult="
+                             f"{patch_embed_lr_mult}: {type(self).__name__} defines no layer "
+                             "ids; set both to 1.0")
+        multiplier = layer_decay_multiplier(layer_id, self.max_layer_id, layer_decay)
+        if self.is_patch_embedding(path):
+            multiplier *= float(patch_embed_lr_mult)
+        return multiplier
 
     def subnets(self):
         raise NotImplementedError
@@ -165,3 +253,51 @@ class Backbone(FrozenGCQuantize, keras.Model):
 
     def extract(self, subnet):
         raise NotImplementedError
+
+
+class NonElasticBackbone(Backbone):
+    """A backbone of one size (a BatchNorm ResNet, TinyViT): its grid is the one intact spec,
+    ``IntactSubnet()``, and ``extract`` returns a copy. Everything that works on a Backbone
+    (presets, ``from_preset``, ``ImageClassifier``, export, int8, the sweep, DINO) works on it
+    unchanged; POA, whose elastic student needs other sizes, refuses it.
+
+    A family defines ``call(images, subnet=None, training=None, ...)`` (``subnet`` is None or
+    the intact spec: ``self.resolve_subnet(subnet)`` checks it), ``feature_dim`` and its
+    configuration (``get_config``)."""
+
+    subnet_class = IntactSubnet
+
+    @property
+    def full_subnet(self):
+        return IntactSubnet()
+
+    def subnets(self):
+        return [IntactSubnet()]
+
+    def sampling_counts(self, net_select_scale=None):
+        return [1]
+
+    def validate_subnet(self, spec):
+        if spec != IntactSubnet():
+            raise ValueError(f"{self.name} is not elastic: its only subnet is IntactSubnet(), "
+                             f"got {spec!r}")
+
+    def subnet_from_kwargs(self, **kwargs):
+        given = sorted(k for k, v in kwargs.items() if v is not None)
+        if given:
+            raise ValueError(f"{self.name} ({type(self).__name__}) is not elastic: its one size "
+                             f"is the intact network, so it takes no {given}")
+        return IntactSubnet()
+
+    def subnet_params(self, subnet=None):
+        self.resolve_subnet(subnet)
+        return int(self.count_params())
+
+    def extract(self, subnet=None):
+        """A copy of the network (the intact spec is the only one): same class,
+        configuration and weights."""
+        self.resolve_subnet(subnet)
+        config = dict(self.get_config(), name=f"{self.name}_intact")
+        copy = type(self).from_config(config)
+        copy.set_weights(self.get_weights())
+        return copy

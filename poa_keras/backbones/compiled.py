@@ -1,17 +1,27 @@
-"""Compiled inference forwards of a backbone, one per (subnet, training, call options) plan.
+"""Compiled inference forwards of a backbone, one per (subnet, training, call options) plan: the
+one place for per-backend inference code (evaluation, the sweep, export and the CLI all call
+``model.compiled_forward(...)``).
 
 Backend-specific on purpose: eager JAX compiles every op of every new shape separately, which
 makes an eager ViT forward seconds slow; a jitted stateless call compiles the whole graph once
 per plan. TensorFlow gets a tf.function, PyTorch runs eagerly without autograd.
+
+On JAX a program is shared by every model of the same architecture (class, configuration but
+its name, and variable structure: paths, shapes, dtypes): it is a function of the variables'
+values, so an extracted subnet, its reloaded preset and an exported copy run the program
+compiled for the first of them instead of compiling the same graph again (seconds for a Swin on
+a small CPU).
 """
 from __future__ import annotations
 
 import inspect
+import json
 import weakref
 
 import keras
 
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {plan: fn}
+_JAX_PROGRAMS: dict = {}   # (architecture, plan) -> (weakref to the tracing model, program)
 
 
 def compiled_forward(model, subnet=None, training=False, **options):
@@ -23,7 +33,7 @@ def compiled_forward(model, subnet=None, training=False, **options):
     weights change (e.g. during training)."""
     spec = model.resolve_subnet(subnet)
     options = _check_options(model, options)
-    cache = _CACHE.setdefault(model, {})
+    cache = _FORWARDS.setdefault(model, {})
     key = (spec, bool(training), tuple(sorted(options.items())))
     if key not in cache:
         cache[key] = _build(model, spec, bool(training), options)
@@ -42,20 +52,61 @@ def _check_options(model, options):
     return {name: value for name, value in options.items() if value}  # False: the default
 
 
+def architecture_key(model):
+    """What a compiled program of ``model`` depends on: its class, its configuration (without
+    the names, which only label it) and its variables' paths (below the model's own name),
+    shapes and dtypes (an int8-quantized model differs from its float self). None for a model
+    whose configuration cannot be written (its programs are then its own)."""
+    try:
+        config = dict(model.get_config())
+    except (NotImplementedError, TypeError):
+        return None
+    for name in ("name", "named_subnets"):
+        config.pop(name, None)
+    variables = tuple((v.path.split("/", 1)[-1], tuple(v.shape), str(v.dtype))
+                      for v in model.variables)
+    return (type(model).__module__, type(model).__qualname__,
+            json.dumps(config, sort_keys=True, default=repr), variables)
+
+
+def _jax_program(model, spec, training, options):
+    """The jitted stateless forward of this architecture and plan (built, or shared)."""
+    import jax
+
+    arch = architecture_key(model)
+    key = (("model", id(model)) if arch is None else arch, spec, training,
+           tuple(sorted(options.items())))
+    entry = _JAX_PROGRAMS.get(key)
+    if entry is not None and entry[0]() is not None:
+        return entry[1]
+    ref = weakref.ref(model)
+
+    @jax.jit
+    def program(trainable, non_trainable, images):
+        out, _ = ref().stateless_call(trainable, non_trainable, images, subnet=spec,
+                                      training=training, **options)
+        return out
+
+    _JAX_PROGRAMS[key] = (ref, program)
+    # The entry goes with the model that traces it (a later model of the same architecture
+    # builds it anew), so no program outlives every model that can run it.
+    weakref.finalize(model, _drop_program, key, ref)
+    return program
+
+
+def _drop_program(key, ref):
+    entry = _JAX_PROGRAMS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _JAX_PROGRAMS[key]
+
+
 def _build(model, spec, training, options):
     backend = keras.backend.backend()
     if backend == "jax":
-        import jax
-
-        @jax.jit
-        def stateless(trainable, non_trainable, images):
-            out, _ = model.stateless_call(trainable, non_trainable, images, subnet=spec,
-                                          training=training, **options)
-            return out
-
         def forward(images):
-            return stateless([v.value for v in model.trainable_variables],
-                             [v.value for v in model.non_trainable_variables], images)
+            program = _jax_program(model, spec, training, options)
+            return program([v.value for v in model.trainable_variables],
+                           [v.value for v in model.non_trainable_variables], images)
         return forward
     if backend == "tensorflow":
         import tensorflow as tf

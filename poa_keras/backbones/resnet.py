@@ -33,7 +33,7 @@ from keras import ops
 from poa_keras.backbones.base import Backbone
 from poa_keras.elastic.conv import (ElasticBottleneck, ElasticConv2D, ElasticGroupNorm,
                                     conv_output_size)
-from poa_keras.elastic.layers import HostInitializer, _read
+from poa_keras.elastic.layers import HostInitializer, read_weight
 from poa_keras.elastic.spec import ResNetSubnet, block_ids
 
 _STANDARD_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
@@ -301,16 +301,15 @@ class ElasticResNet(Backbone):
                 return sum(self.max_depths[:stage]) + block + 1
         return sum(self.max_depths)
 
-    def lr_multiplier(self, path, layer_decay=1.0, patch_embed_lr_mult=1.0):
-        """``layer_decay ** (sum(max_depths) - layer_id(path))``: the reference's ResNet rule
-        (poa/utils/param_groups.py), in which the LAST block gets 1.0 (there is no final norm;
-        the ViT's last block gets ``layer_decay``). Reference recipe: 0.95.
-
-        ``patch_embed_lr_mult`` is accepted and has no effect: the reference multiplies
-        parameters named "patch_embed", and a ResNet has none (its stem trains at the
-        layer-decayed rate)."""
-        del patch_embed_lr_mult
-        return float(layer_decay) ** (sum(self.max_depths) - self.layer_id(path))
+    @property
+    def max_layer_id(self):
+        """``sum(max_depths)``: the reference's ResNet rule (poa/utils/param_groups.py)
+        ``layer_decay ** (sum(max_depths) - layer_id)`` gives the LAST block 1.0 (there is no
+        final norm; the ViT's last block gets ``layer_decay``). Reference recipe: 0.95.
+        ``patch_embed_lr_mult`` has no effect (``is_patch_embedding`` is False everywhere): the
+        reference multiplies parameters named "patch_embed", and a ResNet has none (its stem
+        trains at the layer-decayed rate)."""
+        return sum(self.max_depths)
 
     def subnet_params(self, subnet=None):
         """Parameter count of a subnet (equals ``extract(subnet).count_params()``)."""
@@ -436,9 +435,9 @@ class ElasticResNet(Backbone):
         )
         with HostInitializer.skipped():  # every weight is overwritten below
             sub = ElasticResNet.from_config(config)
-        sub.stem_conv.conv.kernel.assign(_read(self.stem_conv.conv.kernel, True))
-        sub.stem_norm.norm.gamma.assign(_read(self.stem_norm.norm.gamma, True))
-        sub.stem_norm.norm.beta.assign(_read(self.stem_norm.norm.beta, True))
+        sub.stem_conv.conv.kernel.assign(read_weight(self.stem_conv.conv.kernel, True))
+        sub.stem_norm.norm.gamma.assign(read_weight(self.stem_norm.norm.gamma, True))
+        sub.stem_norm.norm.beta.assign(read_weight(self.stem_norm.norm.beta, True))
         for s, ids in enumerate(self.block_ids(spec)):
             mid = w * 2 ** s
             for j, i in enumerate(ids):

@@ -256,27 +256,23 @@ class ElasticSwin(Backbone):
         spec = self.resolve_subnet(subnet) or self.full_subnet
         return tuple(spec.depth if s == ELASTIC_STAGE else d for s, d in enumerate(self.depths))
 
-    def lr_multiplier(self, path, layer_decay=1.0, patch_embed_lr_mult=1.0):
-        """Layer ids over all blocks of the full network, in order (DINOv2/POA rule
-        ``layer_decay ** (num_layers + 1 - layer_id)``, num_layers = sum(depths)): 0 = patch
-        embedding and its norm (which also get ``patch_embed_lr_mult``, as POA's
-        "patch_embed" parameters); block j of stage s = sum(depths[:s]) + j + 1; the patch
-        merging before stage s + 1 = the id of that stage's first block (POA's
-        get_swin_lr_decay_rate); the stage norms and anything else (heads) = num_layers + 1."""
-        return self.layer_decay_multiplier(self.layer_id(path), layer_decay) * (
-            float(patch_embed_lr_mult) if self._is_embedding(path) else 1.0)
+    @property
+    def max_layer_id(self):
+        return sum(self.depths) + 1
 
-    def layer_decay_multiplier(self, layer_id, layer_decay):
-        return float(layer_decay) ** (sum(self.depths) + 1 - int(layer_id))
-
-    @staticmethod
-    def _is_embedding(path):
+    def is_patch_embedding(self, path):
+        """The patch embedding and its norm (POA's "patch_embed" parameters)."""
         return any(part in _EMBEDDING_PARTS for part in str(path).split("/"))
 
     def layer_id(self, path):
-        """Layer id of the variable at `path` (see ``lr_multiplier``)."""
+        """Layer ids over all blocks of the full network, in order (DINOv2/POA rule
+        ``layer_decay ** (num_layers + 1 - layer_id)``, num_layers = sum(depths)): 0 = patch
+        embedding and its norm (which also get ``patch_embed_lr_mult``); block j of stage s =
+        sum(depths[:s]) + j + 1; the patch merging before stage s + 1 = the id of that stage's
+        first block (POA's get_swin_lr_decay_rate); the stage norms and anything else (heads)
+        = num_layers + 1."""
         num_layers = sum(self.depths)
-        if self._is_embedding(path):
+        if self.is_patch_embedding(path):
             return 0
         for part in str(path).split("/"):
             pieces = part.split("_")

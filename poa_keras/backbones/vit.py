@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import keras
 import numpy as np
 from keras import ops
 
-from poa_keras.backbones.base import Backbone
+from poa_keras.backbones.base import Backbone, layer_decay_multiplier
 from poa_keras.elastic.layers import (ElasticBlock, ElasticLayerNorm, ElasticPatchEmbed,
                                       HostInitializer)
 from poa_keras.elastic.spec import ViTSubnet, block_ids, grid_values, selection_weights
@@ -47,6 +48,48 @@ def bicubic_resize_matrix(size_out: int, size_in: int) -> np.ndarray:
         for k in range(-1, 3):
             m[i, min(max(base + k, 0), size_in - 1)] += _cubic(k - t)
     return m.astype(np.float32)
+
+
+# -- layer ids for layer-wise lr decay (DINOv2/POA's get_params_groups_with_decay) ---------------
+_BLOCK = re.compile(r"^blocks_(\d+)$")
+_EMBEDDING_PARTS = ("patch_embed", "cls_token", "pos_embed", "mask_token")
+
+
+def vit_layer_id(path, num_layers):
+    """Layer id of a ViT variable from its Keras path (e.g. "vit/blocks_3/attn/qkv/dense/kernel"
+    -> 4, "vit/patch_embed/proj/kernel" -> 0, "dino_head/mlp_0/..." -> num_layers + 1):
+    0 = patch embed, cls/pos/mask tokens; i + 1 = block i; num_layers + 1 = everything after
+    the blocks (final norm, heads)."""
+    parts = str(path).split("/")
+    if any(part in _EMBEDDING_PARTS for part in parts):
+        return 0
+    for part in parts:
+        match = _BLOCK.match(part)
+        if match:
+            block = int(match.group(1))
+            if block >= num_layers:
+                raise ValueError(f"{path}: block {block} out of range for {num_layers} blocks")
+            return block + 1
+    return int(num_layers) + 1
+
+
+def vit_lr_multiplier(path, num_layers, layer_decay=1.0, patch_embed_lr_mult=1.0):
+    """lr multiplier of one ViT variable: layer decay by its layer id, times
+    patch_embed_lr_mult (POA 0.2) for the patch embedding's own weights."""
+    multiplier = layer_decay_multiplier(vit_layer_id(path, num_layers), int(num_layers) + 1,
+                                        layer_decay)
+    if "patch_embed" in str(path).split("/"):
+        multiplier *= float(patch_embed_lr_mult)
+    return multiplier
+
+
+def layer_decay_multipliers(num_layers, decay):
+    """lr multiplier per ViT layer id, float64 array of length num_layers + 2:
+    ``decay ** (num_layers + 1 - layer_id)`` (ids as ``vit_layer_id``)."""
+    if int(num_layers) != num_layers or num_layers < 0:
+        raise ValueError(f"num_layers must be a non-negative integer, got {num_layers}")
+    return np.array([layer_decay_multiplier(i, int(num_layers) + 1, decay)
+                     for i in range(int(num_layers) + 2)], dtype=np.float64)
 
 
 _PATCH_VARIANTS = (16, 14, 8)
@@ -232,12 +275,18 @@ class ElasticViT(Backbone):
         spec = self.resolve_subnet(subnet)
         return self.embed_dim if spec is None else spec.width
 
-    def lr_multiplier(self, path, layer_decay=1.0, patch_embed_lr_mult=1.0):
-        """Layer ids of DINOv2/POA: 0 = patch embed and tokens, i + 1 = block i, depth + 1 =
-        final norm; the patch embedding's own weights also get ``patch_embed_lr_mult``."""
-        from poa_keras.methods.schedules import vit_lr_multiplier
+    def layer_id(self, path):
+        """Layer ids of DINOv2/POA (``vit_layer_id``): 0 = patch embed and tokens, i + 1 =
+        block i, depth + 1 = final norm; the patch embedding's own weights also get
+        ``patch_embed_lr_mult`` (``is_patch_embedding``)."""
+        return vit_layer_id(path, self.depth)
 
-        return vit_lr_multiplier(path, self.depth, layer_decay, patch_embed_lr_mult)
+    @property
+    def max_layer_id(self):
+        return self.depth + 1
+
+    def is_patch_embedding(self, path):
+        return "patch_embed" in str(path).split("/")
 
     def block_ids(self, subnet=None):
         """Indices of the blocks a subnet runs (all of them for the full network)."""

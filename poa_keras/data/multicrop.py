@@ -28,8 +28,14 @@ photometric augmentations). So the same seed gives the same sequence of batches,
 epoch, even with parallel map calls; each new epoch (a new iterator over the same dataset)
 gets new crops and a new order.
 
-Why not keras_cv.layers.RandomCropAndResize (keras-cv 0.9 with Keras 3.15): it runs inside
-tf.data, but (1) given a seed, its area and aspect-ratio samplers are two tf.random.uniform ops
+Replay: the building blocks ``crop_boxes``, ``photometric``, ``color_jitter``,
+``gaussian_blur`` and ``apply_to`` are pure functions of (images, seed) -- stateless ops only --
+so an augmentation that must be replayed from a stored seed (a soft-label store that keeps
+the teacher's outputs per augmented image) calls them with that seed and gets the same pixels.
+
+Why not keras_cv.layers.RandomCropAndResize (keras-cv 0.9 with Keras 3.15; poa_keras does
+not depend on keras-cv: Keras core's RandAugment / MixUp / CutMix serve fine-tuning): it runs
+inside tf.data, but (1) given a seed, its area and aspect-ratio samplers are two tf.random.uniform ops
 with the SAME op seed, so they draw the same number: large crops are always wide and small ones
 always tall (correlation 1.0 measured); (2) its randomness is stateful, so with a parallel
 `map` the same seed does not give the same batches; (3) its aspect ratio is uniform, not
@@ -232,7 +238,7 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
         shape = tf.shape(image)
         # All views' boxes in one vectorised draw, all views of a size in one resampling op:
         # tf.data runs a few large ops much faster than many small ones.
-        boxes = _crop_boxes(tf.stack([rnd, tf.constant(0, tf.int64)]), shape[0], shape[1],
+        boxes = crop_boxes(tf.stack([rnd, tf.constant(0, tf.int64)]), shape[0], shape[1],
                             view_scales, ratio)
         views_g = _resample(image, boxes[:2], global_size, supersample)
         if num_local:
@@ -371,7 +377,7 @@ def _to_float_rgb(image, scale):
     return tf.clip_by_value(tf.ensure_shape(image, (None, None, 3)), 0.0, 1.0)
 
 
-def _crop_boxes(seed, height, width, scales, ratio, attempts=10):
+def crop_boxes(seed, height, width, scales, ratio, attempts=10):
     """torchvision's RandomResizedCrop.get_params with stateless draws, for V views at once:
     per view up to `attempts` (area, log-aspect) proposals, the first that fits wins; else the
     whole image narrowed to the allowed aspect ratios, centred.
@@ -439,7 +445,7 @@ def _per_image(values):
     return values[:, None, None, None]
 
 
-def _color_jitter(x, seed, brightness, contrast, saturation, hue):
+def color_jitter(x, seed, brightness, contrast, saturation, hue):
     """torchvision ColorJitter on a batch: per-image factors and a per-image random order.
 
     Each of the four slots partitions the batch by the op each image applies there, runs every
@@ -496,7 +502,7 @@ def _color_jitter(x, seed, brightness, contrast, saturation, hue):
     return x
 
 
-def _gaussian_blur(x, seed, sigma_range):
+def gaussian_blur(x, seed, sigma_range):
     """Per-image Gaussian blur (N, h, w, 3), sigma ~ U(sigma_range) pixels, kernel radius
     ceil(3 * max sigma). Separable depthwise convolutions over the images stacked as channels,
     so each image has its own kernel. Pixels outside the image are ignored (the weights are
@@ -527,7 +533,7 @@ def _gaussian_blur(x, seed, sigma_range):
     return tf.transpose(tf.reshape(stacked, (height, width, n, 3)), (2, 0, 1, 3))
 
 
-def _apply_to(x, selected, fn):
+def apply_to(x, selected, fn):
     """fn on the images of x (N, h, w, 3) where selected (N,) is True; the others unchanged.
     Only the selected images are computed (a blur with p 0.1 costs a tenth of a full one)."""
     which = tf.cast(selected, tf.int32)
@@ -541,7 +547,7 @@ def _apply_to(x, selected, fn):
     return tf.ensure_shape(tf.cond(tf.reduce_any(selected), apply, lambda: x), x.shape)
 
 
-def _photometric(x, seed, flip_prob, jitter, jitter_prob, grayscale_prob, blur_prob,
+def photometric(x, seed, flip_prob, jitter, jitter_prob, grayscale_prob, blur_prob,
                  blur_sigma, solarize_prob, normalize):
     """A view-major batch of views (V * B, h, w, 3) in [0, 1] -> augmented and normalised.
 
@@ -558,13 +564,13 @@ def _photometric(x, seed, flip_prob, jitter, jitter_prob, grayscale_prob, blur_p
     if flip_prob > 0:
         x = tf.where(_per_image(coin(0, flip_prob)), tf.reverse(x, axis=[2]), x)
     if jitter_prob > 0 and any(j > 0 for j in jitter):
-        x = _apply_to(x, coin(1, jitter_prob), lambda v: _color_jitter(v, seeds[2], *jitter))
+        x = apply_to(x, coin(1, jitter_prob), lambda v: color_jitter(v, seeds[2], *jitter))
     if grayscale_prob > 0:
-        x = _apply_to(x, coin(3, grayscale_prob), lambda v: tf.tile(_gray(v), (1, 1, 1, 3)))
+        x = apply_to(x, coin(3, grayscale_prob), lambda v: tf.tile(_gray(v), (1, 1, 1, 3)))
     if max(blur_prob) > 0:
-        x = _apply_to(x, coin(4, blur_prob), lambda v: _gaussian_blur(v, seeds[5], blur_sigma))
+        x = apply_to(x, coin(4, blur_prob), lambda v: gaussian_blur(v, seeds[5], blur_sigma))
     if max(solarize_prob) > 0:
-        x = _apply_to(x, coin(6, solarize_prob), lambda v: tf.where(v >= 0.5, 1.0 - v, v))
+        x = apply_to(x, coin(6, solarize_prob), lambda v: tf.where(v >= 0.5, 1.0 - v, v))
     x = tf.clip_by_value(x, 0.0, 1.0)
     if normalize == "imagenet":
         x = (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
@@ -575,4 +581,4 @@ def _photometric(x, seed, flip_prob, jitter, jitter_prob, grayscale_prob, blur_p
 
 # Traced once per (view shape, settings) and reused by every pipeline that needs it: building
 # the photometric graph is the slowest part of constructing a pipeline.
-_photometric_graph = tf.function(_photometric, autograph=False)
+_photometric_graph = tf.function(photometric, autograph=False)

@@ -1,16 +1,16 @@
 """The one elastic mechanism: subnet specs, the grid and its sampler, elastic layers."""
 from poa_keras.elastic.layers import (ElasticAttention, ElasticBlock, ElasticDense,
                                       ElasticLayerNorm, ElasticLayerScale, ElasticMLP,
-                                      ElasticPatchEmbed, StochasticDepth)
+                                      ElasticPatchEmbed, StochasticDepth, alpha, fold_alpha)
 from poa_keras.elastic.conv import ElasticBottleneck, ElasticConv2D, ElasticGroupNorm
 from poa_keras.elastic.sampler import SubnetSampler
-from poa_keras.elastic.spec import (ResNetSubnet, SwinSubnet, ViTSubnet, block_ids, grid_values,
-                                    selection_weights)
+from poa_keras.elastic.spec import (IntactSubnet, ResNetSubnet, SwinSubnet, ViTSubnet, block_ids,
+                                    grid_values, selection_weights)
 
 __all__ = [
     "ElasticAttention", "ElasticBlock", "ElasticBottleneck", "ElasticConv2D", "ElasticDense",
     "ElasticGroupNorm", "ElasticLayerNorm", "ElasticLayerScale",
-    "ElasticMLP", "ElasticPatchEmbed", "ResNetSubnet", "StochasticDepth", "SubnetSampler",
-    "SwinSubnet", "ViTSubnet",
-    "block_ids", "grid_values", "selection_weights",
+    "ElasticMLP", "ElasticPatchEmbed", "IntactSubnet", "ResNetSubnet", "StochasticDepth",
+    "SubnetSampler", "SwinSubnet", "ViTSubnet",
+    "alpha", "block_ids", "fold_alpha", "grid_values", "selection_weights",
 ]

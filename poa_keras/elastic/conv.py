@@ -30,7 +30,8 @@ import keras
 from keras import ops
 
 from poa_keras.elastic.layers import (ElasticDense, HostInitializer, StochasticDepth,
-                                      _check_active, _check_not_quantized, _read)
+                                      check_active, check_not_quantized, fold_alpha,
+                                      read_weight)
 
 
 def kaiming_normal_fan_out(kernel_size, filters):
@@ -86,14 +87,12 @@ class ElasticConv2D(keras.layers.Layer):
 
     def sliced_weights(self, active_in, active_out, on_host=False):
         """(kernel * alpha, bias or None): kernel (k, k, active_in, active_out)."""
-        _check_not_quantized(self.conv, self)
-        _check_active(active_in, self.in_channels, "inputs", self.name)
-        _check_active(active_out, self.filters, "outputs", self.name)
-        kernel = _read(self.conv.kernel, on_host)[:, :, :active_in, :active_out]
-        bias = _read(self.conv.bias, on_host)[:active_out] if self.use_bias else None
-        if active_in != self.in_channels:
-            kernel = kernel * (self.in_channels / active_in)
-        return kernel, bias
+        check_not_quantized(self.conv, self)
+        check_active(active_in, self.in_channels, "inputs", self.name)
+        check_active(active_out, self.filters, "outputs", self.name)
+        kernel = read_weight(self.conv.kernel, on_host)[:, :, :active_in, :active_out]
+        bias = read_weight(self.conv.bias, on_host)[:active_out] if self.use_bias else None
+        return fold_alpha(kernel, self.in_channels, active_in), bias
 
     def call(self, x, active_in=None, active_out=None):
         x = _pad(x, self.padding)
@@ -172,12 +171,12 @@ class ElasticGroupNorm(keras.layers.Layer):
         self.norm.build((None, None, None, self.channels))
 
     def sliced_weights(self, active, on_host=False):
-        _check_active(active, self.channels, "channels", self.name)
+        check_active(active, self.channels, "channels", self.name)
         if active % self.groups:
             raise ValueError(f"{self.name}: active channels {active} are not a multiple of the "
                              f"{self.groups} GroupNorm groups")
-        return (_read(self.norm.gamma, on_host)[:active],
-                _read(self.norm.beta, on_host)[:active])
+        return (read_weight(self.norm.gamma, on_host)[:active],
+                read_weight(self.norm.beta, on_host)[:active])
 
     def call(self, x, active=None):
         if active is None:

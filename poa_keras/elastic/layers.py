@@ -7,7 +7,8 @@ forwards:
   this path, so it is an ordinary Keras model (``model.quantize("int8")`` finds plain ``Dense``
   layers to quantize, ``model.export`` traces plain ops).
 * ``layer(x, active=...)``: the sub-network; the first channels of every weight are used and
-  every elastic linear/conv input is scaled by ``alpha = max_in / active_in``. The scale is folded
+  every elastic linear/conv input is scaled by ``alpha = max_in / active_in`` (``alpha``,
+  ``fold_alpha``: the rule's one home, used by every elastic layer). The scale is folded
   into the sliced kernel, exactly as an extracted network stores it, so the elastic forward and
   the extracted network compute the same products.
 
@@ -92,18 +93,32 @@ class HostInitializer(keras.initializers.Initializer):
         return {"kind": self.kind, "stddev": self.stddev, "value": self.value}
 
 
-def _trunc_normal():
-    # ViT/DINOv2 initialisation of every linear layer of a block.
-    return HostInitializer("truncated_normal", stddev=0.02)
+def trunc_normal(stddev=0.02):
+    """The ViT / Swin / DINO initialisation of every linear layer (truncated normal, std 0.02,
+    cut at 2 std), drawn on the host."""
+    return HostInitializer("truncated_normal", stddev=stddev)
 
 
-def _read(variable, on_host):
+def alpha(max_in, active_in):
+    """POA's input scale of an elastic linear or conv layer that takes ``active_in`` of its
+    ``max_in`` inputs: ``max_in / active_in`` (REFERENCE.md §1 "Scale"; biases are not
+    scaled)."""
+    return max_in / active_in
+
+
+def fold_alpha(kernel, max_in, active_in):
+    """A kernel sliced to ``active_in`` inputs with ``alpha(max_in, active_in)`` folded in, as
+    the elastic forward uses it and extraction stores it (unchanged when nothing is sliced)."""
+    return kernel if active_in == max_in else kernel * alpha(max_in, active_in)
+
+
+def read_weight(variable, on_host):
     """The variable itself (for the traced forward) or a numpy copy (for extraction: slicing on
     the host avoids compiling one device program per new shape)."""
     return np.asarray(keras.ops.convert_to_numpy(variable)) if on_host else variable
 
 
-def _check_not_quantized(layer, owner):
+def check_not_quantized(layer, owner):
     if getattr(layer, "quantization_mode", None) is not None:
         raise ValueError(
             f"{owner.name}: an elastic (sliced) forward needs float weights, but this layer was "
@@ -112,7 +127,7 @@ def _check_not_quantized(layer, owner):
         )
 
 
-def _check_active(active, maximum, what, owner):
+def check_active(active, maximum, what, owner):
     if not 0 < active <= maximum:
         raise ValueError(f"{owner}: active {what} {active} must lie in [1, {maximum}]")
 
@@ -154,12 +169,12 @@ class ElasticDense(keras.layers.Layer):
         """(kernel * alpha, bias) of the sub-layer: kernel (active_in, groups * active_out).
 
         on_host: numpy arrays (for extraction) instead of backend tensors."""
-        _check_not_quantized(self.dense, self)
-        _check_active(active_in, self.in_features, "inputs", self.name)
-        _check_active(active_out, self.units, "outputs", self.name)
+        check_not_quantized(self.dense, self)
+        check_active(active_in, self.in_features, "inputs", self.name)
+        check_active(active_out, self.units, "outputs", self.name)
         concatenate = np.concatenate if on_host else ops.concatenate
-        kernel = _read(self.dense.kernel, on_host)[:active_in]
-        bias = _read(self.dense.bias, on_host) if self.use_bias else None
+        kernel = read_weight(self.dense.kernel, on_host)[:active_in]
+        bias = read_weight(self.dense.bias, on_host) if self.use_bias else None
         if active_out != self.units:
             parts = [kernel[:, g * self.units: g * self.units + active_out]
                      for g in range(self.groups)]
@@ -168,9 +183,7 @@ class ElasticDense(keras.layers.Layer):
                 parts = [bias[g * self.units: g * self.units + active_out]
                          for g in range(self.groups)]
                 bias = parts[0] if self.groups == 1 else concatenate(parts, axis=0)
-        if active_in != self.in_features:
-            kernel = kernel * (self.in_features / active_in)
-        return kernel, bias
+        return fold_alpha(kernel, self.in_features, active_in), bias
 
     def call(self, x, active_in=None, active_out=None):
         if active_in is None and active_out is None:
@@ -214,9 +227,9 @@ class ElasticLayerNorm(keras.layers.Layer):
         self.norm.build((None, self.dim))
 
     def sliced_weights(self, active, on_host=False):
-        _check_active(active, self.dim, "channels", self.name)
-        return (_read(self.norm.gamma, on_host)[:active],
-                _read(self.norm.beta, on_host)[:active])
+        check_active(active, self.dim, "channels", self.name)
+        return (read_weight(self.norm.gamma, on_host)[:active],
+                read_weight(self.norm.beta, on_host)[:active])
 
     def call(self, x, active=None):
         if active is None:
@@ -253,10 +266,10 @@ class ElasticPatchEmbed(keras.layers.Layer):
         self.proj.build((None, None, None, self.in_channels))
 
     def sliced_weights(self, active, on_host=False):
-        _check_not_quantized(self.proj, self)
-        _check_active(active, self.dim, "channels", self.name)
-        return (_read(self.proj.kernel, on_host)[..., :active],
-                _read(self.proj.bias, on_host)[:active])
+        check_not_quantized(self.proj, self)
+        check_active(active, self.dim, "channels", self.name)
+        return (read_weight(self.proj.kernel, on_host)[..., :active],
+                read_weight(self.proj.bias, on_host)[:active])
 
     def call(self, x, active=None):
         if active is None:
@@ -289,8 +302,8 @@ class ElasticLayerScale(keras.layers.Layer):
             name="gamma")
 
     def sliced_weights(self, active, on_host=False):
-        _check_active(active, self.dim, "channels", self.name)
-        return _read(self.gamma, on_host)[:active]
+        check_active(active, self.dim, "channels", self.name)
+        return read_weight(self.gamma, on_host)[:active]
 
     def call(self, x, active=None):
         gamma = self.gamma if active is None else self.sliced_weights(active)
@@ -347,9 +360,9 @@ class ElasticAttention(keras.layers.Layer):
         self.qkv_bias = bool(qkv_bias)
         self.proj_bias = bool(proj_bias)
         self.qkv = ElasticDense(dim, dim, groups=3, use_bias=qkv_bias, dtype=self.dtype_policy,
-                                kernel_initializer=_trunc_normal(), name="qkv")
+                                kernel_initializer=trunc_normal(), name="qkv")
         self.proj = ElasticDense(dim, dim, use_bias=proj_bias, dtype=self.dtype_policy,
-                                 kernel_initializer=_trunc_normal(), name="proj")
+                                 kernel_initializer=trunc_normal(), name="proj")
 
     def build(self, input_shape=None):
         self.qkv.build()
@@ -392,10 +405,10 @@ class ElasticMLP(keras.layers.Layer):
         self.use_bias = bool(use_bias)
         self.hidden = int(self.dim * self.mlp_ratio)
         self.fc1 = ElasticDense(self.dim, self.hidden, use_bias=use_bias,
-                                kernel_initializer=_trunc_normal(), dtype=self.dtype_policy,
+                                kernel_initializer=trunc_normal(), dtype=self.dtype_policy,
                                 name="fc1")
         self.fc2 = ElasticDense(self.hidden, self.dim, use_bias=use_bias,
-                                kernel_initializer=_trunc_normal(), dtype=self.dtype_policy,
+                                kernel_initializer=trunc_normal(), dtype=self.dtype_policy,
                                 name="fc2")
 
     def build(self, input_shape=None):

@@ -8,11 +8,11 @@ generator) is plain JSON, so a resumed run draws exactly the subnets an uninterr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import Hashable, Sequence
 
 import numpy as np
+
+from poa_keras.files import atomic_write_json
 
 
 class SubnetSampler:
@@ -87,17 +87,7 @@ class SubnetSampler:
 
     def save(self, path):
         """Writes the state as JSON, atomically (temporary file, then rename)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".sampler-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.get_state(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_json(path, self.get_state(), indent=None)
 
     def restore(self, path):
         with open(path) as f:

@@ -48,6 +48,15 @@ class ResNetSubnet:
         return f"ResNetSubnet(width={self.width}, depths={self.depths})"
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class IntactSubnet:
+    """The one "subnet" of a non-elastic backbone (BatchNorm ResNet, TinyViT): the intact
+    network. It has no fields, so every IntactSubnet() is equal to every other."""
+
+    def __str__(self):
+        return "IntactSubnet()"
+
+
 def block_ids(max_depth: int, depth: int) -> list[int]:
     """Blocks kept for `depth` of `max_depth`: floor((Lmax - 1) * j / (L - 1)), j = 0..L-1.
 

@@ -49,16 +49,13 @@ import numpy as np
 from keras import ops
 
 from poa_keras.elastic.layers import (ElasticDense, ElasticLayerNorm, ElasticMLP,
-                                      HostInitializer, StochasticDepth, _check_active,
-                                      _check_not_quantized, _read)
+                                      HostInitializer, StochasticDepth, check_active,
+                                      check_not_quantized, fold_alpha, read_weight,
+                                      trunc_normal)
 
 # (row, col) offset of each 2 x 2 neighbour, in the order of the merged channel blocks.
 MERGE_POSITIONS = ((0, 0), (1, 0), (0, 1), (1, 1))            # ours = original Swin / timm
 REFERENCE_MERGE_POSITIONS = ((0, 0), (0, 1), (1, 0), (1, 1))  # alipay/POA (nn.Unfold order)
-
-
-def _trunc_normal():
-    return HostInitializer("truncated_normal", stddev=0.02)
 
 
 @functools.lru_cache(maxsize=16)
@@ -145,21 +142,21 @@ class ElasticWindowAttention(keras.layers.Layer):
         self.num_heads = self.dim // self.head_dim
         self.scale = self.head_dim ** -0.5
         self.qkv = ElasticDense(dim, dim, groups=3, use_bias=qkv_bias, dtype=self.dtype_policy,
-                                kernel_initializer=_trunc_normal(), name="qkv")
+                                kernel_initializer=trunc_normal(), name="qkv")
         self.proj = ElasticDense(dim, dim, use_bias=proj_bias, dtype=self.dtype_policy,
-                                 kernel_initializer=_trunc_normal(), name="proj")
+                                 kernel_initializer=trunc_normal(), name="proj")
 
     def build(self, input_shape=None):
         self.qkv.build()
         self.proj.build()
         self.relative_position_bias_table = self.add_weight(
             shape=((2 * self.window_size - 1) ** 2, self.num_heads),
-            initializer=_trunc_normal(), name="relative_position_bias_table")
+            initializer=trunc_normal(), name="relative_position_bias_table")
 
     def sliced_bias_table(self, heads, on_host=False):
         """The ((2M-1)^2, heads) table of the first `heads` heads."""
-        _check_active(heads, self.num_heads, "heads", self.name)
-        return _read(self.relative_position_bias_table, on_host)[:, :heads]
+        check_active(heads, self.num_heads, "heads", self.name)
+        return read_weight(self.relative_position_bias_table, on_host)[:, :heads]
 
     def relative_bias(self, heads=None):
         """(heads, M*M, M*M): the bias added to the scores of every window."""
@@ -286,7 +283,7 @@ class ElasticPatchMerging(keras.layers.Layer):
             epsilon=self.norm_epsilon, gamma_initializer=HostInitializer("ones"),
             beta_initializer=HostInitializer("zeros"), dtype=self.dtype_policy, name="norm")
         self.reduction = keras.layers.Dense(
-            2 * self.dim, use_bias=False, kernel_initializer=_trunc_normal(),
+            2 * self.dim, use_bias=False, kernel_initializer=trunc_normal(),
             dtype=self.dtype_policy, name="reduction")
 
     def build(self, input_shape=None):
@@ -295,19 +292,19 @@ class ElasticPatchMerging(keras.layers.Layer):
 
     def sliced_weights(self, active, on_host=False):
         """(gamma (4c,), beta (4c,), kernel * alpha (4c, 2c)) for c active input channels."""
-        _check_not_quantized(self.reduction, self)
-        _check_active(active, self.dim, "channels", self.name)
+        check_not_quantized(self.reduction, self)
+        check_active(active, self.dim, "channels", self.name)
         full = self.dim
         reshape = np.reshape if on_host else ops.reshape
-        gamma = _read(self.norm.gamma, on_host)
-        beta = _read(self.norm.beta, on_host)
-        kernel = _read(self.reduction.kernel, on_host)
+        gamma = read_weight(self.norm.gamma, on_host)
+        beta = read_weight(self.norm.beta, on_host)
+        kernel = read_weight(self.reduction.kernel, on_host)
         if active == full:
             return gamma, beta, kernel
         gamma = reshape(reshape(gamma, (4, full))[:, :active], (4 * active,))
         beta = reshape(reshape(beta, (4, full))[:, :active], (4 * active,))
         kernel = reshape(kernel, (4, full, 2 * full))[:, :active, :2 * active]
-        kernel = reshape(kernel, (4 * active, 2 * active)) * (full / active)
+        kernel = fold_alpha(reshape(kernel, (4 * active, 2 * active)), full, active)
         return gamma, beta, kernel
 
     @staticmethod

@@ -7,10 +7,10 @@ batch is padded), so a compiled backend builds one program per (subnet, image si
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 from keras import ops
+
+from poa_keras.validation import check_choice, check_int
 
 # The training pipeline's normalisations (poa_keras/data/multicrop.py: IMAGENET_MEAN / _STD and
 # its `normalize` choices). Repeated here so that extraction does not import TensorFlow under
@@ -25,9 +25,7 @@ def preprocess_uint8(images, pixel_normalization="imagenet"):
 
     ``"imagenet"``: (x / 255 - mean) / std; ``"minus_one_one"``: 2 x / 255 - 1; None: x / 255.
     """
-    if pixel_normalization not in PIXEL_NORMALIZATIONS:
-        raise ValueError(f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS}, got "
-                         f"{pixel_normalization!r}")
+    check_choice(pixel_normalization, "pixel_normalization", PIXEL_NORMALIZATIONS)
     x = np.asarray(images, np.float32) * np.float32(1.0 / 255.0)
     if pixel_normalization == "imagenet":
         x = (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
@@ -69,13 +67,8 @@ def extract_features(backbone, images, subnet=None, batch_size=64, normalize=Tru
     Returns:
       float32 numpy array (N, D), D the width of the sub-network.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size must be an int, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if pixel_normalization not in PIXEL_NORMALIZATIONS:
-        raise ValueError(f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS}, got "
-                         f"{pixel_normalization!r}")
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    check_choice(pixel_normalization, "pixel_normalization", PIXEL_NORMALIZATIONS)
     images = images if isinstance(images, np.ndarray) else np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must have shape (num_images, height, width, channels), got "

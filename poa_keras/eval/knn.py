@@ -10,12 +10,12 @@ weight exp(sim_j / T), T = 0.07; the class with the largest summed vote is the p
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 from keras import ops
 
 from poa_keras.eval.features import extract_features
+from poa_keras.validation import (check_features, check_int, check_ks, check_labels,
+                                  check_positive_number)
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -66,11 +66,11 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
     takes a few seconds on each backend (jax's top-k is the fastest, numpy's argpartition,
     measured, is no faster than tensorflow's or torch's top-k).
     """
-    ks_req = _check_ks(ks)
-    temperature = _check_positive_number(temperature, "temperature")
-    num_classes = _check_int(num_classes, "num_classes", minimum=1)
-    train = _features(train_features, "train_features")
-    test = _features(test_features, "test_features")
+    ks_req = check_ks(ks)
+    temperature = check_positive_number(temperature, "temperature")
+    num_classes = check_int(num_classes, "num_classes", minimum=1)
+    train = check_features(train_features, "train_features")
+    test = check_features(test_features, "test_features")
     if train.shape[1] != test.shape[1]:
         raise ValueError(f"train_features and test_features must have the same feature "
                          f"dimension, got {train.shape[1]} and {test.shape[1]} (shapes "
@@ -80,12 +80,12 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
         raise ValueError("train_features is empty: the k-NN bank needs at least one sample")
     if n_test == 0:
         raise ValueError("test_features is empty: there is nothing to classify")
-    train_y = _labels(train_labels, "train_labels", n_train, "train_features", num_classes)
+    train_y = check_labels(train_labels, "train_labels", n_train, "train_features", num_classes)
     test_y = (None if test_labels is None
-              else _labels(test_labels, "test_labels", n_test, "test_features", num_classes))
+              else check_labels(test_labels, "test_labels", n_test, "test_features", num_classes))
     if batch_size is None:
         batch_size = max(1, min(n_test, _SIMILARITY_BLOCK // n_train))
-    batch_size = _check_int(batch_size, "batch_size", minimum=1)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
 
     k_used = {k: min(k, n_train) for k in ks_req}
     k_max = max(k_used.values())
@@ -178,76 +178,6 @@ def knn_eval(backbone, train_images, train_labels, test_images, test_labels, sub
     return knn_classify(train_feats, train_y, test_feats, test_y, num_classes, ks=ks,
                         temperature=temperature, batch_size=knn_batch_size,
                         return_predictions=return_predictions)
-
-
-# ----- argument checks -------------------------------------------------------------------------
-
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_positive_number(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def _check_ks(ks):
-    seq = [ks] if isinstance(ks, numbers.Number) else list(ks)
-    if not seq:
-        raise ValueError("ks must hold at least one k, got an empty sequence")
-    for k in seq:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"every k must be an int, got {k!r} in ks={ks!r}")
-        if k < 1:
-            raise ValueError(f"every k must be >= 1, got {k} in ks={ks!r}")
-    return list(dict.fromkeys(int(k) for k in seq))
-
-
-def _features(x, name):
-    """Any array or backend tensor -> (n, d) float32 numpy, checked."""
-    if not isinstance(x, np.ndarray):
-        x = ops.convert_to_numpy(x)
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must have shape (num_samples, feature_dim), got shape "
-                         f"{x.shape}")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise TypeError(f"{name} must hold numbers, got dtype {x.dtype}")
-    x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        bad = int(np.count_nonzero(~np.isfinite(x).all(axis=1)))
-        raise ValueError(f"{name} holds NaN or inf values (in {bad} of {x.shape[0]} rows)")
-    return x
-
-
-def _labels(y, name, expected, features_name, num_classes):
-    if not isinstance(y, np.ndarray):
-        y = ops.convert_to_numpy(y)
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise ValueError(f"{name} must have shape ({expected},) (one integer per row of "
-                         f"{features_name}), got shape {y.shape}")
-    if y.shape[0] != expected:
-        raise ValueError(f"{name} has {y.shape[0]} labels but {features_name} has {expected} "
-                         "rows")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"{name} must be integers, got dtype {y.dtype}")
-    if y.size:
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), got label "
-                             f"{bad}")
-    return y.astype(np.int64, copy=False)
 
 
 def _l2_normalize(x):

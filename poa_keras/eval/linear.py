@@ -36,7 +36,8 @@ import numpy as np
 from keras import ops
 
 from poa_keras.eval.features import PIXEL_NORMALIZATIONS, extract_features
-from poa_keras.eval.knn import _check_int, _features, _labels
+from poa_keras.optimizers import LRMultiplierOptimizer
+from poa_keras.validation import check_features, check_int, check_labels
 
 DEFAULT_LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -174,7 +175,7 @@ def _feature_view(backbone, subnet, avgpool, last_blocks):
     """None for plain CLS features; else the cached view of this feature choice (validated)."""
     if not isinstance(avgpool, (bool, np.bool_)):
         raise TypeError(f"avgpool must be True or False, got {avgpool!r}")
-    last_blocks = _check_int(last_blocks, "last_blocks", minimum=1)
+    last_blocks = check_int(last_blocks, "last_blocks", minimum=1)
     spec = backbone.resolve_subnet(subnet)
     if last_blocks > 1:
         if not _supports_block_outputs(backbone):
@@ -236,22 +237,21 @@ def train_linear_classifier(train_features, train_labels, val_features, val_labe
       head whose weights or loss became non-finite is marked diverged (top1 = top5 = None) and
       never chosen (it cannot disturb the others); RuntimeError if every head diverged.
     """
-    from poa_keras.classifier import LRMultiplierOptimizer
 
     lrs = _check_learning_rates(learning_rates)
-    num_classes = _check_int(num_classes, "num_classes", minimum=1)
-    epochs = _check_int(epochs, "epochs", minimum=1)
-    batch_size = _check_int(batch_size, "batch_size", minimum=1)
+    num_classes = check_int(num_classes, "num_classes", minimum=1)
+    epochs = check_int(epochs, "epochs", minimum=1)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     verbose = _check_verbose(verbose)
-    seed = _check_int(seed, "seed", minimum=0)
+    seed = check_int(seed, "seed", minimum=0)
     if (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
             or not 0.0 <= momentum < 1.0):
         raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
     if (isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
             or not math.isfinite(weight_decay) or weight_decay < 0):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    train = _features(train_features, "train_features")
-    val = _features(val_features, "val_features")
+    train = check_features(train_features, "train_features")
+    val = check_features(val_features, "val_features")
     if train.shape[1] != val.shape[1]:
         raise ValueError(f"train_features and val_features must have the same feature "
                          f"dimension, got {train.shape[1]} and {val.shape[1]}")
@@ -259,9 +259,9 @@ def train_linear_classifier(train_features, train_labels, val_features, val_labe
         raise ValueError("train_features is empty: there is nothing to train on")
     if val.shape[0] == 0:
         raise ValueError("val_features is empty: the learning rate cannot be chosen")
-    train_y = _labels(train_labels, "train_labels", train.shape[0], "train_features",
+    train_y = check_labels(train_labels, "train_labels", train.shape[0], "train_features",
                       num_classes).astype(np.int32)
-    val_y = _labels(val_labels, "val_labels", val.shape[0], "val_features", num_classes)
+    val_y = check_labels(val_labels, "val_labels", val.shape[0], "val_features", num_classes)
 
     start = time.perf_counter()
     dim = train.shape[1]
@@ -432,7 +432,7 @@ def _accuracy(x, y, kernel, bias, num_classes):
 
 
 def _check_verbose(verbose):
-    verbose = _check_int(int(verbose) if isinstance(verbose, bool) else verbose, "verbose",
+    verbose = check_int(int(verbose) if isinstance(verbose, bool) else verbose, "verbose",
                          minimum=0)
     if verbose > 2:
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose}")

@@ -41,14 +41,19 @@ import os
 import re
 import statistics
 import time
-import uuid
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from poa_keras.backbones.base import Backbone
+from poa_keras.elastic import spec as spec_module
 from poa_keras.eval.features import PIXEL_NORMALIZATIONS, extract_features, to_backbone_input
-from poa_keras.eval.knn import _check_int, _check_ks, _check_positive_number, knn_classify
+from poa_keras.eval.knn import knn_classify
+from poa_keras.files import atomic_write_bytes
+from poa_keras.version import __version__
+from poa_keras.validation import (check_choice, check_int, check_ks, check_labelled_images,
+                                  check_positive_number)
 
 #: Cost columns a row has (``pareto`` x-axes and ``select`` budgets).
 COST_COLUMNS = ("params", "flops", "latency_ms", "latency_ms_per_image")
@@ -104,24 +109,22 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
     # is loaded).
     if not _is_teacher_like(teacher):
         _load_teacher(teacher)   # raises the TypeError
-    train_x, train_y = _split(train_data, "train_data")
-    val_x, val_y = _split(val_data, "val_data")
+    train_x, train_y = check_labelled_images(train_data, "train_data")
+    val_x, val_y = check_labelled_images(val_data, "val_data")
     if train_x.shape[1:] != val_x.shape[1:]:
         raise ValueError(f"train_data and val_data images must have the same (height, width, "
                          f"channels), got {train_x.shape[1:]} and {val_x.shape[1:]}")
-    ks = _check_ks(ks)
-    temperature = _check_positive_number(temperature, "temperature")
-    batch_size = _check_int(batch_size, "batch_size", minimum=1)
-    if pixel_normalization not in PIXEL_NORMALIZATIONS:
-        raise ValueError(f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS}, got "
-                         f"{pixel_normalization!r}")
+    ks = check_ks(ks)
+    temperature = check_positive_number(temperature, "temperature")
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    check_choice(pixel_normalization, "pixel_normalization", PIXEL_NORMALIZATIONS)
     if measure_latency:
-        latency_batch = _check_int(latency_batch, "latency_batch", minimum=1)
-        latency_runs = _check_int(latency_runs, "latency_runs", minimum=1)
-        latency_warmup = _check_int(latency_warmup, "latency_warmup", minimum=1)
+        latency_batch = check_int(latency_batch, "latency_batch", minimum=1)
+        latency_runs = check_int(latency_runs, "latency_runs", minimum=1)
+        latency_warmup = check_int(latency_warmup, "latency_warmup", minimum=1)
     if num_classes is None:
         num_classes = int(max(train_y.max(), val_y.max())) + 1
-    num_classes = _check_int(num_classes, "num_classes", minimum=1)
+    num_classes = check_int(num_classes, "num_classes", minimum=1)
     for name, y in (("train_data", train_y), ("val_data", val_y)):
         if y.min() < 0 or y.max() >= num_classes:
             bad = int(y.min()) if y.min() < 0 else int(y.max())
@@ -191,45 +194,16 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
 
 
 def _is_teacher_like(teacher):
-    from poa_keras.backbones.base import Backbone
-
     return isinstance(teacher, (Backbone, str, os.PathLike))
 
 
 def _load_teacher(teacher):
-    from poa_keras.backbones.base import Backbone
-
     if isinstance(teacher, Backbone):
         return teacher
     if isinstance(teacher, (str, os.PathLike)):
         return Backbone.from_preset(teacher)
     raise TypeError(f"teacher must be an elastic backbone (poa_keras.Backbone) or a preset name "
                     f"or directory, got {type(teacher).__name__}")
-
-
-def _split(data, name):
-    """(images, labels) -> checked numpy arrays."""
-    if isinstance(data, dict) or not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError(f"{name} must be an (images, labels) pair of arrays, got "
-                        f"{type(data).__name__}" + (f" of length {len(data)}"
-                                                    if isinstance(data, (tuple, list)) else ""))
-    images, labels = (x if isinstance(x, np.ndarray) else np.asarray(x) for x in data)
-    if images.ndim != 4:
-        raise ValueError(f"{name} images must have shape (num_images, height, width, "
-                         f"channels), got shape {images.shape}")
-    if not (images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
-        raise TypeError(f"{name} images must be uint8 (0..255) or float (already normalised), "
-                        f"got dtype {images.dtype}")
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{name} has {images.shape[0]} images but labels of shape "
-                         f"{labels.shape}; expected ({images.shape[0]},)")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"{name} labels must be integers, got dtype {labels.dtype}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    return images, labels
 
 
 def _resolve_subnets(teacher, subnets):
@@ -311,8 +285,6 @@ def _metadata(teacher, specs, ks, temperature, num_classes, train_x, val_x, imag
               latency_warmup):
     import keras
 
-    from poa_keras import __version__
-
     spec_class = type(specs[0])
     return {
         "teacher": teacher.name,
@@ -383,12 +355,12 @@ class SweepResult:
         writer.writeheader()
         for row in self.rows:
             writer.writerow({c: _csv_cell(row.get(c)) for c in columns})
-        return _atomic_write(path, buffer.getvalue().encode("utf-8"))
+        return atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
 
     def to_json(self, path):
         """Writes {"metadata": ..., "rows": [...]} as JSON (atomically)."""
         text = json.dumps({"metadata": self.metadata, "rows": self.rows}, indent=2)
-        return _atomic_write(path, text.encode("utf-8"))
+        return atomic_write_bytes(path, text.encode("utf-8"))
 
     @classmethod
     def from_json(cls, path):
@@ -424,26 +396,6 @@ class SweepResult:
 
     def format_table(self, **kwargs):
         return format_table(self.rows, spec_fields=self.spec_fields, **kwargs)
-
-
-def _atomic_write(path, data: bytes):
-    """Writes `data` to a temporary file next to `path`, then renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        # os.open with 0o666: the umask applies, as for an ordinary file (mkstemp gives 0o600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def _columns(rows):
@@ -490,8 +442,6 @@ def _guess_spec_fields(rows):
 
 
 def _rebuild_specs(rows, metadata):
-    from poa_keras.elastic import spec as spec_module
-
     klass = getattr(spec_module, str(metadata.get("spec_class")), None)
     if not (isinstance(klass, type) and dataclasses.is_dataclass(klass)):
         return None
@@ -755,7 +705,7 @@ def plot(result, path, y="top1", panels=("params", "flops")):
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    return _atomic_write(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_sweep(path):

@@ -22,16 +22,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from poa_keras.elastic.layers import ElasticDense, HostInitializer
+from poa_keras.elastic.layers import ElasticDense, HostInitializer, trunc_normal
 
 # Squared-norm floor of the L2 normalisations: the reference divides by max(||x||, 1e-12).
 # It is applied to the squared norm in float32 (1e-24 would underflow in float16).
 _EPS_SQUARED = 1e-24
-
-
-def _trunc_normal():
-    # DINO / DINOv2 / POA initialise every head MLP linear with trunc_normal(std=0.02), bias 0.
-    return HostInitializer("truncated_normal", stddev=0.02)
 
 
 def l2_normalize(x, axis=-1):
@@ -164,13 +159,15 @@ class DINOHead(keras.layers.Layer):
         self.use_bias = bool(use_bias)
         policy = self.dtype_policy
         widths = [self.hidden_dim] * (self.num_layers - 1) + [self.bottleneck_dim]
+        # DINO / DINOv2 / POA initialise every head MLP linear with trunc_normal(std=0.02),
+        # bias 0.
         self.mlp = [ElasticDense(self.in_dim, widths[0], use_bias=self.use_bias,
-                                 kernel_initializer=_trunc_normal(),
+                                 kernel_initializer=trunc_normal(),
                                  bias_initializer=HostInitializer("zeros"), dtype=policy,
                                  name="mlp_0")]
         for i, units in enumerate(widths[1:], start=1):
             self.mlp.append(keras.layers.Dense(
-                units, use_bias=self.use_bias, kernel_initializer=_trunc_normal(),
+                units, use_bias=self.use_bias, kernel_initializer=trunc_normal(),
                 bias_initializer=HostInitializer("zeros"), dtype=policy, name=f"mlp_{i}"))
         self.last_layer = WeightNormalizedDense(
             self.bottleneck_dim, self.out_dim, gain_trainable=not self.norm_last_layer,

@@ -11,7 +11,7 @@ import math
 
 from keras import ops
 
-from poa_keras.losses._common import as_float, as_target, views
+from poa_keras.losses.common import as_float, as_target, views
 
 
 def dino_cross_entropy(teacher_probs, student_logits, student_temp=0.1):

@@ -6,7 +6,7 @@ import math
 
 from keras import ops
 
-from poa_keras.losses._common import as_float, as_target
+from poa_keras.losses.common import as_float, as_target
 
 
 def ibot_patch_loss(teacher_patch_probs, student_patch_logits, masks, student_temp=0.1):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from keras import ops
 
-from poa_keras.losses._common import as_float
+from poa_keras.losses.common import as_float
 
 # Floor under squared norms before the square root: keeps the gradient of sqrt finite for
 # duplicate (or zero) vectors, and is far below any distance that matters (sqrt = 1e-15).

@@ -19,13 +19,10 @@ A trainer subclasses `PlannedTrainer` and writes only backend-agnostic code (ker
 * ``lr_multipliers()`` -> None, or one entry per trainable variable (``trainable_variables``
   order): a float, or a pair ``(factor, name)`` meaning ``factor * self.step_values[name]`` (a
   per-step value, e.g. 0 while a layer is frozen). Each variable whose multiplier is not the
-  constant 1 gets its optimizer update scaled: ``new = old + m * (optimizer_new - old)``.
-  This equals a PyTorch parameter group whose lr is ``m * lr`` exactly whenever the optimizer's
-  update is linear in the learning rate and its state does not hold the learning rate: SGD
-  without momentum, Adam, AdamW (its decoupled weight decay ``lr * wd * w`` is linear in lr
-  too, so it is scaled like a param group's), Lion. (Keras' SGD with momentum accumulates
-  ``lr * g`` in its velocity: exact there for constant multipliers only.) The gradient, its
-  clipping norm and the optimizer moments are those of the unscaled step, as with param groups.
+  constant 1 gets its optimizer update scaled by ``poa_keras.optimizers.scaled_update``:
+  ``new = old + m * (optimizer_new - old)``, a PyTorch parameter group with lr ``m * lr`` for
+  AdamW, Adam, Lion and plain SGD (that module says when exactly). The gradient, its clipping
+  norm and the optimizer moments are those of the unscaled step, as with param groups.
 * ``no_weight_decay_variables()`` -> trainable variables the optimizer must not decay (biases,
   norms: DINO's ndim <= 1 rule). Registered in the optimizer's exclusion set (the one Keras'
   ``optimizer.exclude_from_weight_decay`` fills) whenever a train function is made, i.e. before
@@ -65,6 +62,8 @@ import warnings
 import keras
 import numpy as np
 from keras import ops
+
+from poa_keras.optimizers import scaled_update
 
 # PyTorch's clip_grad_norm_ divides by (norm + 1e-6); the reference recipes clip with it.
 _CLIP_EPS = 1e-6
@@ -177,6 +176,13 @@ class PlannedTrainer(keras.Model):
     def last_plan(self):
         return self._plans.last_plan
 
+    @property
+    def host_step(self):
+        """The 0-based count of the next step, kept on the host (None before the first step
+        or ``fit``); exact inside ``fit`` on every backend, where reading the optimizer's
+        iteration variable would wait on the device (and, on JAX, read a stale value)."""
+        return self._plans.host_step
+
     def compilation_report(self):
         """A JSON-friendly summary of the compiled step programs."""
         traces = self._plans.traces
@@ -215,11 +221,12 @@ class PlannedTrainer(keras.Model):
                 raise ValueError(f"{type(self).__name__}: build these layers before fit "
                                  f"(e.g. in __init__): {unbuilt}")
             self.built = True
-        self._sync_host_step()
+        self.sync_host_step()
 
-    def _sync_host_step(self):
-        # The variables hold the true state between fit calls (JAX syncs at the end of fit);
-        # inside fit the step count is kept on the host so that no step waits on the device.
+    def sync_host_step(self):
+        """Sets ``host_step`` from the optimizer's iteration count (after a restore). The
+        variables hold the true state between fit calls (JAX syncs at the end of fit); inside
+        fit the step count is kept on the host so that no step waits on the device."""
         if self.optimizer is None:
             return
         if self.optimizer.gradient_accumulation_steps:
@@ -313,13 +320,6 @@ class PlannedTrainer(keras.Model):
                                f"{sorted(values)})")
             out.append((index, factor * values[name]))
         return out
-
-    @staticmethod
-    def _scaled_update(old, new, multiplier):
-        """old + multiplier * (new - old), in the variable's dtype."""
-        if not isinstance(multiplier, float):
-            multiplier = ops.cast(multiplier, new.dtype)
-        return old + multiplier * (new - old)
 
     # ------------------------------------------------------------- host side of every step
     def _host_prepare(self):
@@ -424,7 +424,7 @@ class PlannedTrainer(keras.Model):
                 self.optimizer.apply(grads, variables)
         for (i, multiplier), before in zip(scales, old):
             variable = variables[i]
-            variable.assign(self._scaled_update(before, variable.value, multiplier))
+            variable.assign(scaled_update(before, variable.value, multiplier))
 
     def _finish_logs(self, loss, logs, grad_norm):
         """Updates the loss tracker and returns the step's logs (all float32 scalars)."""
@@ -535,7 +535,7 @@ class PlannedTrainer(keras.Model):
                     optimizer_values, grads, trainable)
         trainable = list(trainable)
         for i, multiplier in self._update_scales(values):
-            trainable[i] = self._scaled_update(before[i], trainable[i], multiplier)
+            trainable[i] = scaled_update(before[i], trainable[i], multiplier)
 
         # The hook sees the updated weights and may assign any variable; what it assigns is the
         # new state (Keras' JAX trainer threads non-trainable updates the same way).

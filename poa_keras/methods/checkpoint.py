@@ -10,7 +10,7 @@ A checkpoint is a directory ``<run>/checkpoints/epoch_0003/`` holding
   host-side state (POA's subnet sampler) and the logs of the epochs so far.
 
 Everything a run needs to continue is there: the schedules are functions of the step count and
-the recipe, and the data of epoch e is a function of (seed, e) (see methods/pretrain.py).
+the recipe, and the data of epoch e is a function of (seed, e) (see poa_keras/pretrain.py).
 
 Writes are atomic: a checkpoint is written into a temporary sibling directory and renamed into
 place, and ``latest`` (a one-line file naming the newest checkpoint) is replaced with
@@ -28,10 +28,11 @@ import math
 import os
 import re
 import shutil
-import tempfile
 
 import keras
 import numpy as np
+
+from poa_keras.files import atomic_write_text, staged_directory
 
 _NAME = re.compile(r"^epoch_(\d{4,})$")
 _WEIGHTS = "state.weights.h5"
@@ -130,9 +131,8 @@ class CheckpointManager:
 
         name = f"epoch_{int(epoch):04d}"
         final = os.path.join(self.directory, name)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=self.directory)
-        try:
-            groups = _variable_groups(trainer)
+        groups = _variable_groups(trainer)
+        with staged_directory(final) as tmp:
             with h5py.File(os.path.join(tmp, _WEIGHTS), "w") as f:
                 for group, variables in groups.items():
                     g = f.create_group(group)
@@ -148,16 +148,7 @@ class CheckpointManager:
                          trainer=type(trainer).__name__)
             with open(os.path.join(tmp, _STATE), "w") as f:
                 json.dump(state, f, indent=1, default=_json_default)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        pointer_tmp = os.path.join(self.directory, f".{_LATEST}.tmp")
-        with open(pointer_tmp, "w") as f:
-            f.write(name + "\n")
-        os.replace(pointer_tmp, os.path.join(self.directory, _LATEST))
+        atomic_write_text(os.path.join(self.directory, _LATEST), name + "\n")
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -207,27 +198,22 @@ class CheckpointManager:
                 v.assign(values[id(v)])
         _set_host_state(trainer, state.get("host", {}))
         # The host-side step counter of a PlannedTrainer follows the restored optimizer.
-        sync = getattr(trainer, "_sync_host_step", None)
+        sync = getattr(trainer, "sync_host_step", None)
         if sync is not None:
             sync()
         return state
 
 
-class NonFiniteLoss(FloatingPointError):
-    """Training stopped because the loss became NaN or infinite."""
-
-
 class PretrainCheckpoint(keras.callbacks.Callback):
-    """Saves a checkpoint every `every_epochs` epochs (and after the last) and stops the run
-    at the first non-finite loss, keeping the last good checkpoint.
-
-    A stopped run is reported by `error` (a NonFiniteLoss, also raised by methods/pretrain.py).
+    """Saves a checkpoint every `every_epochs` epochs (and after the last one), never the state
+    of an epoch whose loss is not finite (a diverged run keeps its last good checkpoint; see
+    ``nan_guard.StopOnNonFiniteLoss``, which stops such a run).
 
     Args:
         manager: a CheckpointManager.
         total_epochs: the run's number of epochs (the last one is always saved).
         every_epochs: checkpoint period in epochs.
-        extra: a callable epoch -> dict stored in state.json (recipe, history).
+        extra: a callable (epoch, logs) -> dict stored in state.json (recipe, history).
     """
 
     def __init__(self, manager, total_epochs, every_epochs=1, extra=None):
@@ -238,32 +224,11 @@ class PretrainCheckpoint(keras.callbacks.Callback):
         self.total_epochs = int(total_epochs)
         self.every_epochs = int(every_epochs)
         self.extra = extra
-        self.error = None
         self.last_saved = None
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.error is not None or not logs:
-            return
-        bad = {k: float(v) for k, v in logs.items()
-               if k in ("loss",) and not math.isfinite(float(v))}
-        if bad:
-            # The host-side step count: on JAX the variables are not synced inside fit.
-            step = getattr(getattr(self.model, "_plans", None), "host_step", None)
-            kept = self.last_saved or self.manager.latest()
-            self.error = NonFiniteLoss(
-                f"the loss became {bad['loss']} at step {step} (epoch {self._epoch + 1}, "
-                f"batch {batch + 1}); training stopped. "
-                + (f"The last good checkpoint is {kept}." if kept else
-                   "No checkpoint was written before it.")
-                + " Lower the learning rate, raise warmup, or check the data for NaN values.")
-            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.error is not None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
             return  # never save the state of a diverged run
         finished = epoch + 1
         if finished % self.every_epochs == 0 or finished == self.total_epochs:

@@ -25,7 +25,7 @@ the intact and the elastic student as the reference's ssl_meta_arch.py does (0 s
 off).
 
 Teacher targets: Sinkhorn-Knopp (default) or DINO centering (one center per head, updated
-inside the step after its targets were computed; see methods/dino.py).
+inside the step after its targets were computed; see methods/teacher_student.py).
 
 iBOT masked-patch loss (optional, REFERENCE §1; ``ibot_weight`` > 0 switches it on, 0 is the
 default): from ``ibot_start_epoch`` (30 in the paper) on, both students see the global views
@@ -73,7 +73,7 @@ iBOT branch), ``width``, ``depth`` (the elastic student's subnet), ``teacher_tem
 ``momentum``. ``loss`` = dino_intact + dino_elastic + same_view + koleo + ibot.
 
 Layer-wise lr decay (0.9), the patch-embed lr multiplier (0.2) and weight decay on ndim > 1
-variables only: see methods/dino.py (shared with DINO).
+variables only: see methods/teacher_student.py (shared with DINO).
 """
 from __future__ import annotations
 
@@ -83,16 +83,17 @@ from typing import NamedTuple
 from keras import ops
 
 from poa_keras.data.masking import mask_upper_bound
+from poa_keras.heads.dino import DINOHead, MultiProjectionHead
 from poa_keras.losses import (centered_teacher_probs, dino_cross_entropy, koleo_loss,
                               multi_view_cross_entropy, update_center)
 from poa_keras.losses.ibot import (ibot_masked_token_loss, masked_sinkhorn_knopp,
                                    masked_token_positions)
 from poa_keras.methods import schedules as schedules_lib
-from poa_keras.methods.dino import (_METHOD_DEFAULTS, TeacherStudentTrainer, flatten_views,
-                                    split_views, unflatten_views)
+from poa_keras.methods.teacher_student import (METHOD_DEFAULTS, TeacherStudentTrainer,
+                                               flatten_views, split_views, unflatten_views)
 
 POA_RECIPE = dict(
-    schedules_lib.POA_DEFAULTS, **dict(_METHOD_DEFAULTS, centering="sinkhorn"),
+    schedules_lib.POA_DEFAULTS, **dict(METHOD_DEFAULTS, centering="sinkhorn"),
     lambda_ie=0.8,
     same_view_temp=0.1,
     koleo_weight=0.1,
@@ -139,8 +140,13 @@ class POA(TeacherStudentTrainer):
     schedule_defaults = schedules_lib.POA_DEFAULTS
 
     def __init__(self, backbone, head=None, recipe=None, clip_grad="recipe", **kwargs):
-        from poa_keras.heads.dino import DINOHead, MultiProjectionHead
-
+        if len(backbone.subnets()) < 2:
+            raise ValueError(
+                f"POA trains an elastic backbone: its elastic student runs a sub-network other "
+                f"than the intact one, but {type(backbone).__name__} {backbone.name!r} has "
+                f"{len(backbone.subnets())} subnet ({backbone.subnets()}); give an elastic "
+                "configuration (e.g. min_width/min_depth below the full size) or train it "
+                "with DINO")
         if head is None or isinstance(head, dict):
             config = dict(head or {})
             config.setdefault("in_dim", backbone.feature_dim())
@@ -220,8 +226,8 @@ class POA(TeacherStudentTrainer):
         return ()
 
     def lr_multipliers(self):
-        """The shared multipliers (methods/dino.py), and for the heads' last layers the step
-        value ``last_layer_lr_scale`` (0 during the freeze steps) on top."""
+        """The shared multipliers (methods/teacher_student.py), and for the heads' last layers
+        the step value ``last_layer_lr_scale`` (0 during the freeze steps) on top."""
         multipliers = super().lr_multipliers()
         if not self.freeze_last_layer_steps:
             return multipliers

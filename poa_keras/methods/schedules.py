@@ -14,13 +14,13 @@ has ``start``, the LAST warmup step already has ``base``, and the cosine then st
 ``base`` again.
 
 Gradient clipping is a plain recipe number (the global-norm bound: POA 1.5, DINO 3.0), carried
-by `Schedules.clip_grad`; no schedule.
+by `Schedules.clip_grad`; no schedule. Layer-wise lr decay is a property of the model (its layer
+ids): ``Backbone.lr_multiplier``; the recipe carries the decay (`Schedules.layer_decay`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import numpy as np
 
@@ -178,46 +178,7 @@ def scaled_lr(base_lr, batch_size, rule="sqrt", reference_batch=None):
     return float(base_lr)
 
 
-# -- per-variable multipliers --------------------------------------------------------------------
-def layer_decay_multipliers(num_layers, decay):
-    """lr multiplier per layer id, float64 array of length num_layers + 2 (BEiT/DINOv2 rule):
-    ``decay ** (num_layers + 1 - layer_id)``. Layer ids: 0 = patch embed, cls/pos/mask tokens;
-    i + 1 = block i; num_layers + 1 = everything after the blocks (final norm, heads): 1.0."""
-    if int(num_layers) != num_layers or num_layers < 0:
-        raise ValueError(f"num_layers must be a non-negative integer, got {num_layers}")
-    ids = np.arange(int(num_layers) + 2)
-    return np.power(float(decay), int(num_layers) + 1 - ids).astype(np.float64)
-
-
-_BLOCK = re.compile(r"^blocks_(\d+)$")
-_EMBEDDING_PARTS = ("patch_embed", "cls_token", "pos_embed", "mask_token")
-
-
-def vit_layer_id(path, num_layers):
-    """Layer id of a ViT variable from its Keras path (e.g. "vit/blocks_3/attn/qkv/dense/kernel"
-    -> 4, "vit/patch_embed/proj/kernel" -> 0, "dino_head/mlp_0/..." -> num_layers + 1)."""
-    parts = str(path).split("/")
-    if any(part in _EMBEDDING_PARTS for part in parts):
-        return 0
-    for part in parts:
-        match = _BLOCK.match(part)
-        if match:
-            block = int(match.group(1))
-            if block >= num_layers:
-                raise ValueError(f"{path}: block {block} out of range for {num_layers} blocks")
-            return block + 1
-    return int(num_layers) + 1
-
-
-def vit_lr_multiplier(path, num_layers, layer_decay=1.0, patch_embed_lr_mult=1.0):
-    """lr multiplier of one ViT variable: layer decay by its layer id, times
-    patch_embed_lr_mult (POA 0.2) for the patch embedding's own weights."""
-    multiplier = float(layer_decay) ** (int(num_layers) + 1 - vit_layer_id(path, num_layers))
-    if "patch_embed" in str(path).split("/"):
-        multiplier *= float(patch_embed_lr_mult)
-    return multiplier
-
-
+# -- per-variable weight decay -------------------------------------------------------------------
 def weight_decay_multiplier(shape):
     """1.0 for weights with more than one dimension, 0.0 for biases, norm/LayerScale gains and
     other vectors (DINO's rule: no decay on parameters with ndim <= 1)."""

@@ -1,6 +1,7 @@
 """Quantization of deployed models (Keras' post-training ``model.quantize``).
 
 * ``QUANTIZE_MODES``: the modes poa_keras checks end to end (export, presets): "int8".
+* ``check_mode(mode)``: the mode checked against QUANTIZE_MODES (a clear error otherwise).
 * ``quantize(model, mode)``: ``model.quantize(mode)`` with the mode checked and Keras' notes
   about layers without int8 kernels (norms, convolutions) silenced.
 * ``quantization_mode(model)``: the mode a model was quantized with, or None.
@@ -46,11 +47,19 @@ def quantization_mode(model):
     return modes.pop() if modes else None
 
 
+def check_mode(mode, allow_none=False, what="quantization mode"):
+    """``mode`` if it is one of QUANTIZE_MODES (or None, with ``allow_none``: float32), else a
+    ValueError naming the valid ones (``what``: the argument's name in the message)."""
+    if mode in QUANTIZE_MODES or (allow_none and mode is None):
+        return mode
+    valid = ", ".join(repr(m) for m in QUANTIZE_MODES)
+    raise ValueError(f"unknown {what} {mode!r}; valid: "
+                     + (f"None (float32) or {valid}" if allow_none else valid))
+
+
 def quantize(model, mode):
     """``model.quantize(mode)`` in place, quietly; ``mode`` one of QUANTIZE_MODES."""
-    if mode not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; valid: "
-                         f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
+    check_mode(mode)
     with warnings.catch_warnings():
         # Keras names every layer without int8 kernels (norms, convolutions): expected.
         warnings.filterwarnings("ignore", message=".*does not have a `quantize` method.*")
@@ -58,4 +67,4 @@ def quantize(model, mode):
             model.quantize(mode)
 
 
-__all__ = ["FrozenGCQuantize", "QUANTIZE_MODES", "quantization_mode", "quantize"]
+__all__ = ["FrozenGCQuantize", "QUANTIZE_MODES", "check_mode", "quantization_mode", "quantize"]

@@ -1,6 +1,6 @@
 """Running a pretraining recipe end to end: data, trainer, checkpoints, resume, the teacher.
 
-    from poa_keras.methods.pretrain import load_recipe, pretrain
+    from poa_keras.pretrain import load_recipe, pretrain
     result = pretrain("demo", "runs/demo")        # a recipe name, a .py file or a dict
     result.teacher                                # the EMA teacher backbone (an ElasticViT)
 
@@ -44,6 +44,8 @@ import pkgutil
 
 import numpy as np
 
+from poa_keras.files import atomic_write_json
+
 RECIPE_SECTIONS = ("name", "description", "method", "backbone", "head", "data", "optimizer",
                    "train", "checkpoint", "seed")
 METHODS = ("poa", "dino")
@@ -65,8 +67,8 @@ def _recipes_dir():
 
         return list(package.__path__)[0]
     except ModuleNotFoundError:
-        return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__)))), "recipes")
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "recipes")
 
 
 def recipe_names():
@@ -170,7 +172,7 @@ def _epoch_seed(seed, epoch):
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0] >> 1)
 
 
-def _images(data, seed):
+def training_images(data, seed):
     """(images or dataset/path for multicrop_dataset, number of images or None)."""
     source = data.get("source", "shapes")
     if source == "shapes":
@@ -325,6 +327,7 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
     import keras
 
     from poa_keras.methods.checkpoint import CheckpointManager, PretrainCheckpoint
+    from poa_keras.methods.nan_guard import StopOnNonFiniteLoss
 
     recipe = load_recipe(recipe, overrides)
     output_dir = os.fspath(output_dir)
@@ -335,7 +338,7 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         raise FileExistsError(f"{output_dir} already holds checkpoints ({latest}); pass "
                               "resume=True (the CLI's --resume) or use another directory")
 
-    images, num_images = _images(recipe["data"], int(recipe.get("seed", 0)))
+    images, num_images = training_images(recipe["data"], int(recipe.get("seed", 0)))
     steps = steps_per_epoch(recipe, num_images)
     trainer = build_trainer(recipe, steps)
     total_epochs = int(recipe["train"]["epochs"])
@@ -353,10 +356,7 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         start_epoch = int(state["epoch"])
     # Created only now: a recipe whose data or backbone fails leaves no empty run directory.
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, ".recipe.json.tmp"), "w") as f:
-        json.dump(recipe, f, indent=1, default=list)
-    os.replace(os.path.join(output_dir, ".recipe.json.tmp"),
-               os.path.join(output_dir, "recipe.json"))
+    atomic_write_json(os.path.join(output_dir, "recipe.json"), recipe, indent=1, default=list)
 
     stop_epoch = total_epochs if epochs is None else min(total_epochs, start_epoch + int(epochs))
 
@@ -366,14 +366,15 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
     def extra(finished, logs):
         return {"recipe": recipe, "history": history}
 
-    guard = PretrainCheckpoint(manager, total_epochs=stop_epoch,
+    saver = PretrainCheckpoint(manager, total_epochs=stop_epoch,
                                every_epochs=int((recipe.get("checkpoint") or {}).get(
                                    "every_epochs", 1)), extra=extra)
+    guard = StopOnNonFiniteLoss(last_checkpoint=manager.latest)
     if start_epoch < stop_epoch:
         data = epoch_datasets(recipe, images, steps, start_epoch, stop_epoch)
-        all_callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=record), guard,
+        all_callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=record), guard, saver,
                          keras.callbacks.CSVLogger(os.path.join(output_dir, "log.csv"),
-                                                          append=start_epoch > 0)]
+                                                   append=start_epoch > 0)]
         trainer.fit(data, epochs=stop_epoch, initial_epoch=start_epoch, steps_per_epoch=steps,
                     verbose=verbose, callbacks=all_callbacks + list(callbacks))
         if guard.error is not None:

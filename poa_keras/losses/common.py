@@ -1,4 +1,5 @@
-"""Small helpers shared by the loss functions (not public)."""
+"""Small helpers shared by the loss functions: float32 promotion of half-precision inputs,
+targets cut from the graph, per-view lists."""
 from __future__ import annotations
 
 import keras
