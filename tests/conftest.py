@@ -6,7 +6,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from poa_keras import ElasticViT  # noqa: E402
+from poa_keras import ElasticResNet, ElasticSwin, ElasticViT  # noqa: E402
+from poa_keras.backbones.resnet import CONFIGS as RESNET_CONFIGS  # noqa: E402
+from poa_keras.backbones.swin import CONFIGS as SWIN_CONFIGS  # noqa: E402
 
 # A small elastic ViT with a 5 x 5 grid (widths 32..96 step 16, depths 2..6): 25 subnets.
 SMALL_VIT = dict(image_size=32, patch_size=8, embed_dim=96, depth=6, head_dim=16, min_width=32,
@@ -17,12 +19,14 @@ def to_np(x):
     return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
 
 
-def forward(model, images, subnet=None):
-    """The model's inference forward: jitted on JAX (eager JAX compiles op by op and is slow),
-    eager elsewhere (tracing a tf.function costs more than running a tiny model eagerly)."""
+def forward(model, images, subnet=None, training=False, **options):
+    """The model's forward: jitted on JAX (eager JAX compiles op by op and is slow; programs
+    are shared by models of one architecture), eager elsewhere (tracing a tf.function costs
+    more than running a tiny model eagerly). ``options``: boolean call flags such as
+    ``return_feature_maps=True``."""
     if keras.backend.backend() == "jax":
-        return model.compiled_forward(subnet)(images)
-    return model(images, subnet=subnet)
+        return model.compiled_forward(subnet, training=training, **options)(images)
+    return model(images, subnet=subnet, training=training, **options)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,25 @@ def randomize(model, seed=0):
 def small_vit():
     keras.utils.set_random_seed(0)
     model = ElasticViT(name="small_vit", **SMALL_VIT)
+    randomize(model, seed=1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_swin():
+    """The tiny elastic Swin (widths 16, 32; stage-3 depths 1..3; window 4), random weights."""
+    keras.utils.set_random_seed(0)
+    model = ElasticSwin(name="tiny_swin", **SWIN_CONFIGS["swin_elastic_test"])
+    randomize(model, seed=1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet():
+    """The tiny elastic ResNet (widths 8 / 12, depths (1, 1-2, 2-3, 1)): random gains, betas,
+    every channel non-trivial, so that slicing errors show."""
+    keras.utils.set_random_seed(0)
+    model = ElasticResNet(name="tiny_resnet", **RESNET_CONFIGS["resnet_elastic_test"])
     randomize(model, seed=1)
     return model
 

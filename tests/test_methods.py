@@ -1,34 +1,20 @@
 """DINO and POA trainers (methods/dino.py, methods/poa.py) on a tiny elastic ViT.
 
 The machine is slow to compile, so every trainer runs one fixed plan: POA's sampler state is
-restored before each step (which also tests get/set_sampler_state), and the module shares one
-trainer per method."""
+restored before each step (which also tests get/set_sampler_state), and the session shares one
+trainer per method with the family contract (tests/family_contract.py: vit_poa, vit_dino)."""
 import keras
 import numpy as np
 import pytest
 from conftest import to_np
-
-from poa_keras import ElasticViT
-from poa_keras.elastic.spec import ViTSubnet
-from poa_keras.methods import DINO, POA
+from family_contract import VIT_PLAN as PLAN
+from family_contract import restart_sampler, vit_batch, vit_dino, vit_poa
 
 BACKEND = keras.backend.backend()
-VIT = dict(image_size=16, patch_size=8, embed_dim=32, depth=2, head_dim=16, min_width=16,
-           min_depth=1)
-HEADS = dict(hidden_dim=32, bottleneck_dim=16, out_dims=(20, 30))
-PLAN = ViTSubnet(16, 1)
-SAMPLER_START = {}  # the POA sampler state whose next draw is PLAN
-LR = 1e-4
-RECIPE = dict(epochs=1, steps_per_epoch=50, batch_size=4, lr=LR, lr_scaling="none", min_lr=LR,
-              warmup_epochs=0, warmup_teacher_temp_epochs=0, freeze_last_layer_epochs=0,
-              weight_decay=0.0, weight_decay_end=0.0, momentum_teacher=0.9,
-              final_momentum_teacher=0.9, clip_grad=None)
 
 
 def batch():
-    rng = np.random.default_rng(0)
-    return {"global": rng.normal(size=(2, 4, 16, 16, 3)).astype("float32"),
-            "local": rng.normal(size=(2, 4, 8, 8, 3)).astype("float32")}
+    return vit_batch()
 
 
 def weights(variables):
@@ -42,13 +28,7 @@ def step(trainer, data):
 
 @pytest.fixture(scope="module")
 def poa():
-    keras.utils.set_random_seed(0)
-    backbone = ElasticViT(name="student", **VIT)
-    seed = next(s for s in range(100) if backbone.sampler(seed=s).next() == PLAN)
-    trainer = POA(backbone, dict(HEADS), recipe=dict(RECIPE, sampler_seed=seed, koleo_weight=0.0))
-    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=LR))
-    SAMPLER_START["state"] = trainer.get_sampler_state()
-    return trainer
+    return vit_poa()
 
 
 def poa_state(trainer):
@@ -63,12 +43,11 @@ def test_poa_step_teacher_ema_both_branches_and_plan(poa):
     trainable = {id(v) for v in poa.trainable_variables}
     assert not any(id(v) in trainable for v in teacher_vars)
     s0, t0 = weights(student_vars), weights(teacher_vars)
-    sampler0 = SAMPLER_START["state"]
     runs = {}
     for lam in (0.0, 1.0, 0.5):
         for v, w in zip(student_vars + teacher_vars, s0 + t0):
             v.assign(w)
-        poa.set_sampler_state(sampler0)
+        restart_sampler(poa)
         poa.recipe["lambda_ie"] = lam
         logs = step(poa, data)
         assert poa.last_plan == PLAN
@@ -107,10 +86,9 @@ def test_poa_step_teacher_ema_both_branches_and_plan(poa):
 
 def test_poa_loss_decreases(poa):
     data = batch()
-    sampler0 = SAMPLER_START["state"]
     losses = []
     for _ in range(6):
-        poa.set_sampler_state(sampler0)
+        restart_sampler(poa)
         logs = step(poa, data)
         losses.append(logs["loss"])
         assert abs(logs["loss"] - sum(logs[k] for k in ("dino_intact", "dino_elastic",
@@ -122,12 +100,7 @@ def test_poa_loss_decreases(poa):
 
 @pytest.fixture(scope="module")
 def dino():
-    keras.utils.set_random_seed(1)
-    backbone = ElasticViT(name="dino_student", **VIT)
-    trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
-                   recipe=dict(RECIPE, lr=1e-3, min_lr=1e-3))
-    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
-    return trainer
+    return vit_dino()
 
 
 def test_dino_center_update(dino):

@@ -1,44 +1,27 @@
-"""ElasticResNet: elastic forward == extracted subnet, an independent numpy bottleneck, stage
-shapes, errors, the sampler rule, serialization, presets, int8, and POA / DINO steps.
+"""ElasticResNet: an independent numpy bottleneck and stem, stage shapes at odd sizes, errors,
+the sampler rule, layer ids, parameter and FLOP counts. Forward == extract, round trips,
+presets, int8, export, bfloat16, stochastic depth and the POA / DINO steps: the family contract
+(tests/test_family_contract.py).
 
 On JAX every forward goes through one jitted program per (architecture, subnet), shared by
-all models of that architecture (a subnet, its reloaded copy, a preset): compiling is what
-costs time on a small CPU."""
-import json
-
+all models of that architecture (backbones/compiled.py): compiling is what costs time on a
+small CPU."""
 import keras
 import numpy as np
 import pytest
-from conftest import randomize, to_np
+from conftest import forward, randomize, to_np
 
-from poa_keras import Backbone, ElasticResNet, ResNetSubnet
+from poa_keras import ElasticResNet, ResNetSubnet
 from poa_keras.backbones.resnet import CONFIGS
 from poa_keras.elastic.conv import ElasticBottleneck
 
 BACKEND = keras.backend.backend()
 TINY = dict(CONFIGS["resnet_elastic_test"])   # widths 8 / 12 (groups 4), depths (1, 1-2, 2-3, 1)
-_PROGRAMS = {}
 
 
 def run(model, images, subnet=None):
     """{"cls", "maps"} of ``model(images, subnet=subnet, return_feature_maps=True)`` as numpy."""
-    if BACKEND == "jax":
-        import jax
-
-        config = {k: v for k, v in model.get_config().items()
-                  if k not in ("name", "named_subnets")}
-        variables = tuple((v.path.split("/", 1)[1], tuple(v.shape), v.dtype)
-                          for v in model.variables)   # e.g. int8 kernels after quantize()
-        key = (json.dumps(config, sort_keys=True, default=str), variables, subnet)
-        if key not in _PROGRAMS:
-            def fn(trainable, non_trainable, x, model=model):
-                return model.stateless_call(trainable, non_trainable, x, subnet=subnet,
-                                            return_feature_maps=True)[0]
-            _PROGRAMS[key] = jax.jit(fn)
-        out = _PROGRAMS[key]([v.value for v in model.trainable_variables],
-                             [v.value for v in model.non_trainable_variables], images)
-    else:
-        out = model(images, subnet=subnet, return_feature_maps=True)
+    out = forward(model, images, subnet, return_feature_maps=True)
     return {"cls": to_np(out["cls"]), "maps": [to_np(m) for m in out["feature_maps"]]}
 
 
@@ -53,17 +36,9 @@ def call_layer(layer, *args, **kwargs):
               [v.value for v in layer.non_trainable_variables], *args)
 
 
-def max_diff(a, b):
-    return max([float(np.abs(a["cls"] - b["cls"]).max())]
-               + [float(np.abs(x - y).max()) for x, y in zip(a["maps"], b["maps"])])
-
-
 @pytest.fixture(scope="module")
-def tiny():
-    keras.utils.set_random_seed(0)
-    model = ElasticResNet(name="tiny_resnet", **TINY)
-    randomize(model, seed=1)   # gains, betas, every channel non-trivial: slicing errors show
-    return model
+def tiny(tiny_resnet):
+    return tiny_resnet   # conftest: the contract's ResNet teacher (compiled programs are shared)
 
 
 @pytest.fixture(scope="module")
@@ -71,27 +46,7 @@ def odd_images():
     return np.random.default_rng(0).uniform(-1, 1, size=(2, 33, 45, 3)).astype("float32")
 
 
-# -- elastic forward == extraction -----------------------------------------------------------
-def test_elastic_forward_equals_extracted_subnet(tiny, odd_images):
-    specs = tiny.subnets()
-    assert len(specs) == 8 and specs[0] == ResNetSubnet(8, (1, 1, 2, 1))
-    assert specs[-1] == tiny.full_subnet == ResNetSubnet(12, (1, 2, 3, 1))
-    rng = np.random.default_rng(3)
-    # the narrowest + shallowest, a random one and the full network
-    chosen = [specs[0], specs[int(rng.integers(1, len(specs) - 1))], specs[-1]]
-    elastic = {}
-    for spec in chosen:
-        sub = tiny.extract(spec)
-        assert isinstance(sub, ElasticResNet) and sub.full_subnet == spec
-        assert sub.count_params() == tiny.subnet_params(spec)
-        elastic[spec] = run(tiny, odd_images, spec)
-        assert max_diff(elastic[spec], run(sub, odd_images)) <= 1e-5, spec
-        assert np.abs(elastic[spec]["cls"]).max() > 0.1   # not a degenerate all-zero output
-    plain = run(tiny, odd_images)
-    assert max_diff(elastic[specs[-1]], plain) == 0.0   # the full spec: the unsliced network
-    assert max_diff(elastic[specs[0]], plain) > 1e-2    # a narrower subnet is another function
-
-
+# -- stage shapes (forward == extraction: the family contract) ----------------------------------
 def test_stage_shapes_for_odd_input_sizes(tiny, odd_images):
     # PyTorch's rule, floor((n + 2p - k) / s) + 1, by hand: 33 x 45 -> stem conv 17 x 23 ->
     # max pool 9 x 12 -> stages 9 x 12, 5 x 6, 3 x 3, 2 x 2 (the 1 x 1/2 shortcut agrees).
@@ -271,116 +226,9 @@ def test_bad_configurations():
         ElasticResNet.from_config_name("resnet_x")
 
 
-# -- serialization and presets ---------------------------------------------------------------
-def test_config_and_keras_file_round_trip(tiny, odd_images, tmp_path):
-    config = tiny.get_config()
-    clone = ElasticResNet.from_config(json.loads(json.dumps(config)))
-    assert clone.get_config() == config and clone.subnets() == tiny.subnets()
-    assert clone.named_subnets == tiny.named_subnets
-    spec = tiny.subnets()[0]
-    sub = tiny.extract(spec)
-    sub.save(str(tmp_path / "sub.keras"))
-    loaded = keras.saving.load_model(str(tmp_path / "sub.keras"))  # safe_mode
-    assert isinstance(loaded, ElasticResNet) and loaded.full_subnet == spec
-    assert max_diff(run(loaded, odd_images), run(sub, odd_images)) == 0.0
-    tiny.save(str(tmp_path / "teacher.keras"))
-    teacher = keras.saving.load_model(str(tmp_path / "teacher.keras"))
-    assert max_diff(run(teacher, odd_images, spec), run(tiny, odd_images, spec)) == 0.0
-
-
-def test_preset_round_trip_with_a_subnet(tiny, odd_images, tmp_path):
+# -- the registry (round trips, presets, int8, trainers: the family contract) -----------------
+def test_backbones_registry_finds_the_family():
     from poa_keras import backbones
 
-    tiny.save_to_preset(tmp_path / "preset")
-    metadata = json.loads((tmp_path / "preset" / "metadata.json").read_text())
-    assert metadata["class_name"] == "ElasticResNet" and metadata["num_subnets"] == 8
-    spec = tiny.subnets()[0]
-    sub = Backbone.from_preset(str(tmp_path / "preset"), width=8, depths=(1, 1, 2, 1))
-    assert isinstance(sub, ElasticResNet) and sub.full_subnet == spec
-    assert max_diff(run(sub, odd_images), run(tiny, odd_images, spec)) <= 1e-5
-    named = ElasticResNet.from_preset(str(tmp_path / "preset"), subnet="small")
-    assert named.full_subnet == spec
-    full = Backbone.from_preset(str(tmp_path / "preset"))
-    assert full.full_subnet == tiny.full_subnet and full.named_subnets == tiny.named_subnets
     assert backbones.config_names()["resnet_elastic"] == "ElasticResNet"
     assert isinstance(backbones.from_config_name("resnet_elastic_test"), ElasticResNet)
-
-
-# -- deployment ------------------------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method")
-def test_extracted_subnet_quantizes_to_int8(odd_images):
-    keras.utils.set_random_seed(0)
-    # two stages of 1 to 2 blocks (Keras runs gc.collect() per quantized layer: few layers)
-    teacher = ElasticResNet(**dict(TINY, max_depths=(1, 2), min_depths=(1, 1), strides=(1, 2),
-                                   named_subnets={}))   # default init: realistic scales
-    sub = teacher.extract(ResNetSubnet(12, (1, 1)))   # still elastic: width 8 below
-    ref = run(sub, odd_images)["cls"]
-    sub.quantize("int8")
-    quantized = [l for l in sub._flatten_layers() if getattr(l, "quantization_mode", None)]
-    # the 1 x 1 convs (Dense layers): conv1 + conv3 of the 2 blocks and the 2 shortcuts;
-    # Keras 3 has no int8 Conv2D, so the 3 x 3 convs and the stem stay float
-    assert len(quantized) == 2 * 2 + 2
-    out = run(sub, odd_images)["cls"]
-    cos = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
-    assert cos.min() > 0.99, cos
-    assert not np.allclose(out, ref, atol=1e-7)   # the int8 kernels really are in use
-    with pytest.raises(ValueError, match=r"quantized \(int8\).*Extract the sub-network first"):
-        sub(odd_images, subnet=ResNetSubnet(8, (1, 1)))
-
-
-# -- trainers, unchanged ---------------------------------------------------------------------
-# Compiling a train step of a ResNet is slow on JAX and TensorFlow: one stage of 1..2 blocks,
-# widths 4 / 8, global views only. The POA sampler draws from 3 subnets.
-MICRO = dict(image_size=16, stem_channels=4, base_channels=4, widths=(4, 8), max_depths=(2,),
-             min_depths=(1,), strides=(1,), num_groups=4)
-PLAN = ResNetSubnet(4, (1,))
-RECIPE = dict(epochs=1, steps_per_epoch=50, batch_size=4, lr=1e-3, lr_scaling="none",
-              min_lr=1e-3, warmup_epochs=0, warmup_teacher_temp_epochs=0,
-              freeze_last_layer_epochs=0, weight_decay=0.0, weight_decay_end=0.0,
-              momentum_teacher=0.9, final_momentum_teacher=0.9, clip_grad=None,
-              layer_decay=0.95, patch_embed_lr_mult=1.0)
-
-
-def _batch():
-    return {"global": np.random.default_rng(0).normal(size=(2, 4, 16, 16, 3)).astype("float32")}
-
-
-def test_poa_step_with_a_resnet():
-    from poa_keras.methods import POA
-
-    keras.utils.set_random_seed(0)
-    backbone = ElasticResNet(name="student", **MICRO)
-    seed = next(s for s in range(100) if backbone.sampler(seed=s).next() == PLAN)
-    trainer = POA(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dims=(20, 30)),
-                  recipe=dict(RECIPE, sampler_seed=seed, ibot_weight=0.0))
-    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-3))
-    student = [to_np(v) for v in trainer.backbone.weights]
-    teacher = [to_np(v) for v in trainer.teacher_backbone.weights]
-    logs = {k: float(v) for k, v in trainer.train_on_batch(_batch(), return_dict=True).items()}
-    assert trainer.last_plan == PLAN
-    assert (logs["width"], logs["depth_1"]) == (4.0, 1.0) and "depth_2" not in logs
-    assert np.isfinite(logs["loss"]) and logs["dino_elastic"] > 0 and logs["same_view"] > 0
-    m = trainer.schedules.at(0)["momentum"]
-    after = [to_np(v) for v in trainer.backbone.weights]
-    assert any(np.abs(a - b).max() > 0 for a, b in zip(after, student))
-    for t_new, t_old, s in zip(trainer.teacher_backbone.weights, teacher, after):
-        np.testing.assert_allclose(to_np(t_new), m * t_old + (1 - m) * s, atol=1e-5)
-    # layer decay from the backbone hook: the stem is layer 0 of 2 blocks
-    multipliers = dict(zip([v.path for v in trainer.trainable_variables],
-                           trainer.lr_multipliers()))
-    stem = next(p for p in multipliers if "stem_conv" in p)
-    assert multipliers[stem] == pytest.approx(0.95 ** 2)
-
-
-def test_dino_step_with_a_resnet():
-    from poa_keras.methods import DINO
-
-    keras.utils.set_random_seed(1)
-    backbone = ElasticResNet(name="dino_student", **MICRO)
-    trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
-                   recipe=dict(RECIPE, layer_decay=1.0))
-    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
-    losses = [float(trainer.train_on_batch(_batch(), return_dict=True)["loss"])
-              for _ in range(2)]
-    assert np.all(np.isfinite(losses)), losses
-    assert trainer.num_compilations <= 1

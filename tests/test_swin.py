@@ -1,6 +1,7 @@
-"""ElasticSwin and its window layers: elastic forward == extracted subnet, window attention,
-relative position bias and patch merging against float64 numpy, shapes at odd sizes, errors,
-serialization, presets, int8, and a POA and a DINO step.
+"""ElasticSwin and its window layers: window attention, relative position bias and patch
+merging against float64 numpy, shapes at odd sizes, shifts of extracted stages, errors, the
+grid and the layer ids. Forward == extract, round trips, presets, int8, export, bfloat16,
+stochastic depth and the POA / DINO steps: the family contract (tests/test_family_contract.py).
 
 JAX compiles every program of a new shape (seconds each on a small CPU), so the model-level
 checks use few specs and the layer-level checks run single jitted layers."""
@@ -12,7 +13,7 @@ import pytest
 from conftest import randomize, to_np
 from scipy.special import erf
 
-from poa_keras import Backbone, ElasticSwin, SwinSubnet
+from poa_keras import ElasticSwin, SwinSubnet
 from poa_keras.backbones.swin import CONFIGS
 from poa_keras.elastic.layers import HostInitializer
 from poa_keras.elastic.window import (MERGE_POSITIONS, REFERENCE_MERGE_POSITIONS,
@@ -25,11 +26,8 @@ TINY = dict(CONFIGS["swin_elastic_test"])   # widths 16, 32; stage-3 depths 1..3
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    keras.utils.set_random_seed(0)
-    model = ElasticSwin(name="tiny_swin", **TINY)
-    randomize(model, seed=1)
-    return model
+def tiny(tiny_swin):
+    return tiny_swin   # conftest: the contract's Swin teacher (compiled programs are shared)
 
 
 def run(layer, *args, **kwargs):
@@ -63,53 +61,17 @@ def output_shapes(model, shape, **kwargs):
     return keras.tree.map_structure(lambda t: tuple(t.shape), out)
 
 
-def _max_diff(a, b):
-    diffs = [np.abs(to_np(a["cls"]) - to_np(b["cls"])).max()]
-    diffs += [np.abs(to_np(x) - to_np(y)).max() for x, y in zip(a.get("feature_maps", []),
-                                                               b.get("feature_maps", []))]
-    return float(max(diffs))
-
-
-# -- elastic forward == extracted ------------------------------------------------------------
-def test_elastic_forward_equals_extracted_subnet(tiny):
-    # Height 20, width 28 (patch 2): stages of 10x14, 5x7, 3x4 and 2x2 tokens -- windows
-    # padded everywhere, odd maps merged. Specs: the smallest, the narrowest at full depth,
-    # On jax (a compilation per program): the narrow width at depth 2 (kept blocks 0 and 2:
-    # the extracted stage 3 is unshifted, pattern [F, F]) and the full width at the smallest
-    # depth; on the eager backends the whole grid (extremes (16, 1) and (32, 3) included).
-    x = np.random.default_rng(0).uniform(-1, 1, size=(2, 20, 28, 3)).astype("float32")
-    specs = [SwinSubnet(16, 2), SwinSubnet(32, 1)]
-    if BACKEND != "jax":
-        specs += [s for s in tiny.subnets() if s not in specs]
-    for spec in specs:
-        sub = tiny.extract(spec)
-        assert (sub.embed_dim, sub.depths) == (spec.width, (1, 2, spec.depth, 1))
-        assert sub.count_params() == tiny.subnet_params(spec)
-        a = run(tiny, x, subnet=spec, return_feature_maps=True)
-        b = run(sub, x, return_feature_maps=True)
-        assert [tuple(f.shape) for f in a["feature_maps"]] == [
-            (2, 10, 14, spec.width), (2, 5, 7, 2 * spec.width), (2, 3, 4, 4 * spec.width),
-            (2, 2, 2, 8 * spec.width)]
-        assert tuple(a["cls"].shape) == (2, 8 * spec.width)
-        np.testing.assert_allclose(to_np(a["cls"]), to_np(a["feature_maps"][-1]).mean((1, 2)),
-                                   atol=1e-5)
-        diff = _max_diff(a, b)
-        assert diff <= 1e-5, (spec, diff)
+# -- extracted stages -------------------------------------------------------------------------
+def test_extracted_stage3_keeps_the_shifts_of_its_blocks(tiny):
     assert tiny.extract(SwinSubnet(32, 2)).shifts == [[False], [False, True], [False, False],
                                                       [False]]
     assert tiny.extract(SwinSubnet(16, 3)).shifts == tiny.shifts
 
 
-def test_full_subnet_and_pooled_are_the_plain_forward(tiny):
-    x = np.random.default_rng(2).uniform(-1, 1, size=(2, 32, 32, 3)).astype("float32")
-    out = run(tiny, x)
+def test_outputs_are_cls_and_pooled_unless_feature_maps_are_asked_for(tiny):
+    # (cls == pooled on every forward: the contract's Swin case checks it)
+    out = output_shapes(tiny, (2, 32, 32, 3))
     assert sorted(out) == ["cls", "pooled"]  # the feature maps on request only
-    np.testing.assert_array_equal(to_np(out["cls"]), to_np(out["pooled"]))
-    if BACKEND != "jax":  # two more programs on jax; the path is the same (no slicing)
-        full = tiny(x, subnet=tiny.full_subnet, return_feature_maps=True)
-        assert _max_diff(full, out) == 0.0
-        np.testing.assert_allclose(to_np(full["cls"]),
-                                   to_np(full["feature_maps"][-1]).mean(axis=(1, 2)), atol=1e-5)
 
 
 # -- shapes and input sizes ------------------------------------------------------------------
@@ -427,173 +389,11 @@ def test_merge_rows_from_the_reference_order():
                                ref_in @ kernel_ref)
 
 
-# -- serialization and presets ---------------------------------------------------------------
-def _same_weights(a, b):
-    wa, wb = a.get_weights(), b.get_weights()
-    assert len(wa) == len(wb)
-    for x, y in zip(wa, wb):
-        np.testing.assert_array_equal(x, y)
-
-
-def test_config_and_keras_file_round_trip(tiny, tmp_path):
-    config = tiny.get_config()
-    clone = ElasticSwin.from_config(config)
-    assert clone.get_config() == config
-    sub = tiny.extract(SwinSubnet(16, 2))
-    path = str(tmp_path / "sub.keras")
-    sub.save(path)
-    loaded = keras.saving.load_model(path)  # safe_mode: no lambdas, no pickles
-    assert isinstance(loaded, ElasticSwin)
-    assert loaded.get_config() == sub.get_config() and loaded.shifts[2] == [False, False]
-    _same_weights(loaded, sub)
-    x = np.random.default_rng(3).uniform(-1, 1, size=(1, 16, 16, 3)).astype("float32")
-    if BACKEND != "jax":  # eager backends: run them too (jax: two more programs)
-        assert _max_diff(loaded(x, return_feature_maps=True),
-                         sub(x, return_feature_maps=True)) == 0.0
-
-
-def test_preset_round_trip(tiny, tmp_path):
-    tiny.save_to_preset(tmp_path / "teacher")
-    full = Backbone.from_preset(tmp_path / "teacher")
-    assert isinstance(full, ElasticSwin) and full.get_config()["depths"] == [1, 2, 3, 1]
-    _same_weights(full, tiny)
-    sub = Backbone.from_preset(tmp_path / "teacher", width=16, depth=2)
-    _same_weights(sub, tiny.extract(SwinSubnet(16, 2)))
-    named = ElasticSwin.from_preset(tmp_path / "teacher", subnet="tiny")
-    assert (named.embed_dim, named.depths) == (16, (1, 2, 1, 1))
-    with pytest.raises(ValueError, match=r"width=20 .* valid widths: \[16, 32\]"):
-        ElasticSwin.from_preset(tmp_path / "teacher", width=20)
-    sub.save_to_preset(tmp_path / "sub")   # an extracted subnet is a preset of its own
-    _same_weights(Backbone.from_preset(tmp_path / "sub"), sub)
-
-
-# -- deployment ------------------------------------------------------------------------------
+# -- presets and deployment (the rest: the family contract) -----------------------------------
 @pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method")
-def test_extracted_subnet_quantizes_to_int8(monkeypatch):
-    import gc
-
-    # Keras runs gc.collect() for every kernel it replaces: about 1 s each with a test
-    # session's heap, 19 kernels here. Collecting changes nothing in the result.
-    monkeypatch.setattr(gc, "collect", lambda *args: 0)
-    keras.utils.set_random_seed(0)
-    teacher = ElasticSwin(**dict(TINY, depths=(1, 1, 1, 1), min_depth=1, named_subnets={}))
-    sub = teacher.extract(SwinSubnet(16, 1))
-    x = np.random.default_rng(0).uniform(-1, 1, size=(2, 32, 32, 3)).astype("float32")
-    ref = to_np(run(sub, x)["cls"])
-    sub.quantize("int8")
-    quantized = [l for l in sub._flatten_layers() if getattr(l, "quantization_mode", None)]
-    assert len(quantized) == 4 * 4 + 3  # qkv, proj, fc1, fc2 per block; 3 merge reductions
-    out = to_np(run(sub, x)["cls"])
-    cos = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
-    assert cos.min() > 0.99, cos
-    assert not np.allclose(out, ref, atol=1e-7)  # the int8 kernels really are in use
+def test_a_quantized_merge_layer_refuses_to_slice():
     merge = ElasticPatchMerging(16)   # a quantized layer cannot slice
     merge.build()
     merge.reduction.quantize("int8")
     with pytest.raises(ValueError, match=r"quantized \(int8\).*Extract the sub-network first"):
         merge(np.zeros((1, 2, 2, 8), "float32"), active=8)
-
-
-@pytest.mark.skipif(BACKEND == "jax", reason="jax exports through jax2tf: minutes of "
-                    "compilation on a small CPU for what the tensorflow run checks")
-def test_extracted_subnet_exports(tmp_path):
-    teacher = ElasticSwin(**dict(TINY, depths=(1, 1, 1, 1), min_depth=1, named_subnets={}))
-    sub = teacher.extract(SwinSubnet(16, 1))  # 4 blocks: tracing for export costs per op
-    x = np.random.default_rng(4).uniform(-1, 1, size=(2, 32, 32, 3)).astype("float32")
-    ref = to_np(sub(x)["cls"])
-    spec = keras.InputSpec(shape=(None, 32, 32, 3), dtype="float32")
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        sub.export(str(tmp_path / "saved"), format="tf_saved_model", input_signature=[spec])
-        reloaded = tf.saved_model.load(str(tmp_path / "saved"))
-        out = np.asarray(reloaded.serve(tf.constant(x))["cls"])
-    else:
-        import torch
-
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        sub.export(str(tmp_path / "model.pt2"), format="torch", input_signature=[spec],
-                   dynamic_shapes=({0: batch},))
-        out = torch.export.load(str(tmp_path / "model.pt2")).module()(torch.from_numpy(x))
-        out = (out["cls"] if isinstance(out, dict) else out[0]).detach().numpy()
-    np.testing.assert_allclose(out, ref, atol=1e-4)
-
-
-def test_stochastic_depth_only_in_training():
-    block = ElasticSwinBlock(16, 16, window_size=2, shift=True, drop_path=0.5)
-    block.build()
-    randomize(block, seed=2)
-    x = np.random.default_rng(0).normal(size=(16, 4, 4, 16)).astype("float32")
-    a, b = to_np(run(block, x)), to_np(run(block, x))
-    np.testing.assert_array_equal(a, b)
-    c = to_np(run(block, x, training=True))
-    assert float(np.abs(c - a).max()) > 1e-3
-
-
-# -- trainers (no family-specific code in them) ----------------------------------------------
-TRAIN_SWIN = dict(image_size=16, patch_size=2, embed_dim=32, depths=(1, 1, 1, 1), head_dim=16,
-                  window_size=2, min_width=16)   # 2 subnets: the sampler's only plan is (16, 1)
-RECIPE = dict(epochs=1, steps_per_epoch=50, batch_size=4, lr=1e-4, lr_scaling="none",
-              min_lr=1e-4, warmup_epochs=0, warmup_teacher_temp_epochs=0,
-              freeze_last_layer_epochs=0, weight_decay=0.0, weight_decay_end=0.0,
-              momentum_teacher=0.9, final_momentum_teacher=0.9, clip_grad=None,
-              layer_decay=0.9, patch_embed_lr_mult=0.2)
-
-
-def _views(local=True):
-    # Local views (8 px: 4, 2, 1, 1 tokens per side, all padded to the window) double the
-    # step program; on jax and tensorflow, whose compilation of it dominates this file, the
-    # steps run without them (the padded small maps are checked by the forward tests).
-    rng = np.random.default_rng(0)
-    views = {"global": rng.normal(size=(2, 4, 16, 16, 3)).astype("float32")}
-    if local:
-        views["local"] = rng.normal(size=(2, 4, 8, 8, 3)).astype("float32")
-    return views
-
-
-def test_poa_step_with_a_tiny_swin():
-    from poa_keras.methods import POA
-
-    keras.utils.set_random_seed(0)
-    backbone = ElasticSwin(name="student", **TRAIN_SWIN)
-    trainer = POA(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dims=(20, 30)),
-                  recipe=dict(RECIPE, koleo_weight=0.0, ibot_weight=0.0))
-    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-4))
-    assert trainer.head.get_config()["in_dim"] == 256
-    multipliers = dict(zip((v.path for v in trainer.trainable_variables),
-                           trainer.lr_multipliers()))
-    assert multipliers["student/patch_embed/proj/kernel"] == pytest.approx(0.9 ** 5 * 0.2)
-    assert multipliers["student/stages_2_blocks_0/attn/qkv/dense/kernel"] == pytest.approx(
-        0.9 ** 2)
-    teacher0 = [to_np(v) for v in trainer.teacher_backbone.weights]
-    student0 = [to_np(v) for v in backbone.weights]
-    data = _views(local=BACKEND == "torch")
-    logs = {k: float(v) for k, v in trainer.train_on_batch(data, return_dict=True).items()}
-    assert trainer.last_plan == SwinSubnet(16, 1)
-    assert (logs["width"], logs["depth"]) == (16.0, 1.0)
-    assert all(np.isfinite(v) for v in logs.values()), logs
-    assert logs["dino_elastic"] > 0 and logs["same_view"] > 0 and logs["dino_intact"] > 0
-    m = trainer.schedules.at(0)["momentum"]
-    for t, t0, s in zip(trainer.teacher_backbone.weights, teacher0, backbone.weights):
-        np.testing.assert_allclose(to_np(t), m * t0 + (1 - m) * to_np(s), atol=1e-5)
-    assert any(np.abs(to_np(v) - w).max() > 0 for v, w in zip(backbone.weights, student0))
-    with pytest.raises(ValueError, match="needs a backbone that takes masks"):
-        POA(ElasticSwin(name="s2", **TRAIN_SWIN), dict(hidden_dim=32, bottleneck_dim=16,
-                                                       out_dims=(20,)),
-            recipe=dict(RECIPE, ibot_weight=1.0))
-
-
-def test_dino_step_with_a_tiny_swin():
-    from poa_keras.methods import DINO
-
-    keras.utils.set_random_seed(1)
-    backbone = ElasticSwin(name="dino_student", **TRAIN_SWIN)
-    trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
-                   recipe=dict(RECIPE, lr=1e-3, min_lr=1e-3, layer_decay=1.0,
-                               patch_embed_lr_mult=1.0))
-    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
-    before = [to_np(v) for v in backbone.weights]
-    data = _views(local=BACKEND == "torch")
-    logs = {k: float(v) for k, v in trainer.train_on_batch(data, return_dict=True).items()}
-    assert np.isfinite(logs["loss"]), logs
-    assert any(np.abs(to_np(v) - w).max() > 0 for v, w in zip(backbone.weights, before))

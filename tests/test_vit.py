@@ -1,33 +1,25 @@
-"""ElasticViT: elastic forward == extracted subnet, shapes, errors, serialization, int8,
-export and bfloat16."""
-import os
-
-import keras
+"""ElasticViT: what only the ViT has (masks, position-embedding resize, named configurations,
+layer ids, errors). Forward == extract, round trips, int8, export, bfloat16, stochastic depth
+and the trainers: the family contract (tests/test_family_contract.py)."""
 import numpy as np
 import pytest
-from conftest import SMALL_VIT, forward, randomize, to_np
+from conftest import forward, to_np
 
 from poa_keras import ElasticViT, ViTSubnet
 from poa_keras.backbones.vit import (CONFIGS, bicubic_resize_matrix, layer_decay_multipliers,
                                      vit_layer_id, vit_lr_multiplier)
 
-BACKEND = keras.backend.backend()
 
 
 def _max_diff(a, b):
     return max(float(np.abs(to_np(a[k]) - to_np(b[k])).max()) for k in ("cls", "patch_tokens"))
 
 
-def test_elastic_forward_equals_extracted_subnet_on_the_whole_grid(small_vit, images):
+def test_the_small_vit_grid(small_vit):
+    # forward == extract over this whole grid: tests/test_family_contract.py
     specs = small_vit.subnets()
     assert len(specs) == 25  # >= 20 specs, including min width, min depth and the full network
     assert ViTSubnet(32, 2) in specs and ViTSubnet(96, 6) in specs
-    for spec in specs:
-        sub = small_vit.extract(spec)
-        assert (sub.embed_dim, sub.depth) == (spec.width, spec.depth)
-        assert sub.count_params() == small_vit.subnet_params(spec)
-        diff = _max_diff(forward(small_vit, images, spec), forward(sub, images))
-        assert diff <= 1e-5, (spec, diff)
 
 
 def test_extracted_subnet_matches_with_masks_and_other_input_size(small_vit):
@@ -42,11 +34,6 @@ def test_extracted_subnet_matches_with_masks_and_other_input_size(small_vit):
     assert _max_diff(a, b) <= 1e-5
     # masking really changes the tokens
     assert _max_diff(a, small_vit(x, subnet=spec)) > 1e-3
-
-
-def test_full_subnet_is_the_plain_forward(small_vit, images):
-    full = small_vit.full_subnet
-    assert _max_diff(forward(small_vit, images, full), forward(small_vit, images)) == 0.0
 
 
 def test_bicubic_matrix_matches_torch_interpolate():
@@ -125,102 +112,8 @@ def test_masks_need_a_mask_token():
         model(np.zeros((1, 16, 16, 3), "float32"), masks=np.zeros((1, 4), bool))
 
 
-# -- training-time pieces --------------------------------------------------------------------
-def test_stochastic_depth_only_in_training(images):
-    keras.utils.set_random_seed(0)
-    model = ElasticViT(**{**SMALL_VIT, "drop_path_rate": 0.5})
-    randomize(model)
-    spec = ViTSubnet(48, 4)
-    a, b = model(images, subnet=spec), model(images, subnet=spec)
-    assert _max_diff(a, b) == 0.0
-    big = np.concatenate([images] * 8)
-    c = model(big, subnet=spec, training=True)
-    assert float(np.abs(to_np(c["cls"]) - to_np(model(big, subnet=spec)["cls"])).max()) > 1e-3
-
-
-# -- serialization ---------------------------------------------------------------------------
-def test_config_round_trip(small_vit):
-    config = small_vit.get_config()
-    clone = ElasticViT.from_config(config)
-    assert clone.get_config() == config
-    assert clone.subnets() == small_vit.subnets()
-
-
-def test_keras_file_round_trip(small_vit, images, tmp_path):
-    sub = small_vit.extract(ViTSubnet(64, 3))
-    path = str(tmp_path / "sub.keras")
-    sub.save(path)
-    loaded = keras.saving.load_model(path)  # safe_mode: no lambdas, no pickles
-    assert isinstance(loaded, ElasticViT)
-    assert _max_diff(loaded(images), sub(images)) == 0.0
-    small_vit.save(str(tmp_path / "teacher.keras"))
-    teacher = keras.saving.load_model(str(tmp_path / "teacher.keras"))
-    spec = ViTSubnet(48, 5)
-    assert _max_diff(teacher(images, subnet=spec), small_vit(images, subnet=spec)) == 0.0
-
-
-# -- deployment ------------------------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method")
-def test_extracted_subnet_quantizes_to_int8(images):
-    keras.utils.set_random_seed(0)
-    teacher = ElasticViT(**SMALL_VIT)  # default initialisation: realistic weight scales
-    sub = teacher.extract(ViTSubnet(64, 2))  # Keras runs gc.collect() per quantized layer: few
-    ref = to_np(sub(images)["cls"])
-    sub.quantize("int8")
-    quantized = [l for l in sub._flatten_layers() if getattr(l, "quantization_mode", None)]
-    assert len(quantized) == 2 * 4  # qkv, proj, fc1, fc2 of each of the 2 blocks
-    out = to_np(sub(images)["cls"])
-    cos = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
-    assert cos.min() > 0.99, cos
-    assert not np.allclose(out, ref, atol=1e-7)  # the int8 kernels really are in use
-
-
-@pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method")
-def test_elastic_forward_of_a_quantized_teacher_is_refused():
-    teacher = ElasticViT(image_size=16, patch_size=8, embed_dim=32, depth=1, head_dim=16,
-                         min_width=16)
-    teacher.quantize("int8")
-    with pytest.raises(ValueError, match=r"quantized \(int8\).*Extract the sub-network first"):
-        teacher(np.zeros((1, 16, 16, 3), "float32"), subnet=ViTSubnet(16, 1))
-
-
-def test_extracted_subnet_exports(small_vit, images, tmp_path):
-    sub = small_vit.extract(ViTSubnet(48, 2))
-    ref = to_np(sub(images)["cls"])
-    spec = keras.InputSpec(shape=(None, 32, 32, 3), dtype="float32")
-    if BACKEND in ("jax", "tensorflow"):
-        import tensorflow as tf
-        path = str(tmp_path / "saved")
-        sub.export(path, format="tf_saved_model", input_signature=[spec])
-        reloaded = tf.saved_model.load(path)
-        out = reloaded.serve(tf.constant(images))
-        np.testing.assert_allclose(np.asarray(out["cls"]), ref, atol=1e-4)
-    else:
-        import torch
-        path = str(tmp_path / "model.pt2")
-        # without dynamic_shapes torch.export specialises the batch to the sample batch of 1
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        sub.export(path, format="torch", input_signature=[spec], dynamic_shapes=({0: batch},))
-        program = torch.export.load(path)
-        out = program.module()(torch.from_numpy(images))
-        out = out["cls"] if isinstance(out, dict) else out[0]
-        np.testing.assert_allclose(out.detach().numpy(), ref, atol=1e-4)
-    assert os.path.exists(path)
-
-
-def test_bfloat16_forward(images):
-    keras.utils.set_random_seed(0)
-    model = ElasticViT(**SMALL_VIT, dtype="mixed_bfloat16")
-    ref_model = ElasticViT(**SMALL_VIT)
-    ref_model.set_weights(model.get_weights())
-    spec = ViTSubnet(48, 3)
-    out = model(images, subnet=spec)
-    assert keras.backend.standardize_dtype(out["cls"].dtype) == "bfloat16"
-    ref = to_np(ref_model(images, subnet=spec)["cls"])
-    assert np.isfinite(to_np(out["cls"])).all()
-    assert np.abs(to_np(out["cls"]) - ref).max() < 0.1 * np.abs(ref).max() + 0.05
-    sub = model.extract(spec)
-    assert keras.backend.standardize_dtype(sub(images)["cls"].dtype) == "bfloat16"
+# Stochastic depth, config / .keras / preset round trips, int8, export and bfloat16: the
+# family contract (tests/test_family_contract.py).
 
 
 def test_layer_decay():
