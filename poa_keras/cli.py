@@ -78,6 +78,9 @@ flags.DEFINE_multi_string("override", [], "pretrain: section.key=value changes o
                           "literals).")
 flags.DEFINE_integer("epochs", None, "pretrain: stop after this many epochs (the schedules keep "
                      "the recipe's length; run again to resume). finetune: epochs (default 3).")
+flags.DEFINE_string("compilation_cache", "auto", "pretrain (JAX): the persistent compilation "
+                    "cache: auto (the one JAX already uses, else user), user (in the Keras "
+                    "cache), run (in --output), off, or a directory.")
 flags.DEFINE_bool("resume", True, "pretrain: resume from the latest checkpoint in --output.")
 flags.DEFINE_enum("verbose", "1", ["0", "1", "2"], "pretrain / finetune: 1 = progress bar, 2 = "
                   "one line per epoch, 0 = silent.")
@@ -375,6 +378,7 @@ def cmd_pretrain():
     start = time.perf_counter()
     try:
         result = pretrain(recipe, output, resume=FLAGS.resume, epochs=FLAGS.epochs,
+                          compilation_cache=FLAGS.compilation_cache,
                           verbose=int(FLAGS.verbose))
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)

@@ -299,13 +299,60 @@ class PretrainResult:
         return self.trainer.teacher_backbone
 
 
+def compilation_cache_dir(setting, output_dir):
+    """Where JAX keeps compiled programs for a run: ``setting`` None / "off" (no persistent
+    cache), "auto" (a cache the process already has, e.g. from ``JAX_COMPILATION_CACHE_DIR``,
+    else "user"), "user" (``<Keras cache>/jax_compilation_cache``, shared by every run of
+    this user), "run" (``<output_dir>/jax_compilation_cache``) or a directory."""
+    if setting in (None, "off"):
+        return None
+    if setting == "auto":
+        import keras
+
+        if keras.backend.backend() != "jax":
+            return None
+        import jax
+
+        current = jax.config.jax_compilation_cache_dir
+        return current if current else compilation_cache_dir("user", output_dir)
+    if setting == "user":
+        from poa_keras import presets
+
+        return os.path.join(presets.cache_dir(), "jax_compilation_cache")
+    if setting == "run":
+        return os.path.join(os.fspath(output_dir), "jax_compilation_cache")
+    if not isinstance(setting, (str, os.PathLike)) or not os.fspath(setting):
+        raise ValueError(f"compilation_cache={setting!r}: give 'auto', 'user', 'run', 'off' "
+                         "or a directory")
+    return os.fspath(setting)
+
+
+def enable_compilation_cache(path):
+    """Points JAX's persistent compilation cache at ``path`` (nothing on other backends, or
+    for None), so that a resumed or repeated run loads the train-step programs it compiled
+    before instead of compiling them again. Returns the directory in use (or None)."""
+    import keras
+
+    if path is None or keras.backend.backend() != "jax":
+        return None
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = os.path.abspath(os.fspath(path))
+    if jax.config.jax_compilation_cache_dir != path:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        compilation_cache.reset_cache()   # JAX opens its cache once per process: re-point it
+    return path
+
+
 def _comparable(recipe):
     """The recipe as JSON would store it (tuples become lists), for resume checks."""
     return json.loads(json.dumps(recipe, default=list))
 
 
 def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", callbacks=(),
-             epochs=None, save_teacher=True):
+             epochs=None, save_teacher=True, compilation_cache="auto"):
     """Runs (or resumes) a recipe; returns a PretrainResult.
 
     Args:
@@ -319,6 +366,9 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         epochs: stop after this many epochs of the recipe (the schedules still follow the
             recipe's full length; a later call resumes).
         save_teacher: write the EMA teacher as a preset into output_dir/teacher at the end.
+        compilation_cache: JAX's persistent compilation cache ("auto", "user", "run", "off"
+            or a directory: ``compilation_cache_dir``); a repeated or resumed run then
+            compiles none of the programs it compiled before. Ignored on other backends.
 
     Raises:
         NonFiniteLoss: the loss became NaN/inf; the run stopped and the last good checkpoint is
@@ -338,6 +388,7 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         raise FileExistsError(f"{output_dir} already holds checkpoints ({latest}); pass "
                               "resume=True (the CLI's --resume) or use another directory")
 
+    enable_compilation_cache(compilation_cache_dir(compilation_cache, output_dir))
     images, num_images = training_images(recipe["data"], int(recipe.get("seed", 0)))
     steps = steps_per_epoch(recipe, num_images)
     trainer = build_trainer(recipe, steps)

@@ -64,6 +64,61 @@ def test_elastic_forward_equals_extracted_subnet(case, teacher):
                    for k in plain)
 
 
+KEEP_TRACES = {}
+
+
+def keep_forward(model, static):
+    """``(images, keep) -> outputs`` of the subnet ``static`` under a run-time block mask:
+    on JAX one jitted program per (model, static) whose traces are counted in KEEP_TRACES."""
+    if BACKEND != "jax":
+        return lambda images, keep: model(images, subnet=static,
+                                          keep=keras.ops.convert_to_tensor(keep))
+    import jax
+
+    key = (model.name, static)
+    if key not in KEEP_PROGRAMS:
+        def run(images, keep):
+            KEEP_TRACES[key] = KEEP_TRACES.get(key, 0) + 1
+            return model(images, subnet=static, keep=keep)
+        KEEP_PROGRAMS[key] = jax.jit(run)
+    return KEEP_PROGRAMS[key]
+
+
+KEEP_PROGRAMS = {}
+
+
+def test_depth_as_a_run_time_block_mask(case, teacher):
+    """DESIGN contract 6: the static part of a spec is its width (``full_depth_subnet``); the
+    depth is a run-time 0/1 mask (``block_keep``) with which the forward equals the static
+    subnet's; only blocks that some subnet skips get a conditional."""
+    if not case.elastic:
+        spec = teacher.full_subnet
+        assert not teacher.has_elastic_depth() and teacher.full_depth_subnet(spec) == spec
+        return
+    assert teacher.has_elastic_depth()
+    images = case.images()
+    full = teacher.block_keep(None)
+    assert full.dtype == np.float32 and set(full.tolist()) == {1.0}
+    skippable = teacher.skippable_blocks()
+    assert skippable and len(skippable) < len(full)
+    for spec in case.specs(teacher)[:6]:   # ViT: width 32 at every depth; one program
+        static = teacher.full_depth_subnet(spec)
+        assert teacher.full_depth_subnet(static) == static
+        assert teacher.head_active_in(static) == teacher.head_active_in(spec)
+        keep = teacher.block_keep(spec)
+        assert keep.shape == full.shape and set(np.flatnonzero(keep == 0)) <= skippable
+        kept = sum(len(ids) for ids in teacher.block_ids(spec)) if isinstance(
+            teacher.block_ids(spec)[0], list) else len(teacher.block_ids(spec))
+        assert int(keep.sum()) == kept
+        out = {k: to_np(v) for k, v in keep_forward(teacher, static)(images, keep).items()}
+        diff = max_diff(out, outputs(teacher, images, spec))
+        assert diff <= 1e-5, (spec, diff)
+    if BACKEND == "jax":   # one program per width: the mask is an argument
+        assert set(KEEP_TRACES.values()) == {1}, KEEP_TRACES
+    with pytest.raises(ValueError, match=r"keep must have shape \(%d,\)" % len(full)):
+        teacher(images, subnet=teacher.full_subnet, keep=keras.ops.ones((len(full) + 1,)))
+
+
 def test_grid_specs_and_errors(case, teacher):
     specs = teacher.subnets()
     assert len(specs) == len(set(specs)) >= 1 and teacher.full_subnet in specs
@@ -301,7 +356,9 @@ def _poa_step(case, trainer, batch, plan):
     _teacher_is_the_ema(trainer, teacher0, after)
     if case.train.check_poa:
         case.train.check_poa(trainer, logs)
-    assert trainer.num_compilations <= 1
+    # the plan's program was traced once (the shared trainer may hold programs of other plans)
+    traces = trainer.compilation_report()["traces_per_plan"]
+    assert traces.get(repr(trainer.last_plan), 0) <= 1, traces
     if case.train.no_masks is not None:
         fresh = case.train.no_masks()
         assert not fresh.supports_masks

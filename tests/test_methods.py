@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 from conftest import to_np
 from family_contract import VIT_PLAN as PLAN
-from family_contract import restart_sampler, vit_batch, vit_dino, vit_poa
+from family_contract import (VIT_TRAIN, restart_sampler, unchanged, vit_batch, vit_dino,
+                             vit_poa)
+
+from poa_keras import ElasticViT, ViTSubnet
+from poa_keras.methods import POA
 
 BACKEND = keras.backend.backend()
+COMPILED = BACKEND in ("jax", "tensorflow")
 
 
 def batch():
@@ -50,7 +55,7 @@ def test_poa_step_teacher_ema_both_branches_and_plan(poa):
         restart_sampler(poa)
         poa.recipe["lambda_ie"] = lam
         logs = step(poa, data)
-        assert poa.last_plan == PLAN
+        assert poa.last_subnet == PLAN and poa.last_plan == poa.plan_for(PLAN)
         assert (logs["width"], logs["depth"]) == (PLAN.width, PLAN.depth)
         runs[lam] = (logs, weights(student_vars), weights(teacher_vars))
     poa.recipe["lambda_ie"] = 0.8
@@ -96,6 +101,48 @@ def test_poa_loss_decreases(poa):
     assert np.all(np.isfinite(losses)), losses
     assert losses[-1] < losses[0], losses
     assert poa.num_compilations <= 1, poa.compilation_report()
+
+
+def test_poa_one_program_per_width_and_run_time_depth_equals_static_depth(poa):
+    """DESIGN contract 6 on the micro ViT (widths 16, 32 x depths 1, 2; the sampler draws
+    (16, 1), (16, 2), (32, 1)). The shared trainer runs the depth as a run-time block mask on
+    JAX and TensorFlow (the plan is the width) and as a static plan on PyTorch; a trainer in the
+    other mode (the run-time path forced on PyTorch, where its conditional runs eagerly) gives
+    the same step. Over the whole grid: at most one program per width."""
+    data = batch()
+    with unchanged(poa):
+        other = POA(ElasticViT(name="student", **VIT_TRAIN),
+                    dict(hidden_dim=32, bottleneck_dim=16, out_dims=(20, 30)),
+                    recipe=dict(poa.recipe), runtime_depth=not poa.runtime_depth)
+        other.compile(optimizer=keras.optimizers.SGD(learning_rate=poa.recipe["lr"]))
+        assert poa.runtime_depth == COMPILED and other.runtime_depth != poa.runtime_depth
+        for a, b in zip(poa.weights, other.weights):
+            b.assign(keras.ops.convert_to_numpy(a))   # a copy: JAX donates the buffers
+        restart_sampler(poa)
+        other.set_sampler_state(poa.get_sampler_state())
+        a, b = step(poa, data), step(other, data)
+        assert poa.last_subnet == other.last_subnet == PLAN
+        runtime = poa if poa.runtime_depth else other
+        assert runtime.last_plan == ViTSubnet(PLAN.width, VIT_TRAIN["depth"]) != PLAN
+        assert (a["width"], a["depth"]) == (b["width"], b["depth"]) == (PLAN.width, PLAN.depth)
+        for name in ("loss", "dino_intact", "dino_elastic", "same_view", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-6), name
+        for x, y in zip(poa.weights, other.weights):
+            np.testing.assert_allclose(to_np(x), to_np(y), rtol=1e-5, atol=1e-6,
+                                       err_msg=x.path)
+
+        seen = {PLAN}
+        for _ in range(40):
+            step(poa, data)
+            seen.add(poa.last_subnet)
+            if len(seen) == 3:
+                break
+        assert seen == {ViTSubnet(16, 1), ViTSubnet(16, 2), ViTSubnet(32, 1)}, seen
+        if COMPILED:
+            assert poa.compiled_plans == {ViTSubnet(16, 2), ViTSubnet(32, 2)}
+            assert poa.num_compilations == 2, poa.compilation_report()
+        else:
+            assert poa.num_compilations == other.num_compilations == 0
 
 
 @pytest.fixture(scope="module")

@@ -334,7 +334,7 @@ def test_weight_decay_on_ndim_above_one_with_layer_decay(poa):
     step = FREEZE_STEPS  # past the freeze, before iBOT: the plain plan
     logs0, after0 = run_step(poa, step, data, weight_decay=0.0)
     logs1, after1 = run_step(poa, step, data, weight_decay=WD)
-    assert poa.trainer.last_plan == PLAN
+    assert poa.trainer.last_plan == poa.trainer.plan_for(PLAN)
     w0 = dict(zip([v.path for v in poa.trainer.weights], poa.start.weights))
     decayed = excluded = 0
     for path, a1 in after1.items():
@@ -360,7 +360,7 @@ def test_poa_last_layer_frozen_during_freeze_steps(poa):
     for step in range(FREEZE_STEPS + 1):
         logs, after = run_step(poa, step, data, weight_decay=WD)
         assert (logs["width"], logs["depth"]) == (PLAN.width, PLAN.depth)
-        assert poa.trainer.last_plan == PLAN
+        assert poa.trainer.last_plan == poa.trainer.plan_for(PLAN)
         frozen = step < FREEZE_STEPS
         for path in last:
             moved = np.abs(after[path] - w0[path]).max()
@@ -368,19 +368,20 @@ def test_poa_last_layer_frozen_during_freeze_steps(poa):
         other = "projection_heads/head_0/mlp_2/kernel"
         assert np.abs(after[other] - w0[other]).max() > 1e-6
     if COMPILED:  # the freeze is a step value: no program of its own
-        assert poa.trainer.compiled_plans <= {PLAN, POAPlan(PLAN, True)}
+        trainer = poa.trainer
+        assert trainer.compiled_plans <= {trainer.plan_for(PLAN), trainer.plan_for(PLAN, True)}
 
 
 def test_poa_ibot_branch(poa):
     data = poa_batch()
     # Before the start epoch: no iBOT, although the batch has masks.
     logs, _ = run_step(poa, IBOT_START - 1, data)
-    assert poa.trainer.last_plan == PLAN and logs["ibot"] == 0.0
+    assert poa.trainer.last_plan == poa.trainer.plan_for(PLAN) and logs["ibot"] == 0.0
 
     # From the start epoch: the iBOT plan, a finite positive term, part of the loss.
     logs, after_on = run_step(poa, IBOT_START, data)
     trainer = poa.trainer
-    assert trainer.last_plan == POAPlan(PLAN, ibot=True) and trainer.last_subnet == PLAN
+    assert trainer.last_plan == trainer.plan_for(PLAN, ibot=True) and trainer.last_subnet == PLAN
     assert (logs["width"], logs["depth"]) == (PLAN.width, PLAN.depth)
     assert np.isfinite(logs["ibot"]) and logs["ibot"] > 0.0
     parts = sum(logs[k] for k in ("dino_intact", "dino_elastic", "same_view", "koleo", "ibot"))
@@ -415,9 +416,9 @@ def test_poa_ibot_branch(poa):
 
     # An iBOT step on a batch without masks: no iBOT branch (a retrace of the same plan).
     logs, _ = run_step(poa, IBOT_START, poa_batch(with_masks=False))
-    assert trainer.last_plan == POAPlan(PLAN, ibot=True) and logs["ibot"] == 0.0
+    assert trainer.last_plan == trainer.plan_for(PLAN, ibot=True) and logs["ibot"] == 0.0
     if COMPILED:
-        assert trainer.compiled_plans == {PLAN, POAPlan(PLAN, True)}
+        assert trainer.compiled_plans == {trainer.plan_for(PLAN), trainer.plan_for(PLAN, True)}
         assert trainer.num_compilations == 3, trainer.compilation_report()
 
 

@@ -205,3 +205,47 @@ def test_tfds_source_says_what_it_needs(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
     with pytest.raises(ImportError, match=r'pip install "poa_keras\[tfds\]"'):
         training_images({"source": "tfds", "name": "imagenette"}, 0)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's persistent compilation cache: TensorFlow "
+                    "traces its programs again in every process, PyTorch compiles nothing")
+def test_a_repeated_run_compiles_nothing_it_compiled_before(tmp_path):
+    """pretrain(compilation_cache=DIR): the second identical run (another output directory,
+    the same recipe) loads every XLA program from DIR instead of compiling it."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from poa_keras.pretrain import compilation_cache_dir
+
+    assert compilation_cache_dir("run", tmp_path / "out") == str(tmp_path / "out" /
+                                                                  "jax_compilation_cache")
+    with pytest.raises(ValueError, match="compilation_cache=3"):
+        compilation_cache_dir(3, tmp_path)
+    events = []
+
+    def listener(event, **kwargs):
+        if event.startswith("/jax/compilation_cache/"):
+            events.append(event.rsplit("/", 1)[1])
+
+    previous = (jax.config.jax_compilation_cache_dir,
+                jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.monitoring.register_event_listener(listener)
+    recipe = dict(TINY, train=dict(TINY["train"], epochs=1))
+    try:
+        runs = []
+        for run in ("first", "second"):
+            events.clear()
+            pretrain(recipe, tmp_path / run, verbose=0, save_teacher=False,
+                     compilation_cache=tmp_path / "cache")
+            # XLA programs compiled (cache misses) and loaded from the cache
+            requests, hits = events.count("compile_requests_use_cache"), events.count("cache_hits")
+            runs.append((requests - hits, hits))
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+        jax.config.update("jax_compilation_cache_dir", previous[0])
+        compilation_cache.reset_cache()
+    (compiled_first, _), (compiled_second, loaded_second) = runs
+    assert compiled_first >= 1 and compiled_second == 0 and loaded_second >= 1, runs
+    assert any((tmp_path / "cache").iterdir())

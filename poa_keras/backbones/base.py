@@ -55,7 +55,10 @@ class Backbone(FrozenGCQuantize, keras.Model):
       * ``subnet_log_values(spec)``: a few numbers that describe a spec in training logs;
       * ``layer_id(path)``, ``max_layer_id``, ``is_patch_embedding(path)`` (optional): the
         layer ids of layer-wise lr decay (``lr_multiplier`` applies the one rule);
-      * ``supports_masks``: whether ``call`` takes iBOT ``masks`` (and returns patch tokens).
+      * ``supports_masks``: whether ``call`` takes iBOT ``masks`` (and returns patch tokens);
+      * ``block_ids(spec)`` and ``full_depth_subnet(spec)`` (families of elastic depth): the
+        blocks a spec runs (a list, or one list per stage) and the spec with its width and the
+        intact depth; ``call`` then takes ``keep=`` (see ``block_keep``).
 
     Trainers, heads and evaluation only talk to these hooks, so a new family works with them
     without family-specific code there.
@@ -205,6 +208,73 @@ class Backbone(FrozenGCQuantize, keras.Model):
         spec = self.resolve_subnet(subnet) or self.full_subnet
         return {f.name: float(getattr(spec, f.name)) for f in dataclasses.fields(spec)
                 if isinstance(getattr(spec, f.name), int)}
+
+    # -- depth as a run-time block mask (DESIGN contract 6) -------------------------------------
+    def full_depth_subnet(self, subnet):
+        """The spec with this subnet's width and the intact network's depth(s): what stays
+        static (one compiled program) when the depth is a run-time block mask
+        (``block_keep``). Families without elastic depth return the spec itself."""
+        return self.resolve_subnet(subnet) or self.full_subnet
+
+    def has_elastic_depth(self):
+        """Whether specs of the grid differ in depth (some share ``full_depth_subnet``)."""
+        specs = self.subnets()
+        return len({self.full_depth_subnet(s) for s in specs}) < len(specs)
+
+    def _stage_block_ids(self, subnet):
+        ids = list(self.block_ids(subnet))
+        return [ids] if not ids or not isinstance(ids[0], (list, tuple)) else ids
+
+    def block_keep(self, subnet=None):
+        """Which blocks of the intact network (flat, in call order, stage after stage) the
+        subnet runs: float32 0/1 of shape (num_blocks,).
+
+        ``backbone(x, subnet=backbone.full_depth_subnet(s), keep=backbone.block_keep(s))``
+        equals ``backbone(x, subnet=s)``, with ``keep`` a run-time tensor: a compiled program
+        of one width serves every depth, and a skipped block costs no FLOPs (its body sits in
+        a conditional, ``elastic.layers.skippable``)."""
+        import numpy as np
+
+        full = self._stage_block_ids(None)
+        kept = self._stage_block_ids(self.resolve_subnet(subnet) or self.full_subnet)
+        return np.array([1.0 if j in set(k) else 0.0 for f, k in zip(full, kept) for j in f],
+                        dtype=np.float32)
+
+    def skippable_blocks(self):
+        """Flat indices of the blocks that some subnet of the grid skips (only these get a
+        conditional under ``keep``; the others run in every subnet)."""
+        cached = self.__dict__.get("_skippable_cache")
+        if cached is None:
+            import numpy as np
+
+            always = np.min([self.block_keep(s) for s in self.subnets()], axis=0)
+            cached = frozenset(int(i) for i in np.flatnonzero(always < 1.0))
+            self.__dict__["_skippable_cache"] = cached
+        return cached
+
+    def run_block_ids(self, subnet, keep):
+        """The per-stage block indices a call iterates: the subnet's blocks, or with a
+        run-time ``keep`` mask (checked here) every block of the intact depth. Each entry is
+        (block index in its stage, flat index)."""
+        if keep is None:
+            ids = self._stage_block_ids(subnet)
+        else:
+            full = self._stage_block_ids(None)
+            expected = sum(len(f) for f in full)
+            shape = tuple(keep.shape)
+            if shape != (expected,):
+                raise ValueError(f"{self.name}: keep must have shape ({expected},) (one flag "
+                                 f"per block of the intact network), got {shape}")
+            ids = full
+        full = self._stage_block_ids(None)
+        offsets = [sum(len(f) for f in full[:s]) for s in range(len(full))]
+        return [[(j, offsets[s] + j) for j in stage] for s, stage in enumerate(ids)]
+
+    def keep_flag(self, keep, flat_index):
+        """The run-time flag of one block (None: it always runs)."""
+        if keep is None or flat_index not in self.skippable_blocks():
+            return None
+        return keep[flat_index]
 
     # -- layer-wise lr decay ---------------------------------------------------------------------
     def layer_id(self, path):

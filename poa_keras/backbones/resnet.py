@@ -277,6 +277,10 @@ class ElasticResNet(Backbone):
         values.update({f"depth_{s + 1}": float(d) for s, d in enumerate(spec.depths)})
         return values
 
+    def full_depth_subnet(self, subnet):
+        spec = self.resolve_subnet(subnet) or self.full_subnet
+        return ResNetSubnet(spec.width, tuple(self.max_depths))
+
     def block_ids(self, subnet=None):
         """Per stage, the indices of the blocks a subnet runs (all for the full network)."""
         spec = self.resolve_subnet(subnet)
@@ -396,7 +400,8 @@ class ElasticResNet(Backbone):
         x = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
         return ops.max_pool(x, pool_size=3, strides=2, padding="valid")
 
-    def call(self, images, subnet=None, training=None, masks=None, return_feature_maps=False):
+    def call(self, images, subnet=None, training=None, masks=None, return_feature_maps=False,
+             keep=None):
         if masks is not None:
             raise ValueError(f"{self.name}: {type(self).__name__} takes no masks "
                              "(supports_masks=False; use ibot_weight=0)")
@@ -406,11 +411,12 @@ class ElasticResNet(Backbone):
         active = None if spec is None or spec.width == self.max_width else spec.width
         x = self.stem(images)
         maps = []
-        for s, ids in enumerate(self.block_ids(spec)):
+        for s, ids in enumerate(self.run_block_ids(spec, keep)):
             stage_active = None if active is None else active * 2 ** s
-            for i in ids:
+            for i, flat in ids:
                 x = self.blocks[self.stage_offsets[s] + i](x, active=stage_active,
-                                                           training=training)
+                                                           training=training,
+                                                           keep=self.keep_flag(keep, flat))
             maps.append(x)
         pooled = ops.mean(x, axis=(1, 2))
         out = {"cls": pooled, "pooled": pooled}

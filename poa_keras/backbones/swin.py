@@ -252,6 +252,10 @@ class ElasticSwin(Backbone):
             ids[ELASTIC_STAGE] = block_ids(self.depths[ELASTIC_STAGE], spec.depth)
         return ids
 
+    def full_depth_subnet(self, subnet):
+        spec = self.resolve_subnet(subnet) or self.full_subnet
+        return SwinSubnet(spec.width, self.depths[ELASTIC_STAGE])
+
     def subnet_depths(self, subnet=None):
         spec = self.resolve_subnet(subnet) or self.full_subnet
         return tuple(spec.depth if s == ELASTIC_STAGE else d for s, d in enumerate(self.depths))
@@ -392,14 +396,15 @@ class ElasticSwin(Backbone):
                     f"{self.window_size} are padded)")
         return shape[1] // self.patch_size, shape[2] // self.patch_size
 
-    def call(self, images, subnet=None, masks=None, training=None, return_feature_maps=False):
+    def call(self, images, subnet=None, masks=None, training=None, return_feature_maps=False,
+             keep=None):
         if masks is not None:
             raise ValueError(f"{self.name} ({type(self).__name__}) takes no masks: it has no "
                              "mask token (the iBOT branch is ViT-only; set ibot_weight=0)")
         spec = self.resolve_subnet(subnet)
         grid_h, grid_w = self._check_images(images)
         elastic = spec is not None and spec.width != self.embed_dim
-        ids = self.block_ids(spec)
+        ids = self.run_block_ids(spec, keep)
         width = spec.width if elastic else self.embed_dim
         active = width if elastic else None
         x = self.patch_embed(images, active=active)
@@ -409,8 +414,9 @@ class ElasticSwin(Backbone):
         last = self.num_stages - 1
         for s, stage in enumerate(self.stages):
             active = self.stage_width(s, width) if elastic else None
-            for j in ids[s]:
-                x = stage[j](x, active=active, training=training)
+            for j, flat in ids[s]:
+                x = stage[j](x, active=active, training=training,
+                             keep=self.keep_flag(keep, flat))
             if return_feature_maps or s == last:
                 maps.append(self.norms[s](x, active=active))
             if s < last:

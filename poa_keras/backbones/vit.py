@@ -145,8 +145,9 @@ class ElasticViT(Backbone):
         net_select_scale: sampling weight of the smallest subnet (see `SubnetSampler`).
         named_subnets: {name: (width, depth)} of well-known sizes.
 
-    Call: ``model(images, subnet=None, masks=None, training=None)`` with images (B, H, W, C)
-    and optional boolean masks (B, H/p * W/p). Returns ``{"cls": (B, w), "patch_tokens":
+    Call: ``model(images, subnet=None, masks=None, training=None, keep=None)`` with images
+    (B, H, W, C) and optional boolean masks (B, H/p * W/p); ``keep``: a run-time block mask
+    (``block_keep``), with which the subnet's depth is ignored. Returns ``{"cls": (B, w), "patch_tokens":
     (B, N, w), "pooled": (B, w)}`` (final-norm tokens; pooled = cls).
     On request (``return_blocks=True``) the dict also holds ``"blocks"``: one (B, 1 + N, w)
     tensor per block the subnet runs, in order, each passed through the final LayerNorm
@@ -288,6 +289,10 @@ class ElasticViT(Backbone):
     def is_patch_embedding(self, path):
         return "patch_embed" in str(path).split("/")
 
+    def full_depth_subnet(self, subnet):
+        spec = self.resolve_subnet(subnet) or self.full_subnet
+        return ViTSubnet(spec.width, self.depth)
+
     def block_ids(self, subnet=None):
         """Indices of the blocks a subnet runs (all of them for the full network)."""
         spec = self.resolve_subnet(subnet)
@@ -390,8 +395,11 @@ class ElasticViT(Backbone):
         patch_pos = ops.cast(ops.reshape(patch_pos, (1, grid_h * grid_w, width)), pos.dtype)
         return ops.concatenate([pos[:, :1], patch_pos], axis=1)
 
-    def call(self, images, subnet=None, masks=None, training=None, return_blocks=False):
+    def call(self, images, subnet=None, masks=None, training=None, return_blocks=False,
+             keep=None):
         spec = self.resolve_subnet(subnet)
+        if keep is not None and return_blocks:
+            raise ValueError("return_blocks needs a static depth: give the subnet, not keep")
         grid_h, grid_w = self._check_images(images)
         width = self.embed_dim if spec is None else spec.width
         active = None if width == self.embed_dim else width  # None: no slicing at all
@@ -406,10 +414,10 @@ class ElasticViT(Backbone):
         cls = ops.zeros_like(x[:, :1]) + ops.cast(cls, x.dtype)
         x = ops.concatenate([cls, x], axis=1)
         x = x + ops.cast(self._position_embedding(grid_h, grid_w, width), x.dtype)
-        ids = range(self.depth) if spec is None else block_ids(self.depth, spec.depth)
         block_outputs = [] if return_blocks else None
-        for i in ids:
-            x = self.blocks[i](x, active=active, training=training)
+        for i, flat in self.run_block_ids(spec, keep)[0]:
+            x = self.blocks[i](x, active=active, training=training,
+                               keep=self.keep_flag(keep, flat))
             if block_outputs is not None:
                 block_outputs.append(x)
         x = self.norm(x, active=active)

@@ -31,7 +31,7 @@ from keras import ops
 
 from poa_keras.elastic.layers import (ElasticDense, HostInitializer, StochasticDepth,
                                       check_active, check_not_quantized, fold_alpha,
-                                      read_weight)
+                                      read_weight, skippable)
 
 
 def kaiming_normal_fan_out(kernel_size, filters):
@@ -258,22 +258,32 @@ class ElasticBottleneck(keras.layers.Layer):
                 layer.build()
         self.drop_path.build(None)  # weightless, but Model.quantize wants every layer built
 
-    def call(self, x, active=None, training=None):
-        if active is None:
-            y = ops.relu(self.norm1(self.conv1(x)))
-            y = ops.relu(self.norm2(self.conv2(y)))
-            y = self.norm3(self.conv3(y))
-        else:
-            y = ops.relu(self.norm1(self.conv1(x, active_out=active), active=active))
-            y = ops.relu(self.norm2(self.conv2(y, active_in=active, active_out=active),
-                                    active=active))
-            y = self.norm3(self.conv3(y, active_in=active))
-        shortcut = x
-        if self.has_downsample:
-            if self.strides != 1:
-                shortcut = shortcut[:, ::self.strides, ::self.strides, :]
-            shortcut = self.downsample_norm(self.downsample(shortcut))
-        return ops.relu(self.drop_path(y, training=training) + shortcut)
+    def call(self, x, active=None, training=None, keep=None):
+        """``keep``: None, or a run-time 0/1 scalar; 0 skips the block (``skippable``; only a
+        block whose output has its input's shape can be skipped)."""
+        noise = self.drop_path.noise(x, training)
+
+        def body(x):
+            if active is None:
+                y = ops.relu(self.norm1(self.conv1(x)))
+                y = ops.relu(self.norm2(self.conv2(y)))
+                y = self.norm3(self.conv3(y))
+            else:
+                y = ops.relu(self.norm1(self.conv1(x, active_out=active), active=active))
+                y = ops.relu(self.norm2(self.conv2(y, active_in=active, active_out=active),
+                                        active=active))
+                y = self.norm3(self.conv3(y, active_in=active))
+            shortcut = x
+            if self.has_downsample:
+                if self.strides != 1:
+                    shortcut = shortcut[:, ::self.strides, ::self.strides, :]
+                shortcut = self.downsample_norm(self.downsample(shortcut))
+            return ops.relu(self.drop_path.apply(y, noise) + shortcut)
+
+        if keep is not None and self.has_downsample:
+            raise ValueError(f"{self.name}: a block with a downsampling shortcut changes the "
+                             "shape of its input and cannot be skipped")
+        return skippable(keep, x, body)
 
     def sliced_weights(self, active, on_host=True):
         """{sub-layer name: weights} of the sub-block with mid width `active` (alpha folded):

@@ -317,7 +317,14 @@ class ElasticLayerScale(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="poa_keras")
 class StochasticDepth(keras.layers.Layer):
-    """Drops the whole residual branch per sample with probability `rate` (training only)."""
+    """Drops the whole residual branch per sample with probability `rate` (training only).
+
+    ``layer(y, training)`` draws and applies in one go. A block whose body may be skipped at
+    run time (``skippable``) draws first, outside the conditional, with ``noise(x, training)``
+    (per-sample 0/1, or None when nothing is dropped) and applies it inside with
+    ``apply(y, noise)``: a random generator must not advance inside a branch that may not run
+    (on JAX its new state would be a value local to that branch).
+    """
 
     def __init__(self, rate=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
@@ -327,19 +334,40 @@ class StochasticDepth(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0 else None
 
-    def call(self, x, training=None):
+    def noise(self, x, training=None):
+        """Per-sample keep flags (B, 1, ..., 1) of x's rank and dtype, or None (inference, or
+        rate 0)."""
         if not training or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
+            return None
         shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
-        mask = ops.floor(keep + keras.random.uniform(shape, seed=self.seed_generator,
-                                                     dtype=x.dtype))
-        return x * mask / keep
+        return ops.floor(1.0 - self.rate + keras.random.uniform(
+            shape, seed=self.seed_generator, dtype=x.dtype))
+
+    def apply(self, y, noise):
+        """y with the samples whose flag is 0 dropped and the rest scaled by 1 / (1 - rate)."""
+        return y if noise is None else y * noise / (1.0 - self.rate)
+
+    def call(self, x, training=None):
+        return self.apply(x, self.noise(x, training))
 
     def get_config(self):
         config = super().get_config()
         config.update(rate=self.rate, seed=self.seed)
         return config
+
+
+def skippable(keep, x, body):
+    """``body(x)`` where the run-time flag ``keep`` (a scalar 0/1 tensor) is 1, else ``x``.
+
+    ``keep=None`` runs the body unconditionally (no conditional at all). Otherwise the body
+    sits in a conditional (``ops.cond``: ``lax.cond`` on JAX, ``tf.cond`` on TensorFlow): a
+    compiled program holds both branches but computes only the one taken, so one program
+    serves every depth without paying the skipped blocks' FLOPs (DESIGN contract 6). The body
+    must keep x's shape and must not advance a random generator (draw outside: see
+    ``StochasticDepth.noise``)."""
+    if keep is None:
+        return body(x)
+    return ops.cond(ops.convert_to_tensor(keep) > 0, lambda: body(x), lambda: x)
 
 
 @keras.saving.register_keras_serializable(package="poa_keras")
@@ -467,15 +495,21 @@ class ElasticBlock(keras.layers.Layer):
                 layer.build()
         self.drop_path.build(None)  # weightless, but Model.quantize wants every layer built
 
-    def call(self, x, active=None, training=None):
-        y = self.attn(self.norm1(x, active=active), active=active)
-        if self.ls1 is not None:
-            y = self.ls1(y, active=active)
-        x = x + self.drop_path(y, training=training)
-        y = self.mlp(self.norm2(x, active=active), active=active)
-        if self.ls2 is not None:
-            y = self.ls2(y, active=active)
-        return x + self.drop_path(y, training=training)
+    def call(self, x, active=None, training=None, keep=None):
+        """``keep``: None, or a run-time 0/1 scalar; 0 skips the block (``skippable``)."""
+        noise = [self.drop_path.noise(x, training) for _ in range(2)]
+
+        def body(x):
+            y = self.attn(self.norm1(x, active=active), active=active)
+            if self.ls1 is not None:
+                y = self.ls1(y, active=active)
+            x = x + self.drop_path.apply(y, noise[0])
+            y = self.mlp(self.norm2(x, active=active), active=active)
+            if self.ls2 is not None:
+                y = self.ls2(y, active=active)
+            return x + self.drop_path.apply(y, noise[1])
+
+        return skippable(keep, x, body)
 
     def get_config(self):
         config = super().get_config()

@@ -51,7 +51,7 @@ from keras import ops
 from poa_keras.elastic.layers import (ElasticDense, ElasticLayerNorm, ElasticMLP,
                                       HostInitializer, StochasticDepth, check_active,
                                       check_not_quantized, fold_alpha, read_weight,
-                                      trunc_normal)
+                                      skippable, trunc_normal)
 
 # (row, col) offset of each 2 x 2 neighbour, in the order of the merged channel blocks.
 MERGE_POSITIONS = ((0, 0), (1, 0), (0, 1), (1, 1))            # ours = original Swin / timm
@@ -254,11 +254,17 @@ class ElasticSwinBlock(keras.layers.Layer):
             y = y[:, :h, :w]
         return y
 
-    def call(self, x, active=None, training=None):
-        y = self._windowed_attention(self.norm1(x, active=active), active)
-        x = x + self.drop_path(y, training=training)
-        y = self.mlp(self.norm2(x, active=active), active=active)
-        return x + self.drop_path(y, training=training)
+    def call(self, x, active=None, training=None, keep=None):
+        """``keep``: None, or a run-time 0/1 scalar; 0 skips the block (``skippable``)."""
+        noise = [self.drop_path.noise(x, training) for _ in range(2)]
+
+        def body(x):
+            y = self._windowed_attention(self.norm1(x, active=active), active)
+            x = x + self.drop_path.apply(y, noise[0])
+            y = self.mlp(self.norm2(x, active=active), active=active)
+            return x + self.drop_path.apply(y, noise[1])
+
+        return skippable(keep, x, body)
 
     def get_config(self):
         config = super().get_config()

@@ -169,9 +169,12 @@ class DINOHead(keras.layers.Layer):
             self.mlp.append(keras.layers.Dense(
                 units, use_bias=self.use_bias, kernel_initializer=trunc_normal(),
                 bias_initializer=HostInitializer("zeros"), dtype=policy, name=f"mlp_{i}"))
+        # The prototype logits are computed in float32 under any policy (mixed_bfloat16
+        # included): the teacher and student temperatures (0.04-0.1) multiply their rounding
+        # errors by 10-25 before the softmax.
         self.last_layer = WeightNormalizedDense(
             self.bottleneck_dim, self.out_dim, gain_trainable=not self.norm_last_layer,
-            dtype=policy, name="last_layer")
+            dtype="float32", name="last_layer")
         # Built now (variables exist for optimizers and EMA before the first call), within this
         # layer's name scope: paths read "<name>/mlp_0/...", "<name>/last_layer/weight_v".
         self.build()
@@ -191,12 +194,12 @@ class DINOHead(keras.layers.Layer):
         return list(self.last_layer.trainable_variables)
 
     def bottleneck(self, x, active_in=None):
-        """The L2-normalised bottleneck features (..., bottleneck_dim)."""
+        """The L2-normalised bottleneck features (..., bottleneck_dim), float32."""
         active_in = _resolve_active_in(x, active_in, self.in_dim, self.name)
         h = self.mlp[0](x) if active_in is None else self.mlp[0](x, active_in=active_in)
         for layer in self.mlp[1:]:
             h = layer(keras.activations.gelu(h, approximate=False))
-        return l2_normalize(h)
+        return l2_normalize(ops.cast(h, "float32"))   # float32 into the logits (see __init__)
 
     def call(self, x, active_in=None):
         return self.last_layer(self.bottleneck(x, active_in=active_in))

@@ -13,6 +13,13 @@ A trainer subclasses `PlannedTrainer` and writes only backend-agnostic code (ker
   ``learning_rate`` and ``weight_decay`` are given to the optimizer; every entry (those two
   included) is readable inside the step as ``self.step_values[name]``, a float32 scalar tensor
   that is an ARGUMENT of the compiled program, so a schedule never causes a recompilation.
+* ``step_choices()`` -> dict of fixed-shape float arrays, on the host right after
+  ``next_plan``: the step's run-time choices that do not change shapes (a block keep mask for
+  the elastic depth, bit-widths), readable inside the step as ``self.step_values[name]`` like
+  the hyperparameters: ARGUMENTS of the program, so they never cause a recompilation (DESIGN
+  contract 6: only shape-changing choices belong in the plan).
+* ``host_logs()`` -> dict of numbers known on the host (e.g. the drawn subnet's size), merged
+  into the step's logs.
 * ``frozen_variables(plan)`` -> trainable variables that this step leaves untouched (no gradient
   update, no weight decay, no optimizer-moment update), like a PyTorch parameter whose ``.grad``
   is None (DINO's last-layer freeze).
@@ -49,6 +56,10 @@ Every trace of a step program is counted (a Python side effect that runs only wh
 so ``num_compilations`` is what was really compiled -- a plan traced twice (e.g. a new batch
 shape) counts twice. ``compilation_report()`` summarises; the count is also in the logs
 (``compilations``). ``max_plans`` bounds the number of distinct compiled plans.
+
+Precision: float32, or ``mixed_bfloat16`` (build the models under that policy: variables, the
+EMA teacher's and the optimizer's state stay float32, the losses compute in float32); float16
+computation (``mixed_float16``) is refused, since it needs loss scaling.
 
 Not supported: loss scaling (LossScaleOptimizer / ``loss_scale_factor``), gradient accumulation,
 multi-replica tf.distribute strategies, ``torch.compile``.
@@ -130,6 +141,15 @@ class PlannedTrainer(keras.Model):
 
     def step_hyperparameters(self, step):
         """Per-step values from the 0-based step count (host, numbers): see the module doc."""
+        return {}
+
+    def step_choices(self):
+        """Run-time per-step choices (see the module doc): {name: fixed-shape float array}.
+        Runs on the host after ``next_plan``, once per step."""
+        return {}
+
+    def host_logs(self):
+        """{name: number} known on the host, added to the logs of the last step."""
         return {}
 
     def frozen_variables(self, plan):
@@ -236,6 +256,7 @@ class PlannedTrainer(keras.Model):
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
+        self._check_precision()
         # A new train function (after compile) may see a new optimizer: rebuild every program.
         self._plans.programs.clear()
         self._plans.update_scales = self._resolve_lr_multipliers()
@@ -250,6 +271,17 @@ class PlannedTrainer(keras.Model):
         else:
             raise NotImplementedError(f"PlannedTrainer does not support backend {backend!r}")
         return self.train_function
+
+    def _check_precision(self):
+        """float16 computation needs loss scaling, which these steps do not do: refused.
+        ``mixed_bfloat16`` (bfloat16 has float32's exponent range) is supported."""
+        half = sorted({layer.dtype_policy.name for layer in self._flatten_layers()
+                       if keras.backend.standardize_dtype(layer.compute_dtype) == "float16"})
+        if half:
+            raise ValueError(
+                f"{type(self).__name__} computes in float16 (dtype policies {half}), which "
+                "needs loss scaling, and PlannedTrainer does not scale losses; build the "
+                "models under 'mixed_bfloat16' (keras.config.set_dtype_policy) or 'float32'")
 
     def train_step(self, *args, **kwargs):
         raise RuntimeError("PlannedTrainer runs its steps through make_train_function; "
@@ -341,6 +373,10 @@ class PlannedTrainer(keras.Model):
                 raise ValueError(f"step_hyperparameters()[{name!r}] must be a scalar, "
                                  f"got shape {value.shape}")
             values[name] = value
+        for name, value in dict(self.step_choices() or {}).items():
+            if name in values:
+                raise ValueError(f"step_choices() and step_hyperparameters() both set {name!r}")
+            values[name] = np.asarray(value, dtype="float32")
         if "learning_rate" in values and not isinstance(self.optimizer._learning_rate,
                                                         keras.Variable):
             raise ValueError(
@@ -362,6 +398,7 @@ class PlannedTrainer(keras.Model):
 
     def _host_logs(self, logs):
         logs = dict(logs)
+        logs.update(self.host_logs() or {})
         logs["compilations"] = self.num_compilations
         return logs
 

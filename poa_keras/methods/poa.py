@@ -58,11 +58,18 @@ weights do not move (no gradient step, no weight decay) while AdamW's moments st
 gradients, and the gradient norm for clipping includes them -- as with DINOv2's
 ``last_layer_lr`` param group. It costs no program: the freeze is a step value, not a plan.
 
-The plan: the elastic student's subnet spec; during the iBOT phase it is
-``POAPlan(subnet, ibot=True)`` (hashable). So at most 2 programs per subnet are compiled
-(one before the iBOT start epoch, one after; 1 without iBOT), plus one retrace of an iBOT plan
-for a batch of another structure (with/without "masks"). ``last_subnet`` (and
-``plan_subnet(plan)``) give the subnet whatever the plan.
+The plan (the key of a compiled program, DESIGN contract 6) holds only what changes shapes:
+the elastic student's WIDTH. With ``runtime_depth`` (the default on JAX and TensorFlow, for a
+backbone of elastic depth) the plan is the drawn subnet at the intact depth
+(``backbone.full_depth_subnet``) and the depth is the run-time mask ``block_keep``
+(``step_choices``): each block that some subnet skips runs inside a conditional that computes
+only the branch taken, so a W x D grid compiles at most W programs and a skipped block costs
+no FLOPs. Without it (the default on PyTorch, where nothing is compiled and a Python branch
+is free) the plan is the drawn subnet itself. During the iBOT phase the plan is
+``POAPlan(plan, ibot=True)``: at most 2 programs per width (one before the iBOT start epoch,
+one after; 1 without iBOT), plus one retrace of an iBOT plan for a batch of another
+structure (with/without "masks"). ``last_subnet`` is the drawn subnet, ``plan_for(subnet)``
+the plan it runs under.
 
 ``lambda_ie``, ``koleo_weight`` and ``ibot_weight`` are read from ``self.recipe`` at every step
 and enter the compiled step as arguments (``step_values``), like the schedules.
@@ -80,6 +87,7 @@ from __future__ import annotations
 import types
 from typing import NamedTuple
 
+import keras
 from keras import ops
 
 from poa_keras.data.masking import mask_upper_bound
@@ -134,12 +142,15 @@ class POA(TeacherStudentTrainer):
             ``freeze_last_layer_epochs`` (1), ``layer_decay`` (0.9), ``patch_embed_lr_mult``
             (0.2). Defaults: ``POA_RECIPE``.
         clip_grad: "recipe" (POA 1.5), a number or None.
+        runtime_depth: the depth as a run-time block mask (one program per width; see "The
+            plan" in the module doc). None: on JAX and TensorFlow, not on PyTorch.
     """
 
     recipe_defaults = POA_RECIPE
     schedule_defaults = schedules_lib.POA_DEFAULTS
 
-    def __init__(self, backbone, head=None, recipe=None, clip_grad="recipe", **kwargs):
+    def __init__(self, backbone, head=None, recipe=None, clip_grad="recipe", runtime_depth=None,
+                 **kwargs):
         if len(backbone.subnets()) < 2:
             raise ValueError(
                 f"POA trains an elastic backbone: its elastic student runs a sub-network other "
@@ -170,7 +181,10 @@ class POA(TeacherStudentTrainer):
                               for i, d in enumerate(out_dims)] if center else [])
         sampler = backbone.sampler(seed=int(self.recipe["sampler_seed"]),
                                    net_select_scale=self.recipe["net_select_scale"])
-        self._host = types.SimpleNamespace(sampler=sampler)
+        self._host = types.SimpleNamespace(sampler=sampler, subnet=None)
+        if runtime_depth is None:
+            runtime_depth = keras.backend.backend() in ("jax", "tensorflow")
+        self.runtime_depth = bool(runtime_depth) and backbone.has_elastic_depth()
 
     # ------------------------------------------------------------------------------ sampling
     @property
@@ -192,8 +206,14 @@ class POA(TeacherStudentTrainer):
     @property
     def last_subnet(self):
         """The subnet the last step's elastic student ran (None before the first step)."""
-        plan = self.last_plan
-        return None if plan is None else self.plan_subnet(plan)
+        return self._host.subnet
+
+    def plan_for(self, subnet, ibot=False):
+        """The plan (the program's key) under which the elastic student runs ``subnet``: the
+        subnet itself, or with ``runtime_depth`` its width at the intact depth (the depth is
+        then the step's ``block_keep`` mask); a ``POAPlan`` in the iBOT phase."""
+        static = self.backbone.full_depth_subnet(subnet) if self.runtime_depth else subnet
+        return POAPlan(static, ibot=True) if ibot else static
 
     def ibot_start_step(self):
         return int(round(float(self.recipe["ibot_start_epoch"] or 0)
@@ -204,11 +224,26 @@ class POA(TeacherStudentTrainer):
         has masks)."""
         return float(self.recipe["ibot_weight"] or 0.0) > 0.0 and step >= self.ibot_start_step()
 
+    def next_subnet(self):
+        """The elastic student's subnet of the next step (host): the sampler's next draw.
+        Override to pin the subnet (benchmarks time one subnet at a time)."""
+        return self._host.sampler.next()
+
     def next_plan(self):
-        subnet = self._host.sampler.next()
-        if self.ibot_active(self._current_step()):
-            return POAPlan(subnet, ibot=True)
-        return subnet
+        subnet = self.next_subnet()
+        self._host.subnet = subnet
+        return self.plan_for(subnet, ibot=self.ibot_active(self._current_step()))
+
+    def step_choices(self):
+        """With ``runtime_depth``: ``block_keep``, the drawn subnet's block mask."""
+        if not self.runtime_depth:
+            return {}
+        return {"block_keep": self.backbone.block_keep(self._host.subnet)}
+
+    def host_logs(self):
+        """The drawn subnet's size (``width``, ``depth``, ...: ``subnet_log_values``)."""
+        subnet = self._host.subnet
+        return {} if subnet is None else self.backbone.subnet_log_values(subnet)
 
     def step_hyperparameters(self, step):
         # lambda_ie, koleo_weight and ibot_weight are step values (program arguments), read
@@ -243,15 +278,16 @@ class POA(TeacherStudentTrainer):
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def _student(self, g_flat, l_flat, n_local, subnet, training, masks=None,
-                 token_index=None):
+                 token_index=None, keep=None):
         """(cls of the global views (2B, w), per head logits (2 + v, B, K), per head logits of
-        the gathered masked patch tokens (U, K) or None)."""
+        the gathered masked patch tokens (U, K) or None). ``keep``: a run-time block mask."""
         width = None if subnet is None else self.backbone.head_active_in(subnet)
-        g_out = self.backbone(g_flat, subnet=subnet, masks=masks, training=training)
+        depth = {} if keep is None else {"keep": keep}
+        g_out = self.backbone(g_flat, subnet=subnet, masks=masks, training=training, **depth)
         g_cls = g_out["cls"]
         logits = [[unflatten_views(x, 2)] for x in self._heads(g_cls, width)]
         if l_flat is not None:
-            l_cls = self.backbone(l_flat, subnet=subnet, training=training)["cls"]
+            l_cls = self.backbone(l_flat, subnet=subnet, training=training, **depth)["cls"]
             for per_head, x in zip(logits, self._heads(l_cls, width)):
                 per_head.append(unflatten_views(x, n_local))
         patch_logits = None
@@ -333,8 +369,9 @@ class POA(TeacherStudentTrainer):
 
         intact_cls, intact, intact_patch = self._student(g_flat, l_flat, n_local, None,
                                                          training, masks, token_index)
-        elastic_cls, elastic, elastic_patch = self._student(g_flat, l_flat, n_local, subnet, training,
-                                                  masks, token_index)
+        keep = self.step_values["block_keep"] if self.runtime_depth else None
+        elastic_cls, elastic, elastic_patch = self._student(g_flat, l_flat, n_local, subnet,
+                                                            training, masks, token_index, keep)
 
         dino_i = dino_e = same = 0.0
         for target, views_i, views_e in zip(targets, intact, elastic):
@@ -380,7 +417,6 @@ class POA(TeacherStudentTrainer):
             ibot = self.step_values["ibot_weight"] * total / n_heads
             loss = loss + ibot
         logs = dict(dino_intact=dino_i, dino_elastic=dino_e, same_view=same, koleo=koleo,
-                    ibot=ibot, **self.backbone.subnet_log_values(subnet),
-                    teacher_temp=self.step_values["teacher_temp"],
+                    ibot=ibot, teacher_temp=self.step_values["teacher_temp"],
                     momentum=self.step_values["momentum"])
         return loss, logs
