@@ -34,7 +34,8 @@ ALLOWED = {
     "eval": {"backbones", "classifier", "data", "elastic", "files", "optimizers",
              "quantization", "validation", "version"},
     "export": {"backbones", "eval", "files", "quantization", "validation", "version"},
-    "pretrain": {"backbones", "data", "files", "heads", "methods", "recipes", "validation"},
+    "pretrain": {"backbones", "data", "files", "heads", "methods", "presets", "recipes",
+                 "validation"},
 }
 TOP = {"cli", "<root>", "recipes", "zoo"}   # may import any room
 

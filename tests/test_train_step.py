@@ -266,3 +266,46 @@ def test_state_threads_through_unsynced_steps(run):
     for v, expected in zip(model.student + model.teacher, student + teacher):
         np.testing.assert_allclose(to_np(v), expected, rtol=1e-6, atol=1e-7)
     assert int(to_np(model.optimizer.iterations)) == STEPS_FIRST
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch",
+                    reason="the multi-tensor fast paths exist on PyTorch only (JAX and "
+                    "TensorFlow compile the step, and XLA fuses the per-variable loops)")
+def test_torch_fused_paths_equal_the_generic_loops():
+    """methods/torch_fused.py against the generic keras.ops loops it replaces: two POA steps
+    with layer decay, the patch-embed multiplier, the last-layer freeze (a per-step
+    multiplier), active clipping, AdamW with weight decay and the EMA teacher."""
+    from poa_keras import ElasticViT
+    from poa_keras.methods import POA
+
+    recipe = dict(epochs=1, steps_per_epoch=4, batch_size=2, lr=1e-2, lr_scaling="none",
+                  warmup_epochs=0, weight_decay=0.05, layer_decay=0.7, patch_embed_lr_mult=0.2,
+                  freeze_last_layer_epochs=0.25, clip_grad=0.05, sampler_seed=1)
+
+    def trainer(fused):
+        keras.utils.set_random_seed(0)
+        backbone = ElasticViT(image_size=16, patch_size=8, embed_dim=32, depth=2, head_dim=16,
+                              min_width=16, min_depth=1, layer_scale_init=0.5)
+        t = POA(backbone, dict(hidden_dim=16, bottleneck_dim=8, out_dims=(10,)), recipe=recipe)
+        t.fused_updates = fused
+        t.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-2, weight_decay=0.05))
+        return t
+
+    fused, generic = trainer(True), trainer(False)
+    assert fused.fused_step() and not generic.fused_step()
+    rng = np.random.default_rng(0)
+    data = {"global": rng.normal(size=(2, 2, 16, 16, 3)).astype("float32"),
+            "local": rng.normal(size=(2, 2, 8, 8, 3)).astype("float32")}
+    start = [np.array(keras.ops.convert_to_numpy(v)) for v in fused.weights]
+    for _ in range(2):
+        a = fused.train_on_batch(data, return_dict=True)
+        b = generic.train_on_batch(data, return_dict=True)
+        assert float(a["grad_norm"]) > recipe["clip_grad"]   # clipping is active
+        for name in ("loss", "grad_norm"):
+            np.testing.assert_allclose(float(a[name]), float(b[name]), rtol=1e-6)
+    moved = 0
+    for x, y, w0 in zip(fused.weights, generic.weights, start):
+        x, y = keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y)
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+        moved += bool(np.abs(x - w0).max() > 0)
+    assert moved > len(start) // 2   # student and teacher weights both moved

@@ -74,6 +74,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from poa_keras.methods import torch_fused
 from poa_keras.optimizers import scaled_update
 
 # PyTorch's clip_grad_norm_ divides by (norm + 1e-6); the reference recipes clip with it.
@@ -119,6 +120,11 @@ class PlannedTrainer(keras.Model):
     and variables must be built before ``fit`` (build them in ``__init__``): the model has no
     ``call`` that Keras could trace to build them.
     """
+
+    # PyTorch: the per-variable loops of a step (gradient norm, clipping, lr-multiplier
+    # scaling, the EMA teacher) run as multi-tensor calls (methods/torch_fused.py); False: the
+    # generic keras.ops loops (the same arithmetic; tests pin one to the other).
+    fused_updates = True
 
     def __init__(self, clip_grad=None, max_plans=None, **kwargs):
         super().__init__(**kwargs)
@@ -353,6 +359,21 @@ class PlannedTrainer(keras.Model):
             out.append((index, factor * values[name]))
         return out
 
+    def _update_groups(self, values):
+        """The lr multipliers as [(variable indices, multiplier)], one entry per distinct
+        multiplier (the fused PyTorch path scales each group with one call)."""
+        groups = {}
+        for index, factor, name in self._plans.update_scales:
+            groups.setdefault((factor, name), []).append(index)
+        self._update_scales(values)   # checks that every named step value exists
+        return [(indices, factor if name is None else factor * values[name])
+                for (factor, name), indices in groups.items()]
+
+    def fused_step(self):
+        """Whether this step takes the multi-tensor PyTorch paths (``fused_updates`` on the
+        PyTorch backend)."""
+        return self.fused_updates and keras.backend.backend() == "torch"
+
     # ------------------------------------------------------------- host side of every step
     def _host_prepare(self):
         """Draws the plan and the step's hyperparameters; returns (plan, float32 values)."""
@@ -441,6 +462,15 @@ class PlannedTrainer(keras.Model):
         if unknown:
             raise ValueError("frozen_variables() returned variables that are not trainable "
                              "variables of this trainer")
+        if self.fused_step():
+            kept = [g for g, v in zip(grads, variables) if id(v) not in frozen]
+            norm = torch_fused.global_norm(kept)
+            if self.clip_grad is not None:
+                import torch
+
+                torch_fused.scale_(kept, torch.clamp(float(self.clip_grad) / (norm + _CLIP_EPS),
+                                                     max=1.0))
+            return [None if id(v) in frozen else g for g, v in zip(grads, variables)], norm
         kept = [g for g, v in zip(grads, variables) if id(v) not in frozen]
         norm = ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in kept))
         if self.clip_grad is not None:
@@ -452,6 +482,17 @@ class PlannedTrainer(keras.Model):
     def _apply_gradients(self, grads, weight_decay, values):
         """The optimizer update (TensorFlow, PyTorch), then the lr multipliers' scaling."""
         variables = self.trainable_variables
+        if self.fused_step():
+            groups = self._update_groups(values)
+            old = [torch_fused.copies([variables[i].value for i in idx]) for idx, _ in groups]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Gradients do not exist")
+                with self._optimizer_weight_decay(weight_decay):
+                    self.optimizer.apply(grads, variables)
+            torch_fused.scaled_updates_(
+                [([variables[i].value for i in idx], before, m)
+                 for (idx, m), before in zip(groups, old)])
+            return
         scales = self._update_scales(values)
         old = [ops.copy(variables[i].value) for i, _ in scales]
         with warnings.catch_warnings():

@@ -34,8 +34,10 @@ Per-variable optimisation (both DINO and POA, through PlannedTrainer's hooks):
   ``schedules.weight_decay_multiplier``): biases, LayerNorm gains and offsets, LayerScale
   gammas, the mask token (shape (D,)) and the heads' weight-norm gains are registered in the
   optimizer's weight-decay exclusions before the first step (again after every ``compile``).
-  DINOv2/POA exclude by name (".bias", "norm", "gamma"), which differs only on the mask token
-  (theirs is (1, D) and decayed).
+  DINOv2/POA exclude by name (".bias", "norm", "gamma"), which differs on the mask token
+  (theirs is (1, D) and decayed) and on POA's trainable weight-norm gains ``weight_g`` (no
+  name match, so POA's code decays them; torch stores them as (K, 1)); here both are ndim 1
+  and not decayed.
 * Layer-wise lr decay and the patch-embed lr multiplier (recipe ``layer_decay``,
   ``patch_embed_lr_mult``; POA 0.9 and 0.2, DINO 1 and 1): every student-backbone variable gets
   ``backbone.lr_multiplier(path, ...)`` (the family's layer ids, ``Backbone.lr_multiplier``;
@@ -58,6 +60,7 @@ from keras import ops
 
 from poa_keras.losses import centered_teacher_probs, sinkhorn_knopp, update_center
 from poa_keras.methods import schedules as schedules_lib
+from poa_keras.methods import torch_fused
 from poa_keras.methods.base import PlannedTrainer
 
 # Method settings shared by DINO and POA (the schedule keys are schedules.*_DEFAULTS).
@@ -206,7 +209,11 @@ class TeacherStudentTrainer(PlannedTrainer):
 
     def after_optimizer_step(self, plan):
         m = self.step_values["momentum"]
-        for s, t in self._ema.pairs:
+        pairs = self._ema.pairs
+        if self.fused_step() and all(t.dtype == s.dtype == "float32" for s, t in pairs):
+            torch_fused.ema_([t.value for _, t in pairs], [s.value for s, _ in pairs], m)
+            return
+        for s, t in pairs:
             t.assign(ops.cast(m * ops.cast(t.value, "float32")
                               + (1.0 - m) * ops.cast(s.value, "float32"), t.dtype))
 
