@@ -81,8 +81,10 @@ in eager torch with the reference's threads for the reference.
 
 End-to-end (``--recipe_epochs=N``, 0 = off): ``poa_keras.pretrain.pretrain("demo", tmpdir,
 epochs=N, verbose=0, save_teacher=False, compilation_cache="off")`` in the worker, after the
-timing: wall seconds and seconds per optimizer step, compilation included (about 75 s per epoch
-with torch on 2 cores; jax and tensorflow compile one program per width first).
+timing: wall seconds and seconds per optimizer step, compilation and data preparation included
+(about 75 s per epoch with torch on 2 cores; jax and tensorflow compile one program per width
+first). ``--recipe_overrides`` (section.key=value,...) changes the recipe, e.g.
+``data.steps_per_epoch=20`` for a short run.
 
 Compilation check (``--check_config``, default ``vit_elastic_test`` with ``--check_overrides``,
 default none: its 3 widths x 3 depths grid, 8 subnets; empty ``--check_config=`` skips it): a
@@ -95,6 +97,7 @@ Sizes: the issue judges the speed targets at ViT-S/16 widths and depths at 64 px
 27 subnets).
 """
 import ast
+import itertools
 import json
 import math
 import os
@@ -106,48 +109,56 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_list("backends", ["jax", "tensorflow", "torch"], "Backends, in order.")
-flags.DEFINE_string("config", "vit_elastic_demo", "Named ElasticViT configuration to time.")
-flags.DEFINE_string("overrides", "", "Overrides of --config, key=value,... (e.g. "
-                    "image_size=64,min_width=192,min_depth=6); named_subnets={} then.")
-flags.DEFINE_integer("batch", 32, "Batch size (images; each has 2 global + local crops).")
-flags.DEFINE_integer("local_crops", 4, "Local crops per image (half the global size).")
-flags.DEFINE_integer("rounds", 5, "Timed rounds (one step of every variant per round).")
-flags.DEFINE_enum("order", "shuffled", ["shuffled", "fixed"],
-                  "Order of the variants within a round.")
-flags.DEFINE_integer("order_seed", 0, "Seed of the per-round shuffle.")
-flags.DEFINE_string("plans", "all", "POA subnets to time: 'all' (the whole grid the sampler "
-                    "draws from; needed for a valid E[POA]) or K (the first K distinct subnets "
-                    "a seeded sampler draws: a PARTIAL estimate, for smoke tests).")
-flags.DEFINE_integer("plan_seed", 0, "Seed of the sampler that picks K subnets.")
-flags.DEFINE_integer("hidden", 512, "Head hidden width.")
-flags.DEFINE_integer("bottleneck", 128, "Head bottleneck width.")
-flags.DEFINE_integer("prototypes", 1024, "Prototypes of DINO's head and of each POA head.")
-flags.DEFINE_integer("poa_heads", 1, "Heads of POA's MultiProjectionHead.")
-flags.DEFINE_bool("reference", True, "Time the plain-PyTorch reference too.")
-flags.DEFINE_string("reference_device", "auto", "Device of the reference: auto (cuda if "
-                    "torch sees one, else cpu), cpu or cuda.")
-flags.DEFINE_integer("reference_threads", 0, "torch threads of the reference (0: the CPU "
-                     "cores available to the process).")
-flags.DEFINE_integer("matmul_n", 1024, "Side of the square float32 matmul of the peak.")
-flags.DEFINE_integer("matmul_repeats", 10, "Timed runs of the peak matmul (median).")
-flags.DEFINE_integer("recipe_epochs", 0, "Epochs of the demo recipe to run end to end in each "
-                     "worker (0: off).")
-flags.DEFINE_string("check_config", "vit_elastic_test", "Configuration of the compile-count "
-                    "check over every subnet of its grid; empty: no check.")
-flags.DEFINE_string("check_overrides", "", "Overrides of --check_config (key=value,...).")
-flags.DEFINE_integer("check_batch", 4, "Batch size of the compile-count check.")
-flags.DEFINE_integer("check_steps", 6, "Steps after every subnet was drawn, in the check.")
-flags.DEFINE_float("target_factor", 1.1, "Target: E[POA] <= factor x DINO x (1 + E[r]).")
-flags.DEFINE_integer("timeout", 10800, "Seconds allowed to each backend's subprocess.")
-flags.DEFINE_string("worker", "", "Internal: run the measurements of this backend here.")
+
+def define_flags():
+    """The command-line flags (defined only when run as a script: importing this module, e.g.
+    from a test, defines none)."""
+    flags.DEFINE_list("backends", ["jax", "tensorflow", "torch"], "Backends, in order.")
+    flags.DEFINE_string("config", "vit_elastic_demo", "Named ElasticViT configuration to time.")
+    flags.DEFINE_string("overrides", "", "Overrides of --config, key=value,... (e.g. "
+                        "image_size=64,min_width=192,min_depth=6); named_subnets={} then.")
+    flags.DEFINE_integer("batch", 32, "Batch size (images; each has 2 global + local crops).")
+    flags.DEFINE_integer("local_crops", 4, "Local crops per image (half the global size).")
+    flags.DEFINE_integer("rounds", 5, "Timed rounds (one step of every variant per round).")
+    flags.DEFINE_enum("order", "shuffled", ["shuffled", "fixed"],
+                      "Order of the variants within a round.")
+    flags.DEFINE_integer("order_seed", 0, "Seed of the per-round shuffle.")
+    flags.DEFINE_string("plans", "all", "POA subnets to time: 'all' (the whole grid the sampler "
+                        "draws from; needed for a valid E[POA]) or K (the first K distinct subnets "
+                        "a seeded sampler draws: a PARTIAL estimate, for smoke tests).")
+    flags.DEFINE_integer("plan_seed", 0, "Seed of the sampler that picks K subnets.")
+    flags.DEFINE_integer("hidden", 512, "Head hidden width.")
+    flags.DEFINE_integer("bottleneck", 128, "Head bottleneck width.")
+    flags.DEFINE_integer("prototypes", 1024, "Prototypes of DINO's head and of each POA head.")
+    flags.DEFINE_integer("poa_heads", 1, "Heads of POA's MultiProjectionHead.")
+    flags.DEFINE_bool("reference", True, "Time the plain-PyTorch reference too.")
+    flags.DEFINE_string("reference_device", "auto", "Device of the reference: auto (cuda if "
+                        "torch sees one, else cpu), cpu or cuda.")
+    flags.DEFINE_integer("reference_threads", 0, "torch threads of the reference (0: the CPU "
+                         "cores available to the process).")
+    flags.DEFINE_integer("matmul_n", 1024, "Side of the square float32 matmul of the peak.")
+    flags.DEFINE_integer("matmul_repeats", 10, "Timed runs of the peak matmul (median).")
+    flags.DEFINE_integer("recipe_epochs", 0, "Epochs of the demo recipe to run end to end in each "
+                         "worker (0: off).")
+    flags.DEFINE_list("recipe_overrides", [], "Overrides of the demo recipe (section.key=value, "
+                      "e.g. data.steps_per_epoch=20 for a short run).")
+    flags.DEFINE_string("check_config", "vit_elastic_test", "Configuration of the compile-count "
+                        "check over every subnet of its grid; empty: no check.")
+    flags.DEFINE_string("check_overrides", "", "Overrides of --check_config (key=value,...).")
+    flags.DEFINE_integer("check_batch", 4, "Batch size of the compile-count check.")
+    flags.DEFINE_integer("check_steps", 6, "Steps after every subnet was drawn, in the check.")
+    flags.DEFINE_float("target_factor", 1.1, "Target: E[POA] <= factor x DINO x (1 + E[r]).")
+    flags.DEFINE_integer("timeout", 10800, "Seconds allowed to each backend's subprocess.")
+    flags.DEFINE_string("worker", "", "Internal: run the measurements of this backend here.")
+
+
 FLAGS = flags.FLAGS
 
 _FORWARDED = ("config", "overrides", "batch", "local_crops", "rounds", "order", "order_seed",
               "plans", "plan_seed", "hidden", "bottleneck", "prototypes", "poa_heads",
               "reference", "reference_device", "reference_threads", "matmul_n",
-              "matmul_repeats", "recipe_epochs", "check_config", "check_overrides",
-              "check_batch", "check_steps", "target_factor")
+              "matmul_repeats", "recipe_epochs", "recipe_overrides", "check_config",
+              "check_overrides", "check_batch", "check_steps", "target_factor")
 
 
 def emit(record):
@@ -170,15 +181,13 @@ def parse_overrides(text):
 
 
 def quantile(values, q):
-    """The q-quantile of values, linear interpolation between order statistics (numpy's
-    default)."""
-    xs = sorted(float(x) for x in values)
+    """The q-quantile of values (numpy's default linear interpolation)."""
+    import numpy as np
+
+    xs = [float(x) for x in values]
     if not xs:
         raise ValueError("no values")
-    pos = q * (len(xs) - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return float(np.quantile(xs, q))
 
 
 def spread(values):
@@ -229,7 +238,8 @@ def head_forward_flops(in_dim, hidden_dim, bottleneck_dim, out_dim, num_layers=3
     """Matmul FLOPs of one DINOHead on one token: in -> hidden (x num_layers - 2 more) ->
     bottleneck -> out_dim prototypes (2 FLOPs per multiply-add)."""
     widths = [int(in_dim)] + [int(hidden_dim)] * (int(num_layers) - 1) + [int(bottleneck_dim)]
-    return 2 * (sum(a * b for a, b in zip(widths, widths[1:])) + int(bottleneck_dim) * out_dim)
+    return 2 * (sum(a * b for a, b in itertools.pairwise(widths))
+                + int(bottleneck_dim) * out_dim)
 
 
 def step_flops(backbone_flops, head_flops, batch, size, local_crops, elastic=None):
@@ -291,12 +301,14 @@ def format_summary(records, target_factor=1.1):
     backends = list(dict.fromkeys(r["backend"] for r in records if "backend" in r))
     for setup in find("setup"):
         lines.append(
-            f"[{setup['backend']}] {setup['config']} {setup.get('overrides') or ''} batch "
+            f"[{setup['backend']}] {setup['config']}"
+            f"{' ' + setup['overrides'] if setup.get('overrides') else ''}, batch "
             f"{setup['batch']}, crops {setup['crops']}; grid {setup['widths']} widths x "
             f"{setup['depths']} depths, {setup['grid_subnets']} subnets drawn, "
             f"{setup['timed_subnets']} timed; E[r] {setup['expected_flops_ratio']:.3f}; "
-            f"{setup['rounds']} rounds ({setup['order']}); threads: ours {setup['threads_ours']}"
-            f", reference {setup['threads_reference']} on {setup['reference_device']}")
+            f"rounds {setup['rounds']} ({setup['order']} order); threads: ours "
+            f"{setup['threads_ours']}, reference {setup['threads_reference']} on "
+            f"{setup['reference_device']}")
     for peak in find("peak"):
         ref = (f", reference (torch, {peak['reference_threads']} threads) "
                f"{peak['reference_gflops']:.1f}" if peak.get("reference_gflops") else "")
@@ -375,13 +387,16 @@ def format_summary(records, target_factor=1.1):
 
     lines.append("\ncompilation (compile s = first step - median step of that variant)")
     for c in find("compile"):
-        programs = ", ".join(f"{p['program']}: {p['compile_s']:.1f}" for p in c["programs"])
+        programs = ", ".join(f"{p['program'].replace('ViTSubnet', '')} (first needed by "
+                             f"{_plan_text(p['compiled_by'])}): {p['compile_s']:.1f} s"
+                             for p in c["programs"])
         lines.append(
             f"{c['backend']:<11} DINO {c['dino_programs']} program(s) ({c['dino_compile_s']:.1f}"
             f" s); POA {c['poa_programs']} program(s) for {c['timed_subnets']} subnets "
             f"(expected {c['expected_poa_programs']}; grid {c['widths']} widths x "
-            f"{c['depths']} depths: {c['programs_if_per_width']} programs per width vs "
-            f"{c['programs_if_per_subnet']} per (width, depth); run-time depth "
+            f"{c['depths']} depths, {c['programs_if_per_subnet']} subnets: one program per "
+            f"width would be {c['programs_if_per_width']}, one per (width, depth) "
+            f"{c['programs_if_per_subnet']}; run-time depth "
             f"{c['runtime_depth']}); compile total {c['compile_total_s']:.1f} s "
             f"(first steps {c['first_steps_total_s']:.1f} s); timed rounds: "
             f"{'no new compilation' if c['no_new_compilation'] else 'RECOMPILED'}: "
@@ -390,7 +405,8 @@ def format_summary(records, target_factor=1.1):
             lines.append(f"{'':<11} {programs}")
     for r in find("compile_check"):
         lines.append(
-            f"{r['backend']:<11} check {r['config']} {r['overrides']}: {r['widths']} widths x "
+            f"{r['backend']:<11} check {r['config']}"
+            f"{' ' + r['overrides'] if r['overrides'] else ''}: {r['widths']} widths x "
             f"{r['depths']} depths, {r['subnets']} subnets drawn in {r['steps_until_all_seen']}"
             f" steps; {r['compilations_when_all_seen']} compilations then, "
             f"{r['compilations_after']} after {r['extra_steps']} more (expected "
@@ -472,8 +488,7 @@ def _batch(batch, size, local_crops, seed=0):
 
 
 def _finite(x):
-    x = float(x)
-    return x == x and abs(x) != float("inf")
+    return math.isfinite(float(x))
 
 
 def _check_logs(logs, who):
@@ -585,7 +600,6 @@ def _rs(st, digits=4):
 def worker(backend):
     import keras
     import torch
-
     import torch_reference  # benchmarks/ is on sys.path (this script's directory)
 
     assert keras.backend.backend() == backend, (keras.backend.backend(), backend)
@@ -638,7 +652,6 @@ def worker(backend):
     poa_heads = _head_flops_fn(poa)
     for s in grid:
         flops[s] = step_flops(bb_flops, poa_heads, FLAGS.batch, size, FLAGS.local_crops, s)
-    expected_poa_flops = sum(p * flops[s]["total"] for s, p in probabilities.items())
     widths = sorted({s.width for s in backbone.subnets()})
     depths = sorted({s.depth for s in backbone.subnets()})
     emit({"record": "setup", "backend": backend, "config": FLAGS.config,
@@ -747,8 +760,8 @@ def worker(backend):
     no_new = timed == warm
     emit({"record": "compile", "backend": backend, "runtime_depth": bool(poa.runtime_depth),
           "widths": len(widths), "depths": len(depths), "timed_subnets": len(plans),
-          "programs_if_per_subnet": len(plans),
-          "programs_if_per_width": len({s.width for s in plans}),
+          "programs_if_per_subnet": len(grid),
+          "programs_if_per_width": len({s.width for s in grid}),
           "expected_poa_programs": expected_programs,
           "dino_programs": warm["dino"], "poa_programs": warm["poa"],
           "dino_first_step_s": round(first[dino_task], 3),
@@ -760,7 +773,10 @@ def worker(backend):
           "ok": bool(no_new and warm["poa"] == expected_programs
                      and warm["dino"] == expected_dino)})
 
-    # Estimates per implementation.
+    # Estimates per implementation. E[FLOPs] over the timed subnets (renormalised like the
+    # times when only some were timed).
+    timed_mass = sum(probabilities[s] for s in plans)
+    expected_poa_flops = sum(probabilities[s] * flops[s]["total"] for s in plans) / timed_mass
     estimates = {}
     for impl in ("ours", "reference") if refs else ("ours",):
         poa_times = {s: times[(impl, "poa", s)] for s in plans}
@@ -794,7 +810,7 @@ def worker(backend):
               "dino_rounds": _rs(spread([a / b for a, b in zip(
                   times[("ours", "dino", None)], times[("reference", "dino", None)])])),
               "poa_rounds": _rs(spread([a / b for a, b in zip(ours_rounds, ref_rounds)]))})
-    del dino, poa, refs
+    dino = poa = refs = None   # free them before the check and the recipe
     if FLAGS.check_config:
         check_compilations(backend)
     if FLAGS.recipe_epochs:
@@ -841,12 +857,13 @@ def run_recipe(backend, epochs):
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        result = pretrain("demo", tmp, epochs=epochs, verbose=0, save_teacher=False,
-                          compilation_cache="off")
+        result = pretrain("demo", tmp, overrides=list(FLAGS.recipe_overrides), epochs=epochs,
+                          verbose=0, save_teacher=False, compilation_cache="off")
         wall = time.perf_counter() - start
         trainer = result.trainer
         steps = int(keras_number(trainer.optimizer.iterations))
-    emit({"record": "recipe", "backend": backend, "epochs": epochs, "wall_s": round(wall, 2),
+    emit({"record": "recipe", "backend": backend, "epochs": epochs,
+          "overrides": list(FLAGS.recipe_overrides), "wall_s": round(wall, 2),
           "steps": steps, "s_per_step": round(wall / max(steps, 1), 4),
           "compilations": trainer.num_compilations})
 
@@ -874,7 +891,7 @@ def run_backends():
         start = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, script, f"--worker={backend}"] + args,
-                                  env=env, capture_output=True, text=True,
+                                  env=env, capture_output=True, text=True, check=False,
                                   timeout=FLAGS.timeout)
             out, err, rc = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as e:
@@ -903,4 +920,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

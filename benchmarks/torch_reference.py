@@ -79,7 +79,7 @@ BEFORE their first step, so both start from the same weights)::
                                                 # ref.train_on_batch(data, return_dict=True)
 
 ``train_step`` returns Python floats (it waits for the device), as ``train_on_batch`` does;
-``last_plan`` and ``forced_plan`` behave as on step.py's ``PlannedPOA``. The device defaults to
+``last_plan`` and ``forced_plan`` behave as on step.py's ``PinnedPOA``. The device defaults to
 CUDA when available (our torch backend's choice too); pass ``device="cpu"`` to compare on CPU.
 """
 from __future__ import annotations
