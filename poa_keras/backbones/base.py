@@ -236,8 +236,9 @@ class Backbone(FrozenGCQuantize, keras.Model):
         import numpy as np
 
         full = self._stage_block_ids(None)
-        kept = self._stage_block_ids(self.resolve_subnet(subnet) or self.full_subnet)
-        return np.array([1.0 if j in set(k) else 0.0 for f, k in zip(full, kept) for j in f],
+        kept = [set(k) for k in self._stage_block_ids(self.resolve_subnet(subnet)
+                                                      or self.full_subnet)]
+        return np.array([1.0 if j in k else 0.0 for f, k in zip(full, kept) for j in f],
                         dtype=np.float32)
 
     def skippable_blocks(self):
@@ -256,17 +257,16 @@ class Backbone(FrozenGCQuantize, keras.Model):
         """The per-stage block indices a call iterates: the subnet's blocks, or with a
         run-time ``keep`` mask (checked here) every block of the intact depth. Each entry is
         (block index in its stage, flat index)."""
+        full = self._stage_block_ids(None)
         if keep is None:
             ids = self._stage_block_ids(subnet)
         else:
-            full = self._stage_block_ids(None)
             expected = sum(len(f) for f in full)
             shape = tuple(keep.shape)
             if shape != (expected,):
                 raise ValueError(f"{self.name}: keep must have shape ({expected},) (one flag "
                                  f"per block of the intact network), got {shape}")
             ids = full
-        full = self._stage_block_ids(None)
         offsets = [sum(len(f) for f in full[:s]) for s in range(len(full))]
         return [[(j, offsets[s] + j) for j in stage] for s, stage in enumerate(ids)]
 

@@ -352,10 +352,7 @@ class PlannedTrainer(keras.Model):
             if name is None:
                 out.append((index, factor))
                 continue
-            if name not in values:
-                raise KeyError(f"lr_multipliers() refers to the step value {name!r}, which "
-                               f"step_hyperparameters() does not return (it has "
-                               f"{sorted(values)})")
+            self._check_step_value_names(values, (name,))
             out.append((index, factor * values[name]))
         return out
 
@@ -365,9 +362,16 @@ class PlannedTrainer(keras.Model):
         groups = {}
         for index, factor, name in self._plans.update_scales:
             groups.setdefault((factor, name), []).append(index)
-        self._update_scales(values)   # checks that every named step value exists
+        self._check_step_value_names(values, {name for _, name in groups if name is not None})
         return [(indices, factor if name is None else factor * values[name])
                 for (factor, name), indices in groups.items()]
+
+    @staticmethod
+    def _check_step_value_names(values, names):
+        missing = sorted(set(names) - set(values))
+        if missing:
+            raise KeyError(f"lr_multipliers() refers to the step value {missing[0]!r}, which "
+                           f"step_hyperparameters() does not return (it has {sorted(values)})")
 
     def fused_step(self):
         """Whether this step takes the multi-tensor PyTorch paths (``fused_updates`` on the
