@@ -148,6 +148,9 @@ def define_flags():
     flags.DEFINE_integer("check_batch", 4, "Batch size of the compile-count check.")
     flags.DEFINE_integer("check_steps", 6, "Steps after every subnet was drawn, in the check.")
     flags.DEFINE_float("target_factor", 1.1, "Target: E[POA] <= factor x DINO x (1 + E[r]).")
+    flags.DEFINE_enum("block_boundaries", "auto", ["auto", "on", "off"],
+                      "poa_keras.elastic.set_block_boundaries for our steps (auto: the library's "
+                      "default, on for JAX and TensorFlow on the CPU).")
     flags.DEFINE_integer("timeout", 10800, "Seconds allowed to each backend's subprocess.")
     flags.DEFINE_string("worker", "", "Internal: run the measurements of this backend here.")
 
@@ -158,7 +161,8 @@ _FORWARDED = ("config", "overrides", "batch", "local_crops", "rounds", "order", 
               "plans", "plan_seed", "hidden", "bottleneck", "prototypes", "poa_heads",
               "reference", "reference_device", "reference_threads", "matmul_n",
               "matmul_repeats", "recipe_epochs", "recipe_overrides", "check_config",
-              "check_overrides", "check_batch", "check_steps", "target_factor")
+              "check_overrides", "check_batch", "check_steps", "target_factor",
+              "block_boundaries")
 
 
 def emit(record):
@@ -308,7 +312,8 @@ def format_summary(records, target_factor=1.1):
             f"{setup['timed_subnets']} timed; E[r] {setup['expected_flops_ratio']:.3f}; "
             f"rounds {setup['rounds']} ({setup['order']} order); threads: ours "
             f"{setup['threads_ours']}, reference {setup['threads_reference']} on "
-            f"{setup['reference_device']}")
+            f"{setup['reference_device']}; block boundaries "
+            f"{setup.get('block_boundaries', 'n/a')}")
     for peak in find("peak"):
         ref = (f", reference (torch, {peak['reference_threads']} threads) "
                f"{peak['reference_gflops']:.1f}" if peak.get("reference_gflops") else "")
@@ -618,6 +623,9 @@ def worker(backend):
         if torch.get_num_threads() != ref_threads:
             torch.set_num_threads(ref_threads)
 
+    from poa_keras.elastic import block_boundaries, set_block_boundaries
+
+    set_block_boundaries({"auto": None, "on": True, "off": False}[FLAGS.block_boundaries])
     overrides = parse_overrides(FLAGS.overrides)
     build_start = time.perf_counter()
     dino, poa = build_trainers(FLAGS.config, overrides, FLAGS.batch, FLAGS.hidden,
@@ -663,7 +671,8 @@ def worker(backend):
           "order": FLAGS.order, "threads_ours": threads_ours,
           "threads_reference": ref_threads if refs else None,
           "reference_device": ref_device if refs else None,
-          "runtime_depth": bool(poa.runtime_depth), "build_s": round(build_s, 2)})
+          "runtime_depth": bool(poa.runtime_depth), "block_boundaries": block_boundaries(),
+          "build_s": round(build_s, 2)})
 
     # The machine's matmul peak, in this process: ours with our threads, torch with the
     # reference's.

@@ -13,6 +13,7 @@ from family_contract import (BACKEND, CASES, max_diff, outputs, restart_sampler,
                              tiny_bn_teacher, train_step, unchanged, weights)
 
 from poa_keras import Backbone
+from poa_keras.elastic import block_boundaries, set_block_boundaries
 from poa_keras.methods import POA
 
 
@@ -117,6 +118,85 @@ def test_depth_as_a_run_time_block_mask(case, teacher):
         assert set(KEEP_TRACES.values()) == {1}, KEEP_TRACES
     with pytest.raises(ValueError, match=r"keep must have shape \(%d,\)" % len(full)):
         teacher(images, subnet=teacher.full_subnet, keep=keras.ops.ones((len(full) + 1,)))
+
+
+def _training_loss_and_grads(model, images, subnet, keep=None, values=True):
+    """(sum of squares of every tensor output of a TRAINING forward, its gradients with
+    respect to the trainable variables), as float64 numpy, on the current backend; on JAX also
+    the number of conditionals in the forward's jaxpr (and with ``values=False`` only that:
+    (None, None, count), no program compiled)."""
+    variables = model.trainable_variables
+    depth = {} if keep is None else {"keep": keep}
+
+    def loss_of(out):
+        return sum(keras.ops.sum(keras.ops.square(v)) for _, v in sorted(out.items())
+                   if not isinstance(v, (list, tuple)))
+
+    conds = None
+    if BACKEND == "jax":
+        import jax
+        trainable = [v.value for v in variables]
+        others = [v.value for v in model.non_trainable_variables]
+
+        def f(tv):
+            return loss_of(model.stateless_call(tv, others, images, subnet=subnet,
+                                                training=True, **depth)[0])
+        conds = str(jax.make_jaxpr(f)(trainable)).count("cond[")
+        if not values:
+            return None, None, conds
+        loss, grads = jax.jit(jax.value_and_grad(f))(trainable)
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+        with tf.GradientTape() as tape:
+            loss = loss_of(model(images, subnet=subnet, training=True, **depth))
+        grads = tape.gradient(loss, variables)
+    else:
+        import torch
+        loss = loss_of(model(images, subnet=subnet, training=True, **depth))
+        grads = torch.autograd.grad(loss, [v.value for v in variables], allow_unused=True)
+    return to_np(loss), [np.zeros(v.shape) if g is None else to_np(g)   # unused: no gradient
+                         for v, g in zip(variables, grads)], conds
+
+
+def test_block_boundaries_change_no_value(case, teacher):
+    """``set_block_boundaries(True)`` (the default on JAX and TensorFlow on the CPU) runs every
+    block of a training pass in a conditional, so that XLA does not fuse the residual
+    stream's gradient across blocks. The loss and every gradient are those without it, at the
+    intact size, a sliced size and a sliced size with a run-time depth mask (on JAX only the
+    last: each compiled gradient program costs seconds); on JAX the forward holds one
+    conditional per block that keeps its shape, and without boundaries only the mask's."""
+    _elastic_only(case)
+    images = case.images()
+    spec = case.specs(teacher)[1]
+    blocks = len(teacher.block_keep(None))
+    static = teacher.full_depth_subnet(spec)
+    keep = keras.ops.convert_to_tensor(teacher.block_keep(spec))
+    try:
+        for subnet, mask in ((None, None), (spec, None), (static, keep)):
+            results = {}
+            for on in (False, True):
+                set_block_boundaries(on)
+                assert block_boundaries() is on
+                results[on] = _training_loss_and_grads(
+                    teacher, images, subnet, mask, values=BACKEND != "jax" or mask is not None)
+            (loss_off, grads_off, conds_off), (loss_on, grads_on, conds_on) = \
+                results[False], results[True]
+            if BACKEND == "jax":
+                skipped = 0 if mask is None else len(teacher.skippable_blocks())
+                assert conds_off == skipped, (subnet, conds_off)
+                assert skipped < conds_on <= blocks, (subnet, conds_on, blocks)
+            if loss_off is None:
+                continue
+            assert abs(loss_on - loss_off) <= 1e-5 * max(1.0, abs(loss_off)), (subnet, loss_on,
+                                                                                loss_off)
+            assert len(grads_on) == len(grads_off)
+            for g_on, g_off in zip(grads_on, grads_off):
+                scale = max(1.0, float(np.abs(g_off).max()))
+                assert float(np.abs(g_on - g_off).max()) <= 1e-5 * scale, subnet
+    finally:
+        set_block_boundaries(None)
+    with pytest.raises(ValueError, match=r"True, False or None \(auto\), got 'yes'"):
+        set_block_boundaries("yes")
 
 
 def test_grid_specs_and_errors(case, teacher):

@@ -1,7 +1,8 @@
 """The one elastic mechanism: subnet specs, the grid and its sampler, elastic layers."""
 from poa_keras.elastic.layers import (ElasticAttention, ElasticBlock, ElasticDense,
                                       ElasticLayerNorm, ElasticLayerScale, ElasticMLP,
-                                      ElasticPatchEmbed, StochasticDepth, alpha, fold_alpha)
+                                      ElasticPatchEmbed, StochasticDepth, alpha,
+                                      block_boundaries, fold_alpha, set_block_boundaries)
 from poa_keras.elastic.conv import ElasticBottleneck, ElasticConv2D, ElasticGroupNorm
 from poa_keras.elastic.sampler import SubnetSampler
 from poa_keras.elastic.spec import (IntactSubnet, ResNetSubnet, SwinSubnet, ViTSubnet, block_ids,
@@ -12,5 +13,6 @@ __all__ = [
     "ElasticGroupNorm", "ElasticLayerNorm", "ElasticLayerScale",
     "ElasticMLP", "ElasticPatchEmbed", "IntactSubnet", "ResNetSubnet", "StochasticDepth",
     "SubnetSampler", "SwinSubnet", "ViTSubnet",
-    "alpha", "block_ids", "fold_alpha", "grid_values", "selection_weights",
+    "alpha", "block_boundaries", "block_ids", "fold_alpha", "grid_values", "selection_weights",
+    "set_block_boundaries",
 ]

@@ -283,7 +283,8 @@ class ElasticBottleneck(keras.layers.Layer):
         if keep is not None and self.has_downsample:
             raise ValueError(f"{self.name}: a block with a downsampling shortcut changes the "
                              "shape of its input and cannot be skipped")
-        return skippable(keep, x, body)
+        # a downsampling block changes x's shape: no conditional around it
+        return skippable(keep, x, body, boundary=training and not self.has_downsample)
 
     def sliced_weights(self, active, on_host=True):
         """{sub-layer name: weights} of the sub-block with mid width `active` (alpha folded):

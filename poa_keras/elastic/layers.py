@@ -356,7 +356,41 @@ class StochasticDepth(keras.layers.Layer):
         return config
 
 
-def skippable(keep, x, body):
+_BLOCK_BOUNDARIES = {"value": None}
+
+
+def set_block_boundaries(value):
+    """Whether training passes put every block in a conditional (``skippable``'s
+    ``boundary``): True, False, or None (the default: on for JAX and TensorFlow on the CPU)."""
+    if value not in (True, False, None):
+        raise ValueError(f"block boundaries must be True, False or None (auto), got {value!r}")
+    _BLOCK_BOUNDARIES["value"] = value
+
+
+def block_boundaries():
+    """Whether ``skippable(..., boundary=True)`` runs its body in a conditional (see there)."""
+    value = _BLOCK_BOUNDARIES["value"]
+    if value is not None:
+        return value
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.config.list_logical_devices("GPU")
+    return False
+
+
+def always_true(x):
+    """A run-time True the compiler cannot fold: x's first element equals itself or is NaN."""
+    first = x[(0,) * len(x.shape)]
+    return ops.logical_or(ops.equal(first, first), ops.not_equal(first, first))
+
+
+def skippable(keep, x, body, boundary=False):
     """``body(x)`` where the run-time flag ``keep`` (a scalar 0/1 tensor) is 1, else ``x``.
 
     ``keep=None`` runs the body unconditionally (no conditional at all). Otherwise the body
@@ -364,9 +398,17 @@ def skippable(keep, x, body):
     compiled program holds both branches but computes only the one taken, so one program
     serves every depth without paying the skipped blocks' FLOPs (DESIGN contract 6). The body
     must keep x's shape and must not advance a random generator (draw outside: see
-    ``StochasticDepth.noise``)."""
+    ``StochasticDepth.noise``).
+
+    ``boundary`` (True in a training pass): where ``block_boundaries()`` holds, a body without a
+    ``keep`` flag also runs in a conditional, on ``always_true(x)``. XLA does not fuse across
+    a conditional; without one, XLA on the CPU fuses the chain of additions that carries the
+    residual stream's gradient back through every block into each of its consumers and
+    recomputes it there, a cost quadratic in the depth."""
     if keep is None:
-        return body(x)
+        if not (boundary is True and block_boundaries()):
+            return body(x)
+        return ops.cond(always_true(x), lambda: body(x), lambda: x)
     return ops.cond(ops.convert_to_tensor(keep) > 0, lambda: body(x), lambda: x)
 
 
@@ -509,7 +551,7 @@ class ElasticBlock(keras.layers.Layer):
                 y = self.ls2(y, active=active)
             return x + self.drop_path.apply(y, noise[1])
 
-        return skippable(keep, x, body)
+        return skippable(keep, x, body, boundary=training)
 
     def get_config(self):
         config = super().get_config()

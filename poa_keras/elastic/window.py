@@ -264,7 +264,7 @@ class ElasticSwinBlock(keras.layers.Layer):
             y = self.mlp(self.norm2(x, active=active), active=active)
             return x + self.drop_path.apply(y, noise[1])
 
-        return skippable(keep, x, body)
+        return skippable(keep, x, body, boundary=training)
 
     def get_config(self):
         config = super().get_config()
