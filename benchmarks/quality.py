@@ -1,80 +1,78 @@
-"""What POA's elastic pretraining buys: k-NN quality of extracted subnets, POA vs DINO-then-slice.
+"""What POA's elastic branch buys: k-NN quality of extracted subnets, POA vs the same recipe
+without the elastic student, over seeds.
 
-    KERAS_BACKEND=torch python benchmarks/quality.py [--runs=runs/quality --compute=flops]
+    KERAS_BACKEND=torch python benchmarks/quality.py [--runs=runs/quality --seeds=0,1,2]
     # smoke test (seconds of training, meaningless numbers):
-    KERAS_BACKEND=torch python benchmarks/quality.py --runs=/tmp/q --override=train.epochs=1 \\
-        --override=data.steps_per_epoch=2 --override=data.num_images=256 \\
-        --override=data.num_val=128
+    KERAS_BACKEND=torch python benchmarks/quality.py --runs=/tmp/q --seeds=0 \\
+        --override=train.epochs=1 --override=data.steps_per_epoch=2 \\
+        --override=data.num_images=256 --override=data.num_val=128
 
-Three teachers of one ElasticViT configuration, evaluated on three of its subnets each:
+Arms (``--arms``), each trained once per seed of ``--seeds`` (the recipe's ``seed`` -- weight
+initialisation and the augmentation stream -- and ``train.sampler_seed`` set to the seed; the
+images themselves, ``data.seed``, stay the same, so every arm is evaluated on the same bank and
+the same held-out queries):
 
-* ``poa``: the EMA teacher of ``--poa_recipe`` (recipes/demo.py), subnets EXTRACTED from it
+* ``poa``: ``--poa_recipe`` (recipes/demo.py), subnets EXTRACTED from its EMA teacher
   (``teacher.extract(spec)``, a standalone network of that size);
-* ``dino_slice``: the EMA teacher of ``--dino_recipe`` (recipes/demo_dino.py: the same backbone,
-  data, crops and schedules, no elastic branch), trained with the SAME COMPUTE as the POA run
-  (see below), the same subnets sliced out of it with the same ``extract``;
-* ``random``: the same configuration at random initialisation, built by ``build_trainer`` from
-  the POA recipe with the recipe's seed, untrained -- the teacher both runs start from.
+* ``poa_no_elastic``: the SAME recipe with only ``train.elastic_student=False`` (the same two
+  projection heads, Sinkhorn-Knopp targets, KoLeo, schedules, data and crops; POA's loss with
+  the intact student alone: methods/poa.py), trained with the same compute (below), the same
+  subnets sliced out of its teacher with the same ``extract``. This is the comparison that
+  isolates the elastic branch;
+* ``dino_slice`` (optional): ``--dino_recipe`` (recipes/demo_dino.py: one DINO head, no KoLeo),
+  same compute; it differs from POA in more than the elastic branch;
+* ``random`` (always, seed 0 only): the POA recipe's network at initialisation, untrained.
 
-Subnets: smallest = (min width, min depth), middle = (widths[len // 2], depths[len // 2]) of the
-grid (on ``vit_elastic_demo``: widths 48..96 by 16, depths 3..6, so (80, 5); with an even
-number of grid values this is the upper of the two middle ones), full = (max width, max depth).
+Subnets: smallest = (min width, min depth), middle = (widths[len // 2], depths[len // 2]), full
+= (max width, max depth) of the grid (``vit_elastic_demo``: (48, 3), (80, 5), (96, 6)).
 
-Metric: weighted k-NN (DINO protocol, what ``poa_keras.eval.knn_eval`` computes: L2-normalised
-CLS features, votes exp(sim / T), T = ``--temperature`` = 0.07) with the TRAIN split of the
-embedded shapes data set as the bank (the images pretraining saw, now with their labels) and its
-held-out VAL split (``data.num_val`` images, never seen in training) as the queries; top-1 /
-top-5 for every k of ``--ks``, headline k = ``--k`` (20). Diagnostic ``sim_spread``: the median
-over the queries of (similarity of the nearest - of the k-th nearest neighbour); below 1e-4
-(``degenerate``) the features have collapsed (all images nearly the same feature, e.g. at
-random initialisation, where LayerScale 1e-5 leaves the CLS output almost independent of the
-image): the neighbours are then ties picked by the backend's top-k and the accuracy is noise.
+Metric: weighted k-NN (DINO protocol, ``poa_keras.eval.knn_classify``: L2-normalised CLS
+features, votes exp(sim / T), T = ``--temperature`` = 0.07) with the TRAIN split of the
+embedded shapes data (the images pretraining saw, now with their labels) as the bank and its
+held-out VAL split (``data.num_val`` images, never seen in training and used for no choice:
+no recipe, threshold or epoch was picked on them) as the queries; top-1 / top-5 for every k of
+``--ks``, headline k = ``--k`` (20).
+
+Collapse (``poa_keras.eval.collapse``): every (arm, seed) gets the similarity spread of its
+full-size features and the mean entropy of its teacher's heads on the queries. An arm is
+``degenerate`` when its full-size spread is below 0.3 x the POA teacher's of the same seed,
+below 1e-4, or its teacher's entropy is within 0.5 nats of uniform (ln K); the module doc
+argues the thresholds (the old DINO baseline, spread 0.0022 vs POA's 0.176, is caught by the
+first). A degenerate (arm, seed) is labelled so and left out of the means and the tests.
 
 Same compute (``--compute``): POA's step trains the intact student AND an elastic subnet, so it
-costs more than DINO's. The DINO run keeps the recipe's epochs and schedules (all measured in
-epochs) but gets ``data.steps_per_epoch`` = round(ratio x POA's steps per epoch), i.e. ratio
-times as many optimizer steps (and images seen), where ratio = cost(POA step) / cost(DINO step):
+costs more than a step without it. The other arms keep the recipe's epochs and every schedule
+(all measured in epochs: stretched to the new total) but get ``data.steps_per_epoch`` =
+round(ratio x POA's steps per epoch), i.e. ratio times as many optimizer steps and images:
 
 * ``flops`` (default): analytic training FLOPs per image from ``ElasticViT.subnet_flops``
   (multiply-add = 2; backward = 2 x forward, so a trained forward costs 3, the EMA teacher's
   forward 1)::
 
-      DINO = F(full, 2 globals) + 3 F(full, all crops)
-      POA  = DINO + 3 E_s[F(s, all crops)]      (s: the POA sampler's subnet distribution)
+      no elastic = F(full, 2 globals) + 3 F(full, all crops)
+      POA        = no elastic + 3 E_s[F(s, all crops)]   (s: the POA sampler's distribution)
 
   F(net, all crops) = 2 F(net, global_size) + num_local F(net, local_size). Heads (under 1 %
   here) and element-wise ops are not counted;
-* ``flops_simple``: ratio = 1 + E_s[F(s, all crops)] / F(full, all crops) (students only; gives
-  DINO a little more compute than ``flops``);
-* ``time``: measured wall clock, ratio = T_POA / (POA steps x t_DINO), where T_POA is the POA
-  run's steady-state training time (the sum over its steps of the median step time of that
-  step's subnet, recorded by this script while training: compilation steps on jax/tensorflow,
-  the data pipeline and checkpoint I/O excluded) and t_DINO the median time of a DINO step
-  measured on ``--calib_steps`` batches (after ``--calib_warmup`` untimed ones) before the DINO
-  run; the ``compute_check`` record compares the two runs' measured times afterwards. Needs
-  a POA run trained by this script (its ``quality_timing.json``); the decision is stored in
-  ``RUNS/budget_time.json`` and reused on reruns. Noisy on a shared machine;
+* ``flops_simple``: ratio = 1 + E_s[F(s, all crops)] / F(full, all crops) (students only);
 * ``steps``: ratio = 1 (equal steps and epochs, NOT equal compute; for reference).
 
-Runs: ``RUNS/poa`` and ``RUNS/dino_<compute>`` are ``pretrain`` run directories, so a rerun
-resumes a finished run (nothing retrained) and only evaluates; an unfinished one continues
-from its last checkpoint. Each run directory also gets ``quality_timing.json`` (epoch and step
-times of what this script trained); ``RUNS/features/`` keeps the extracted features (keyed by a
-hash of the teacher's weights, the images and the backend; ``--nocache_features`` to skip), so a
-rerun redoes only the k-NN. Training output goes to stderr.
+Runs: ``RUNS/seed<s>/<arm>`` are ``pretrain`` run directories: a rerun resumes a finished run
+(nothing retrained) and only evaluates; an unfinished one continues from its last checkpoint.
+Each also gets ``quality_timing.json`` (epoch and step times). ``RUNS/features/`` keeps the
+extracted features (keyed by a hash of the teacher's weights, the images and the backend;
+``--nocache_features`` to skip).
 
-Output (stdout): JSON lines -- ``budget`` (the compute rule and its numbers), ``run`` (per
-training run: steps, times, whether it was resumed), ``knn`` (per teacher and subnet: params,
-FLOPs per image, top-1 / top-5 at every k, the teacher's training time), ``compare`` (per
-subnet: POA minus DINO-then-slice and a paired exact McNemar test on the queries) -- then a
-table, then ``PASS`` or ``FAIL`` for "POA's smallest and middle subnets beat DINO-then-slice"
-(strictly higher top-1 at k = ``--k``, and none of those four feature sets collapsed, see
-``sim_spread``). ``--strict`` makes FAIL exit with status 1.
+Output (stdout): JSON lines -- ``setup``, ``budget``, ``run`` (per training run), ``knn`` (per
+arm, seed and subnet), ``collapse`` (per arm and seed), ``compare`` (per seed and subnet: POA
+minus each other arm, exact McNemar test on the paired queries), ``summary`` (per arm and
+subnet: mean +- sd over the non-degenerate seeds) and ``paired`` (per subnet: the paired
+t-test over seeds of POA minus each arm, ``scipy.stats.ttest_rel``) -- then a table. Training
+output goes to stderr.
 
-The backend is KERAS_BACKEND's. Overrides (``--override``, both recipes; ``--poa_override`` /
-``--dino_override``, one) are pretrain's "section.key=value"; ``train.epochs`` is an integer
-(pretrain counts whole epochs), so shrink a run with ``data.steps_per_epoch`` and
-``data.num_images`` / ``data.num_val``.
+Overrides (``--override``, every arm; ``--poa_override`` / ``--dino_override``, one recipe) are
+pretrain's "section.key=value"; ``train.epochs`` is an integer (pretrain counts whole epochs),
+so shrink a run with ``data.steps_per_epoch`` and ``data.num_images`` / ``data.num_val``.
 """
 from __future__ import annotations
 
@@ -88,34 +86,33 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("runs", "runs/quality", "Directory of the run directories (poa/, "
-                    "dino_<compute>/) and budget files; reruns resume / reuse them.")
+ARMS = ("poa", "poa_no_elastic", "dino_slice")
+flags.DEFINE_string("runs", "runs/quality", "Directory of the run directories "
+                    "(seed<s>/<arm>/); reruns resume / reuse them.")
+flags.DEFINE_list("arms", ["poa", "poa_no_elastic"], f"Trained arms, of {list(ARMS)} "
+                  "('poa' is always trained: it is the reference of the others).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: one run of every arm per seed.")
 flags.DEFINE_string("poa_recipe", "demo", "POA recipe (a name in recipes/ or a .py path).")
-flags.DEFINE_string("dino_recipe", "demo_dino", "DINO recipe (same backbone and data).")
-flags.DEFINE_multi_string("override", [], "section.key=value for BOTH recipes (repeatable).")
-flags.DEFINE_multi_string("poa_override", [], "section.key=value for the POA recipe only.")
+flags.DEFINE_string("dino_recipe", "demo_dino", "DINO recipe of the dino_slice arm (same "
+                    "backbone and data).")
+flags.DEFINE_multi_string("override", [], "section.key=value for every recipe (repeatable).")
+flags.DEFINE_multi_string("poa_override", [], "section.key=value for the POA recipe only "
+                          "(both POA arms).")
 flags.DEFINE_multi_string("dino_override", [], "section.key=value for the DINO recipe only.")
-flags.DEFINE_enum("compute", "flops", ["flops", "flops_simple", "time", "steps"],
-                  "How DINO's budget is matched to POA's (see the module docstring).")
-flags.DEFINE_integer("calib_steps", 8, "compute=time: timed DINO steps for its step time.")
-flags.DEFINE_integer("calib_warmup", 2, "compute=time: untimed DINO steps before timing.")
+flags.DEFINE_enum("compute", "flops", ["flops", "flops_simple", "steps"],
+                  "How the other arms' budget is matched to POA's (see the module docstring).")
 flags.DEFINE_list("ks", ["10", "20", "100", "200"], "k of the k-NN evaluation.")
-flags.DEFINE_integer("k", 20, "The headline k (of the JSON top1 field, the table, PASS/FAIL).")
+flags.DEFINE_integer("k", 20, "The headline k (of the JSON top1 field, the table, the tests).")
 flags.DEFINE_float("temperature", 0.07, "k-NN vote temperature T.")
 flags.DEFINE_integer("eval_batch", 64, "Images per forward pass of the feature extraction.")
 flags.DEFINE_enum("verbose", "2", ["0", "1", "2"], "Keras fit verbosity of training (stderr).")
 flags.DEFINE_bool("cache_features", True, "Keep the extracted features in RUNS/features/ "
                   "(keyed by a hash of the teacher's weights and the images), so that a rerun "
                   "only redoes the k-NN.")
-flags.DEFINE_bool("strict", False, "Exit with status 1 when the PASS condition fails.")
 FLAGS = flags.FLAGS
 
-TEACHERS = ("poa", "dino_slice", "random")
 TIMING_FILE = "quality_timing.json"
-# Below this median similarity spread of the k nearest neighbours, the features are taken as
-# collapsed (neighbours = ties): the k-NN accuracy is tie-breaking noise (see
-# similarity_spread).
-DEGENERATE_SPREAD = 1e-4
+SUBNETS = ("smallest", "middle", "full")
 
 
 def emit(record):
@@ -128,14 +125,21 @@ def _r(x, digits=4):
 
 # ------------------------------------------------------------------------------ recipes, data
 
-def recipes():
+def base_recipes():
+    """(POA recipe, DINO recipe or None) with the shared overrides, checked for fairness."""
     from poa_keras.pretrain import load_recipe
 
     poa = load_recipe(FLAGS.poa_recipe, list(FLAGS.override) + list(FLAGS.poa_override))
+    if poa["method"] != "poa":
+        raise ValueError(f"--poa_recipe must be a POA recipe, got method {poa['method']!r}")
+    if poa["data"].get("source", "shapes") != "shapes":
+        raise ValueError("benchmarks/quality.py evaluates on the labelled held-out split of the "
+                         "embedded shapes data set: the recipe's data.source must be 'shapes'")
+    if "dino_slice" not in FLAGS.arms:
+        return poa, None
     dino = load_recipe(FLAGS.dino_recipe, list(FLAGS.override) + list(FLAGS.dino_override))
-    if poa["method"] != "poa" or dino["method"] != "dino":
-        raise ValueError(f"--poa_recipe must be a POA recipe and --dino_recipe a DINO one, got "
-                         f"methods {poa['method']!r} and {dino['method']!r}")
+    if dino["method"] != "dino":
+        raise ValueError(f"--dino_recipe must be a DINO recipe, got {dino['method']!r}")
     for section in ("backbone", "data"):
         if poa[section] != dino[section]:
             raise ValueError(f"the two recipes must share their {section!r} section for a fair "
@@ -144,10 +148,24 @@ def recipes():
         if poa["train"][key] != dino["train"][key]:
             raise ValueError(f"the two recipes must share train.{key}: "
                              f"{poa['train'][key]} vs {dino['train'][key]}")
-    if poa["data"].get("source", "shapes") != "shapes":
-        raise ValueError("benchmarks/quality.py evaluates on the labelled held-out split of the "
-                         "embedded shapes data set: the recipes' data.source must be 'shapes'")
     return poa, dino
+
+
+def arm_recipe(arm, seed, poa, dino, steps_per_epoch):
+    """The recipe of one (arm, seed): the seed overrides, the ablation switch, the budget."""
+    from poa_keras.pretrain import apply_override, load_recipe
+
+    recipe = load_recipe(dino if arm == "dino_slice" else poa)
+    # the images stay those of the base recipe: only the training's seed changes
+    recipe["data"].setdefault("seed", int(poa.get("seed", 0)))
+    apply_override(recipe, f"seed={int(seed)}")
+    if arm != "dino_slice":
+        apply_override(recipe, f"train.sampler_seed={int(seed)}")
+    if arm == "poa_no_elastic":
+        apply_override(recipe, "train.elastic_student=False")
+    if arm != "poa":
+        apply_override(recipe, f"data.steps_per_epoch={int(steps_per_epoch)}")
+    return recipe
 
 
 def crop_sizes(recipe):
@@ -294,9 +312,10 @@ def shapes_data(recipe):
 
 # ------------------------------------------------------------------------------ the budget
 
-def flops_budget(poa_recipe, teacher, sampler):
-    """(ratio, details) of the analytic compute of a POA step over a DINO step."""
-    global_size, local_size, num_local = crop_sizes(poa_recipe)
+def flops_budget(recipe, teacher, sampler):
+    """(ratio, details) of the analytic compute of a POA step over a step without the elastic
+    student (the teacher's forward and the intact student's training are the same)."""
+    global_size, local_size, num_local = crop_sizes(recipe)
 
     def crops(spec):
         return (2 * teacher.subnet_flops(spec, global_size)
@@ -306,89 +325,39 @@ def flops_budget(poa_recipe, teacher, sampler):
     full = crops(None)
     elastic = sum(p * crops(spec) for spec, p in probabilities.items())
     teacher_fwd = 2 * teacher.subnet_flops(None, global_size)
-    dino = teacher_fwd + 3 * full
-    poa = dino + 3 * elastic
+    plain = teacher_fwd + 3 * full
+    poa = plain + 3 * elastic
     simple = 1.0 + elastic / full
     details = {"crops": f"2x{global_size}px + {num_local}x{local_size}px",
                "gflops_full_forward_all_crops": _r(full / 1e9),
                "gflops_expected_subnet_forward_all_crops": _r(elastic / 1e9),
                "expected_subnet_flops_fraction": _r(elastic / full),
-               "gflops_per_image_dino_step": _r(dino / 1e9),
+               "gflops_per_image_no_elastic_step": _r(plain / 1e9),
                "gflops_per_image_poa_step": _r(poa / 1e9),
-               "ratio_flops": _r(poa / dino), "ratio_flops_simple": _r(simple),
+               "ratio_flops": _r(poa / plain), "ratio_flops_simple": _r(simple),
                "sampler_subnets": len(probabilities)}
-    ratio = poa / dino if FLAGS.compute == "flops" else simple
+    ratio = {"flops": poa / plain, "flops_simple": simple, "steps": 1.0}[FLAGS.compute]
     return ratio, details
 
 
-def dino_step_time(dino_recipe, steps):
-    """Median seconds of a DINO training step of the recipe, on its own data."""
-    import numpy as np
-
-    from poa_keras.pretrain import build_trainer, epoch_datasets
-
-    (images, _), _, _ = shapes_data(dino_recipe)
-    trainer = build_trainer(dino_recipe, steps)
-    need = FLAGS.calib_warmup + FLAGS.calib_steps
-    batches = list(epoch_datasets(dino_recipe, images, need, 0, 1).as_numpy_iterator())
-    times = []
-    for i in range(need):
-        batch = batches[i % len(batches)]
-        start = time.perf_counter()
-        logs = trainer.train_on_batch(batch, return_dict=True)
-        float(np.asarray(logs["loss"]))
-        if i >= FLAGS.calib_warmup:
-            times.append(time.perf_counter() - start)
-    del trainer
-    return statistics.median(times)
-
-
-def decide_budget(poa_recipe, dino_recipe, poa_result, poa_timing):
-    """The DINO recipe with its steps per epoch set for the same compute as POA's run."""
-    from poa_keras.pretrain import apply_override
-
+def decide_budget(poa_recipe, init_trainer):
+    """Steps per epoch of the arms other than POA, for the same compute as POA's runs."""
     poa_spe = _steps_per_epoch(poa_recipe)
     epochs = int(poa_recipe["train"]["epochs"])
-    teacher = poa_result.teacher
-    ratio, details = flops_budget(poa_recipe, teacher, poa_result.trainer.sampler)
+    ratio, details = flops_budget(poa_recipe, init_trainer.teacher_backbone,
+                                  init_trainer.sampler)
     rule = {
-        "flops": "DINO steps = POA steps x training FLOPs(POA step) / training FLOPs(DINO step)"
-                 " (fwd 1, fwd+bwd 3, EMA teacher fwd only)",
-        "flops_simple": "DINO steps = POA steps x (1 + E[subnet FLOPs] / full FLOPs)",
-        "time": "DINO steps = POA steady-state training seconds / median DINO step seconds",
-        "steps": "DINO steps = POA steps (equal steps, NOT equal compute)",
+        "flops": "steps = POA steps x training FLOPs(POA step) / training FLOPs(step without "
+                 "the elastic student) (fwd 1, fwd+bwd 3, EMA teacher fwd only)",
+        "flops_simple": "steps = POA steps x (1 + E[subnet FLOPs] / full FLOPs)",
+        "steps": "steps = POA steps (equal steps, NOT equal compute)",
     }[FLAGS.compute]
-    budget_path = os.path.join(FLAGS.runs, f"budget_{FLAGS.compute}.json")
-    if FLAGS.compute == "steps":
-        ratio = 1.0
-    elif FLAGS.compute == "time":
-        saved = _read_json(budget_path)
-        key = json.loads(json.dumps(poa_recipe, default=list))
-        if saved and saved.get("poa_recipe") == key:
-            ratio = saved["ratio"]
-            details.update(saved["details"], reused=budget_path)
-        else:
-            if not poa_timing:
-                raise RuntimeError(
-                    f"--compute=time needs the POA run's step times, recorded in "
-                    f"{os.path.join(FLAGS.runs, 'poa', TIMING_FILE)} when this script trains "
-                    "it; this POA run was trained elsewhere. Use --compute=flops or a new --runs.")
-            dino_s = dino_step_time(dino_recipe, poa_spe)
-            poa_steps = poa_timing["steps_timed"]
-            ratio = poa_timing["steady_s"] / (poa_steps * dino_s)
-            details.update(poa_steady_s=poa_timing["steady_s"], poa_steps_timed=poa_steps,
-                           poa_mean_steady_step_s=_r(poa_timing["steady_s"] / poa_steps),
-                           dino_median_step_s=_r(dino_s), calib_steps=FLAGS.calib_steps,
-                           timing_backend=poa_timing["backend"])
-            _write_json(budget_path, {"poa_recipe": key, "ratio": ratio, "details": details})
-    dino_spe = max(1, int(round(ratio * poa_spe)))
-    dino_recipe = json.loads(json.dumps(dino_recipe, default=list))
-    apply_override(dino_recipe, f"data.steps_per_epoch={dino_spe}")
+    spe = max(1, int(round(ratio * poa_spe)))
     emit({"record": "budget", "compute": FLAGS.compute, "rule": rule, "ratio": _r(ratio),
-          "epochs": epochs, "poa_steps_per_epoch": poa_spe, "dino_steps_per_epoch": dino_spe,
-          "poa_steps": epochs * poa_spe, "dino_steps": epochs * dino_spe,
-          "realised_ratio": _r(dino_spe / poa_spe), "details": details})
-    return dino_recipe
+          "epochs": epochs, "poa_steps_per_epoch": poa_spe, "other_steps_per_epoch": spe,
+          "poa_steps": epochs * poa_spe, "other_steps": epochs * spe,
+          "realised_ratio": _r(spe / poa_spe), "details": details})
+    return spe
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -402,28 +371,14 @@ def pick_subnets(backbone):
             "full": ViTSubnet(widths[-1], depths[-1])}
 
 
-def similarity_spread(train_features, test_features, k):
-    """Median over the queries of (similarity of the nearest - of the k-th nearest neighbour).
-
-    A spread near float32 resolution means every image has (nearly) the same feature: the k
-    neighbours are then ties, picked by the backend's top-k, and the accuracy is noise. That is
-    the case of a freshly initialised ElasticViT (LayerScale 1e-5: the CLS output hardly
-    depends on the image)."""
+def evaluate(label, seed, teacher, subnets, data, timing, steps, ks, pixel_normalization):
+    """knn_classify of the features of every subnet (extracted once, cached), with the
+    similarity spread of each."""
     import numpy as np
 
-    sims = test_features @ train_features.T
-    k = min(k, sims.shape[1])
-    top = -np.partition(-sims, k - 1, axis=1)[:, :k]
-    return float(np.median(top.max(axis=1) - top.min(axis=1)))
-
-
-def evaluate(label, teacher, subnets, data, timing, steps, ks, pixel_normalization):
-    """knn_eval's computation (extract_features, then knn_classify) for every subnet, with
-    the features kept for the spread diagnostic."""
+    from poa_keras.eval.collapse import similarity_spread
     from poa_keras.eval.features import extract_features
     from poa_keras.eval.knn import knn_classify
-
-    import numpy as np
 
     (x_train, y_train), (x_val, y_val), names = data
     fingerprint = _fingerprint(teacher, data, pixel_normalization) if FLAGS.cache_features \
@@ -454,22 +409,43 @@ def evaluate(label, teacher, subnets, data, timing, steps, ks, pixel_normalizati
         del model
         res = knn_classify(train_features, y_train, test_features, y_val, len(names), ks=ks,
                            temperature=FLAGS.temperature, return_predictions=True)
-        spread = similarity_spread(train_features, test_features, FLAGS.k)
-        res["spread"] = spread
+        res["spread"] = similarity_spread(train_features, test_features, FLAGS.k)
         results[name] = res
-        emit({"record": "knn", "backend": _backend(), "teacher": label, "subnet": name,
-              "width": spec.width, "depth": spec.depth, "params": params,
+        emit({"record": "knn", "backend": _backend(), "arm": label, "seed": seed,
+              "subnet": name, "width": spec.width, "depth": spec.depth, "params": params,
               "gflops_per_image": _r(teacher.subnet_flops(spec) / 1e9),
               "k": FLAGS.k, "top1": _r(res[FLAGS.k]["top1"]), "top5": _r(res[FLAGS.k]["top5"]),
               "knn": {str(k): {"top1": _r(res[k]["top1"]), "top5": _r(res[k]["top5"]),
                                "k_used": res[k]["k_used"]} for k in ks},
-              "sim_spread": float(f"{spread:.3g}"), "degenerate": spread < DEGENERATE_SPREAD,
+              "sim_spread": float(f"{res['spread']:.3g}"),
               "bank": len(y_train), "queries": len(y_val), "temperature": FLAGS.temperature,
               "train_steps": steps,
               "train_steady_s": None if timing is None else timing["steady_s"],
               "train_wall_s": None if timing is None else timing["wall_s"],
               "eval_s": round(time.perf_counter() - start, 1), "features_cached": cached})
     return results
+
+
+def head_entropies(trainer, recipe, images, pixel_normalization):
+    """Mean entropy per head of the teacher's output (softmax(head(cls) / teacher_temp)) on
+    the images, and each head's K."""
+    import numpy as np
+    from keras import ops
+
+    from poa_keras.eval.collapse import teacher_entropy
+    from poa_keras.eval.features import extract_features
+
+    cls = extract_features(trainer.teacher_backbone, images, batch_size=FLAGS.eval_batch,
+                           normalize=False, pixel_normalization=pixel_normalization)
+    per_head = None
+    for start in range(0, len(cls), 512):
+        out = trainer.teacher_head(ops.convert_to_tensor(cls[start:start + 512]))
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        chunk = [np.asarray(ops.convert_to_numpy(o), np.float32) for o in out]
+        per_head = chunk if per_head is None else [
+            np.concatenate([a, b]) for a, b in zip(per_head, chunk)]
+    temp = float(recipe["train"].get("teacher_temp", 0.04))
+    return teacher_entropy(per_head, temp), [int(h.shape[1]) for h in per_head]
 
 
 def _fingerprint(teacher, data, pixel_normalization):
@@ -492,11 +468,6 @@ def _fingerprint(teacher, data, pixel_normalization):
     return digest.hexdigest()[:20]
 
 
-def _collapsed_note(results, subnet):
-    names = [t for t in TEACHERS if results[t][subnet]["spread"] < DEGENERATE_SPREAD]
-    return f"  collapsed: {','.join(names)}" if names else ""
-
-
 def _backend():
     import keras
 
@@ -516,109 +487,160 @@ def mcnemar(pred_a, pred_b, labels):
     return n10, n01, min(1.0, 2.0 * tail)
 
 
+def mean_sd(values):
+    values = [float(v) for v in values]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def paired_test(a, b):
+    """Paired t-test over seeds of a - b: (mean difference, sd, t, two-sided p, n)."""
+    diffs = [x - y for x, y in zip(a, b)]
+    mean, sd = mean_sd(diffs)
+    if len(diffs) < 2:
+        return mean, sd, None, None, len(diffs)
+    if not sd:
+        return mean, sd, (math.inf if mean else 0.0), (0.0 if mean else 1.0), len(diffs)
+    from scipy import stats
+
+    result = stats.ttest_rel(a, b)
+    return mean, sd, float(result.statistic), float(result.pvalue), len(diffs)
+
+
+def _pct(mean, sd):
+    if mean is None:
+        return "collapsed"
+    return f"{100 * mean:.2f}" + ("" if sd is None else f" ± {100 * sd:.2f}")
+
+
 # ------------------------------------------------------------------------------ main
 
 def main(argv):
     del argv
     import numpy as np
 
+    from poa_keras.eval.collapse import collapse_verdict
     from poa_keras.pretrain import build_trainer
 
+    arms = ["poa"] + [a for a in FLAGS.arms if a != "poa"]
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise ValueError(f"--arms: unknown {bad}; valid: {list(ARMS)}")
+    seeds = [int(s) for s in FLAGS.seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct integers, got {FLAGS.seeds}")
     ks = sorted({int(k) for k in FLAGS.ks} | {FLAGS.k})
     os.makedirs(FLAGS.runs, exist_ok=True)
-    poa_recipe, dino_recipe = recipes()
-    emit({"record": "setup", "backend": _backend(), "poa_recipe": FLAGS.poa_recipe,
-          "dino_recipe": FLAGS.dino_recipe, "overrides": list(FLAGS.override),
-          "poa_overrides": list(FLAGS.poa_override),
+    poa_recipe, dino_recipe = base_recipes()
+    emit({"record": "setup", "backend": _backend(), "arms": arms, "seeds": seeds,
+          "poa_recipe": FLAGS.poa_recipe, "dino_recipe": dino_recipe and FLAGS.dino_recipe,
+          "overrides": list(FLAGS.override), "poa_overrides": list(FLAGS.poa_override),
           "dino_overrides": list(FLAGS.dino_override), "compute": FLAGS.compute,
           "runs": FLAGS.runs, "ks": ks, "k": FLAGS.k, "temperature": FLAGS.temperature})
 
     data = shapes_data(poa_recipe)
     pixel_normalization = poa_recipe["data"].get("normalize", "imagenet")
-
-    # 1. POA, then the budget of DINO, then DINO.
-    poa_result, poa_timing = train(poa_recipe, os.path.join(FLAGS.runs, "poa"), "poa")
-    dino_recipe = decide_budget(poa_recipe, dino_recipe, poa_result, poa_timing)
-    dino_result, dino_timing = train(dino_recipe,
-                                     os.path.join(FLAGS.runs, f"dino_{FLAGS.compute}"),
-                                     "dino_slice")
-    if poa_timing and dino_timing:
-        emit({"record": "compute_check", "note": "measured training times of the two runs "
-              "(this machine, this backend; compare only when both were trained here)",
-              "poa_steady_s": poa_timing["steady_s"], "dino_steady_s": dino_timing["steady_s"],
-              "dino_over_poa_steady": _r(dino_timing["steady_s"] / poa_timing["steady_s"]),
-              "poa_wall_s": poa_timing["wall_s"], "dino_wall_s": dino_timing["wall_s"]})
-
-    # 2. The random-init teacher: the starting point both runs were built from.
-    init = build_trainer(poa_recipe, _steps_per_epoch(poa_recipe)).teacher_backbone
-
-    # 3. k-NN of every (teacher, subnet).
-    subnets = pick_subnets(poa_result.teacher)
-    teachers = {
-        "poa": (poa_result.teacher, poa_timing, _to_int(poa_result.trainer.optimizer.iterations)),
-        "dino_slice": (dino_result.teacher, dino_timing,
-                       _to_int(dino_result.trainer.optimizer.iterations)),
-        "random": (init, None, 0),
-    }
-    results = {}
-    for label, (teacher, timing, steps) in teachers.items():
-        results[label] = evaluate(label, teacher, subnets, data, timing, steps, ks,
-                                  pixel_normalization)
-
-    # 4. POA vs DINO-then-slice, paired on the same queries.
     y_val = np.asarray(data[1][1])
-    verdict = {}
-    for name, spec in subnets.items():
-        poa_k, dino_k = results["poa"][name][FLAGS.k], results["dino_slice"][name][FLAGS.k]
-        n10, n01, p = mcnemar(poa_k["predictions"], dino_k["predictions"], y_val)
-        verdict[name] = poa_k["top1"] > dino_k["top1"]
-        emit({"record": "compare", "subnet": name, "width": spec.width, "depth": spec.depth,
-              "k": FLAGS.k, "poa_top1": _r(poa_k["top1"]), "dino_slice_top1": _r(dino_k["top1"]),
-              "random_top1": _r(results["random"][name][FLAGS.k]["top1"]),
-              "poa_minus_dino": _r(poa_k["top1"] - dino_k["top1"]),
-              "poa_only_right": n10, "dino_only_right": n01, "mcnemar_p": _r(p, 6),
-              "poa_beats_dino": verdict[name]})
+    # The untrained network (the POA recipe at seed 0): the random arm and the FLOPs budget.
+    init = build_trainer(poa_recipe, _steps_per_epoch(poa_recipe))
+    other_spe = decide_budget(poa_recipe, init)
+    subnets = pick_subnets(init.teacher_backbone)
+    results = {("random", 0): evaluate("random", 0, init.teacher_backbone, subnets, data,
+                                       None, 0, ks, pixel_normalization)}
+    verdicts = {}
+    for seed in seeds:
+        for arm in arms:
+            recipe = arm_recipe(arm, seed, poa_recipe, dino_recipe, other_spe)
+            result, timing = train(recipe, os.path.join(FLAGS.runs, f"seed{seed}", arm),
+                                   f"{arm}/seed{seed}")
+            results[arm, seed] = evaluate(arm, seed, result.teacher, subnets, data, timing,
+                                          _to_int(result.trainer.optimizer.iterations), ks,
+                                          pixel_normalization)
+            entropies, protos = head_entropies(result.trainer, recipe, data[1][0],
+                                               pixel_normalization)
+            reference = None if arm == "poa" else results["poa", seed]["full"]["spread"]
+            verdict = collapse_verdict(results[arm, seed]["full"]["spread"], entropies, protos,
+                                       reference_spread=reference)
+            verdicts[arm, seed] = verdict
+            emit({"record": "collapse", "arm": arm, "seed": seed, "degenerate":
+                  verdict["collapsed"], "reasons": verdict["reasons"],
+                  "spread_full": _r(verdict["spread"], 6),
+                  "spread_ratio_to_poa": _r(verdict["spread_ratio"]),
+                  "teacher_entropy": [_r(e) for e in entropies],
+                  "ln_k": [_r(math.log(k)) for k in protos],
+                  "entropy_gap": _r(verdict["entropy_gap"])})
+            del result
+        for arm in arms[1:]:
+            for name, spec in subnets.items():
+                mine, other = results["poa", seed][name][FLAGS.k], results[arm, seed][name][
+                    FLAGS.k]
+                n10, n01, p = mcnemar(mine["predictions"], other["predictions"], y_val)
+                emit({"record": "compare", "seed": seed, "arm": arm, "subnet": name,
+                      "width": spec.width, "depth": spec.depth, "k": FLAGS.k,
+                      "poa_top1": _r(mine["top1"]), "arm_top1": _r(other["top1"]),
+                      "poa_minus_arm": _r(mine["top1"] - other["top1"]),
+                      "poa_only_right": n10, "arm_only_right": n01, "mcnemar_p": _r(p, 6),
+                      "arm_degenerate": verdicts[arm, seed]["collapsed"]})
 
-    # 5. The table and the verdict.
+    # Means over the non-degenerate seeds, and the paired tests.
+    def top1(arm, seed, name):
+        return results[arm, seed][name][FLAGS.k]["top1"]
+
+    summary = {}
+    for arm in arms:
+        healthy = [s for s in seeds if not verdicts[arm, s]["collapsed"]]
+        for name in subnets:
+            mean, sd = mean_sd([top1(arm, s, name) for s in healthy])
+            summary[arm, name] = (mean, sd)
+            emit({"record": "summary", "arm": arm, "subnet": name, "k": FLAGS.k,
+                  "top1_mean": _r(mean), "top1_sd": _r(sd), "seeds": healthy,
+                  "degenerate_seeds": [s for s in seeds if s not in healthy]})
+    tests = {}
+    for arm in arms[1:]:
+        both = [s for s in seeds if not (verdicts[arm, s]["collapsed"]
+                                         or verdicts["poa", s]["collapsed"])]
+        for name in subnets:
+            mean, sd, t, p, n = paired_test([top1("poa", s, name) for s in both],
+                                            [top1(arm, s, name) for s in both])
+            tests[arm, name] = (mean, sd, t, p, n)
+            emit({"record": "paired", "arm": arm, "subnet": name, "k": FLAGS.k,
+                  "test": "paired t-test over seeds (scipy.stats.ttest_rel), POA - arm",
+                  "seeds": both, "n": n, "mean_diff": _r(mean), "sd_diff": _r(sd),
+                  "t": _r(t), "p": _r(p, 6)})
+
+    # The table.
+    (x_train, _), _, _ = data
     print()
-    print(f"k-NN top-1 (weighted, T={FLAGS.temperature}, k={FLAGS.k}) on {len(y_val)} held-out "
-          f"images, bank = {len(data[0][1])} training images; backend {_backend()}; "
-          f"compute rule: {FLAGS.compute}")
-    header = f"{'subnet':<9} {'w x d':<8} {'params':>9} " + " ".join(
-        f"{t:>11}" for t in TEACHERS) + f" {'POA-DINO':>9}"
+    print(f"k-NN top-1 % (weighted, T={FLAGS.temperature}, k={FLAGS.k}) on {len(y_val)} "
+          f"held-out images, bank = {len(x_train)} training images; backend {_backend()}; "
+          f"mean ± sd over seeds {seeds} (degenerate seeds left out); compute rule: "
+          f"{FLAGS.compute}")
+    columns = arms + ["random"]
+    header = f"{'subnet':<9} {'w x d':<7} {'params':>8} " + " ".join(
+        f"{c:>16}" for c in columns)
     print(header)
     print("-" * len(header))
     for name, spec in subnets.items():
-        row = [results[t][name][FLAGS.k]["top1"] for t in TEACHERS]
-        print(f"{name:<9} {f'{spec.width}x{spec.depth}':<8} "
-              f"{poa_result.teacher.subnet_params(spec):>9,} "
-              + " ".join(f"{100 * v:>10.2f}%" for v in row)
-              + f" {100 * (row[0] - row[1]):>+8.2f}pt"
-              + _collapsed_note(results, name))
-    if len(ks) > 1:
-        print("\nall k (top-1 %): " + "; ".join(
-            f"{t}/{n}: " + ",".join(f"k{k}={100 * results[t][n][k]['top1']:.1f}" for k in ks)
-            for t in TEACHERS for n in subnets))
-    times = {t: (tm["steady_s"] if tm else None) for t, (_, tm, _) in teachers.items()}
-    print(f"\ntraining: POA {teachers['poa'][2]} steps, DINO {teachers['dino_slice'][2]} steps; "
-          f"steady-state seconds POA {times['poa']}, DINO {times['dino_slice']}")
-    if any(results[t][n]["spread"] < DEGENERATE_SPREAD for t in TEACHERS for n in subnets):
-        print(f"\n[collapsed features]: the median similarity spread of the k={FLAGS.k} nearest "
-              f"neighbours is below {DEGENERATE_SPREAD:g} (every image has nearly the same "
-              "feature), so the neighbours are ties picked by the backend's top-k and that "
-              "accuracy is noise (it even changes with --ks). Expected for 'random' "
-              "(LayerScale 1e-5 at initialisation) and for barely trained teachers.")
-    collapsed = [f"{t}/{n}" for t in ("poa", "dino_slice") for n in ("smallest", "middle")
-                 if results[t][n]["spread"] < DEGENERATE_SPREAD]
-    ok = verdict["smallest"] and verdict["middle"] and not collapsed
-    print(f"\n{'PASS' if ok else 'FAIL'}: POA's smallest and middle subnets beat DINO-then-slice "
-          f"(top-1 at k={FLAGS.k}; smallest: {'yes' if verdict['smallest'] else 'no'}, middle: "
-          f"{'yes' if verdict['middle'] else 'no'}; full: "
-          f"{'yes' if verdict['full'] else 'no'}, not required)"
-          + (f"; inconclusive, collapsed features: {', '.join(collapsed)}" if collapsed else ""),
-          flush=True)
-    if FLAGS.strict and not ok:
-        sys.exit(1)
+        cells = [_pct(*summary[a, name]) for a in arms] + [
+            f"{100 * top1('random', 0, name):.2f}"]
+        print(f"{name:<9} {f'{spec.width}x{spec.depth}':<7} "
+              f"{init.teacher_backbone.subnet_params(spec):>8,} "
+              + " ".join(f"{c:>16}" for c in cells))
+    print()
+    for arm in arms[1:]:
+        for name in ("smallest", "full"):
+            mean, sd, t, p, n = tests[arm, name]
+            if mean is None:
+                print(f"POA - {arm}, {name}: no seed where both arms are healthy")
+                continue
+            print(f"POA - {arm}, {name}: {100 * mean:+.2f} pt (sd {_pct(sd, None) if sd else '-'}"
+                  f" over {n} seeds), paired t-test p = {'-' if p is None else f'{p:.3g}'}")
+    degenerate = [f"{a}/seed{s}: {'; '.join(v['reasons'])}" for (a, s), v in verdicts.items()
+                  if v["collapsed"]]
+    if degenerate:
+        print("\ndegenerate (left out of means and tests): " + " | ".join(degenerate))
+    print(flush=True)
 
 
 if __name__ == "__main__":

@@ -549,3 +549,48 @@ def test_multicrop_masks_shape_ratio_and_seed():
         multicrop_dataset(images, 4, global_size=32, masks=True, mask_patch_size=7)
     with pytest.raises(ValueError, match="needs mask_patch_size"):
         multicrop_dataset(images, 4, global_size=32, masks=True)
+
+
+def test_poa_without_elastic_student_is_the_intact_branch_alone(poa):
+    """``elastic_student=False`` (the ablation of benchmarks/quality.py): the step of POA at
+    lambda = 1 without the elastic branch -- the same loss, iBOT term and updated weights as
+    the elastic trainer at lambda_ie = 1 (where the elastic terms have weight 0) -- and KoLeo of
+    the intact student alone, checked against a brute-force numpy KoLeo."""
+    from test_losses import np_koleo_brute_force
+
+    keras.utils.set_random_seed(0)
+    off = POA(ElasticViT(name="student", **VIT), dict(HEADS),
+              recipe=dict(RECIPE, elastic_student=False, koleo_weight=0.0))
+    assert off.sampler is None and off.get_sampler_state() is None and not off.runtime_depth
+    assert [v.path for v in off.weights] == [v.path for v in poa.trainer.weights]
+    off.compile(optimizer=keras.optimizers.SGD(learning_rate=LR))
+    data = poa_batch()
+
+    def off_step(step, **recipe):
+        for v, w in zip(off.weights, poa.start.weights):
+            v.assign(w)
+        off.optimizer.iterations.assign(step)
+        off.recipe.update(recipe)
+        logs = off.train_on_batch(data, return_dict=True)
+        return ({k: float(v) for k, v in logs.items()},
+                {v.path: to_np(v) for v in off.trainable_variables})
+
+    # iBOT phase, KoLeo off: equal to the elastic trainer at lambda = 1.
+    ref_logs, ref_after = run_step(poa, IBOT_START, data, lambda_ie=1.0, koleo_weight=0.0)
+    logs, after = off_step(IBOT_START, koleo_weight=0.0)
+    assert off.last_plan == POAPlan(None, True) and "width" not in logs
+    assert ref_logs["dino_elastic"] == 0.0 and ref_logs["same_view"] == 0.0
+    for key in ("loss", "dino_intact", "ibot"):
+        assert logs[key] == pytest.approx(ref_logs[key], rel=1e-5), key
+    assert logs["dino_elastic"] == 0.0 and logs["same_view"] == 0.0 and logs["ibot"] > 0
+    for path, value in ref_after.items():
+        np.testing.assert_allclose(after[path], value, rtol=1e-4, atol=1e-6, err_msg=path)
+
+    # KoLeo: the intact student's, summed over the two global views (weight 0.1).
+    for v, w in zip(off.weights, poa.start.weights):
+        v.assign(w)
+    views = data["global"]
+    cls = [to_np(off.backbone(views[i], training=True)["cls"]) for i in range(2)]
+    expected = 0.1 * sum(np_koleo_brute_force(c) for c in cls)
+    logs, _ = off_step(FREEZE_STEPS, koleo_weight=0.1)
+    assert logs["koleo"] == pytest.approx(expected, rel=1e-4)

@@ -81,6 +81,14 @@ iBOT branch), ``width``, ``depth`` (the elastic student's subnet), ``teacher_tem
 
 Layer-wise lr decay (0.9), the patch-embed lr multiplier (0.2) and weight decay on ndim > 1
 variables only: see methods/teacher_student.py (shared with DINO).
+
+``elastic_student=False`` switches the elastic branch off and changes nothing else (the same
+heads, targets, KoLeo, iBOT and schedules): the ablation that isolates what the elastic student
+buys (benchmarks/quality.py). Then ``λ`` is not used: the intact student's terms get weight 1
+(``L_dino = Σ CE(intact_j, T_i) / n_terms``, iBOT on the intact student only), there is no
+same-view term, KoLeo is the intact student's alone, no subnet is drawn and every step runs one
+program (plan ``None``, or ``POAPlan(None, ibot=True)`` in the iBOT phase). The backbone may
+then have a single subnet.
 """
 from __future__ import annotations
 
@@ -103,6 +111,7 @@ from poa_keras.methods.teacher_student import (METHOD_DEFAULTS, TeacherStudentTr
 POA_RECIPE = dict(
     schedules_lib.POA_DEFAULTS, **dict(METHOD_DEFAULTS, centering="sinkhorn"),
     lambda_ie=0.8,
+    elastic_student=True,    # False: POA without its elastic branch (the ablation baseline)
     same_view_temp=0.1,
     koleo_weight=0.1,
     sampler_seed=0,
@@ -151,13 +160,14 @@ class POA(TeacherStudentTrainer):
 
     def __init__(self, backbone, head=None, recipe=None, clip_grad="recipe", runtime_depth=None,
                  **kwargs):
-        if len(backbone.subnets()) < 2:
+        elastic = bool(dict(POA_RECIPE, **(recipe or {}))["elastic_student"])
+        if elastic and len(backbone.subnets()) < 2:
             raise ValueError(
                 f"POA trains an elastic backbone: its elastic student runs a sub-network other "
                 f"than the intact one, but {type(backbone).__name__} {backbone.name!r} has "
                 f"{len(backbone.subnets())} subnet ({backbone.subnets()}); give an elastic "
                 "configuration (e.g. min_width/min_depth below the full size) or train it "
-                "with DINO")
+                "with DINO (or set elastic_student=False)")
         if head is None or isinstance(head, dict):
             config = dict(head or {})
             config.setdefault("in_dim", backbone.feature_dim())
@@ -179,12 +189,14 @@ class POA(TeacherStudentTrainer):
                         if center else [])
         self.ibot_centers = ([self._new_center(d, f"ibot_center_{i}")
                               for i, d in enumerate(out_dims)] if center else [])
+        self.elastic = elastic
         sampler = backbone.sampler(seed=int(self.recipe["sampler_seed"]),
-                                   net_select_scale=self.recipe["net_select_scale"])
+                                   net_select_scale=self.recipe["net_select_scale"]) \
+            if elastic else None
         self._host = types.SimpleNamespace(sampler=sampler, subnet=None)
         if runtime_depth is None:
             runtime_depth = keras.backend.backend() in ("jax", "tensorflow")
-        self.runtime_depth = bool(runtime_depth) and backbone.has_elastic_depth()
+        self.runtime_depth = bool(runtime_depth) and elastic and backbone.has_elastic_depth()
 
     # ------------------------------------------------------------------------------ sampling
     @property
@@ -192,11 +204,13 @@ class POA(TeacherStudentTrainer):
         return self._host.sampler
 
     def get_sampler_state(self):
-        """The subnet sampler's state (JSON-friendly), for checkpoints."""
-        return self._host.sampler.get_state()
+        """The subnet sampler's state (JSON-friendly), for checkpoints (None without the
+        elastic student)."""
+        return None if self._host.sampler is None else self._host.sampler.get_state()
 
     def set_sampler_state(self, state):
-        self._host.sampler.set_state(state)
+        if self._host.sampler is not None and state is not None:
+            self._host.sampler.set_state(state)
 
     @staticmethod
     def plan_subnet(plan):
@@ -212,7 +226,8 @@ class POA(TeacherStudentTrainer):
         """The plan (the program's key) under which the elastic student runs ``subnet``: the
         subnet itself, or with ``runtime_depth`` its width at the intact depth (the depth is
         then the step's ``block_keep`` mask); a ``POAPlan`` in the iBOT phase."""
-        static = self.backbone.full_depth_subnet(subnet) if self.runtime_depth else subnet
+        static = self.backbone.full_depth_subnet(subnet) \
+            if self.runtime_depth and subnet is not None else subnet
         return POAPlan(static, ibot=True) if ibot else static
 
     def ibot_start_step(self):
@@ -226,8 +241,9 @@ class POA(TeacherStudentTrainer):
 
     def next_subnet(self):
         """The elastic student's subnet of the next step (host): the sampler's next draw.
-        Override to pin the subnet (benchmarks time one subnet at a time)."""
-        return self._host.sampler.next()
+        Override to pin the subnet (benchmarks time one subnet at a time). None without the
+        elastic student."""
+        return None if self._host.sampler is None else self._host.sampler.next()
 
     def next_plan(self):
         subnet = self.next_subnet()
@@ -369,25 +385,34 @@ class POA(TeacherStudentTrainer):
 
         intact_cls, intact, intact_patch = self._student(g_flat, l_flat, n_local, None,
                                                          training, masks, token_index)
-        keep = self.step_values["block_keep"] if self.runtime_depth else None
-        elastic_cls, elastic, elastic_patch = self._student(g_flat, l_flat, n_local, subnet,
-                                                            training, masks, token_index, keep)
+        if self.elastic:
+            keep = self.step_values["block_keep"] if self.runtime_depth else None
+            elastic_cls, elastic, elastic_patch = self._student(
+                g_flat, l_flat, n_local, subnet, training, masks, token_index, keep)
+            w_i, w_e = lam, 1.0 - lam
+        else:   # the ablation: the intact student alone, with weight 1
+            elastic_cls, elastic, elastic_patch = None, [None] * len(intact), None
+            w_i, w_e = 1.0, 0.0
 
         dino_i = dino_e = same = 0.0
         for target, views_i, views_e in zip(targets, intact, elastic):
             all_i = ops.concatenate(views_i, axis=0) if len(views_i) > 1 else views_i[0]
-            all_e = ops.concatenate(views_e, axis=0) if len(views_e) > 1 else views_e[0]
             ce_i, n_terms = multi_view_cross_entropy(target, all_i, st)
+            dino_i = dino_i + w_i * ce_i / n_terms
+            if views_e is None:
+                continue
+            all_e = ops.concatenate(views_e, axis=0) if len(views_e) > 1 else views_e[0]
             ce_e, _ = multi_view_cross_entropy(target, all_e, st)
-            dino_i = dino_i + lam * ce_i / n_terms
-            dino_e = dino_e + (1.0 - lam) * ce_e / n_terms
+            dino_e = dino_e + w_e * ce_e / n_terms
             same_h = 0.0
             for vi, ve in zip(views_i, views_e):  # global views, then local views
                 same_target = ops.softmax(ops.stop_gradient(vi) / sv_temp, axis=-1)
                 same_h = same_h + dino_cross_entropy(same_target, ve, st)
-            same = same + (1.0 - lam) * same_h
+            same = same + w_e * same_h
         n_heads = float(len(targets))
         dino_i, dino_e, same = dino_i / n_heads, dino_e / n_heads, same / n_heads
+        if not self.elastic:
+            dino_e = same = ops.zeros((), "float32")
         loss = dino_i + dino_e + same
         koleo = ops.zeros((), "float32")
         if self.recipe["koleo_weight"]:
@@ -395,9 +420,11 @@ class POA(TeacherStudentTrainer):
             # global views (never between the two views of one image).
             per_student = []
             for cls in (intact_cls, elastic_cls):
+                if cls is None:
+                    continue
                 per_view = unflatten_views(cls, 2)
                 per_student.append(koleo_loss(per_view[0]) + koleo_loss(per_view[1]))
-            koleo = self.step_values["koleo_weight"] * 0.5 * (per_student[0] + per_student[1])
+            koleo = self.step_values["koleo_weight"] * sum(per_student) / len(per_student)
             loss = loss + koleo
         ibot = ops.zeros((), "float32")
         if token_index is not None:
@@ -408,12 +435,14 @@ class POA(TeacherStudentTrainer):
             ibot_centers = self.ibot_centers or [None] * len(t_patch)
             num_images = int(masks.shape[0])
             total = 0.0
+            elastic_patch = elastic_patch or [None] * len(t_patch)
             for t, c, s_i, s_e in zip(t_patch, ibot_centers, intact_patch, elastic_patch):
                 p = self.patch_targets(t, token_weights, c)
-                total = total + lam * ibot_masked_token_loss(p, s_i, token_weights,
+                total = total + w_i * ibot_masked_token_loss(p, s_i, token_weights,
                                                              num_images, st)
-                total = total + (1.0 - lam) * ibot_masked_token_loss(p, s_e, token_weights,
-                                                                     num_images, st)
+                if s_e is not None:
+                    total = total + w_e * ibot_masked_token_loss(p, s_e, token_weights,
+                                                                 num_images, st)
             ibot = self.step_values["ibot_weight"] * total / n_heads
             loss = loss + ibot
         logs = dict(dino_intact=dino_i, dino_elastic=dino_e, same_view=same, koleo=koleo,
