@@ -6,7 +6,8 @@ with main_dino.py's defaults for everything else, on 16 GPUs x 64 images = batch
 """
 RECIPE = dict(
     method="dino",
-    backbone=dict(config="vit_s16", drop_path_rate=0.1, drop_path_uniform=False),
+    backbone=dict(config="vit_s16", drop_path_rate=0.1, drop_path_uniform=False,
+                  pos_embed_resize="dino"),   # DINO's (g + 0.1) / sqrt(N) rule at 96 px crops
     head=dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=False),
     data=dict(
         source="folder", path=None,

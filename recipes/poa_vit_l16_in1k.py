@@ -12,6 +12,7 @@ RECIPE = dict(
     backbone=dict(
         config="vit_l16_elastic",      # widths 384..1024 step 64, depths 12..24, head dim 64
         drop_path_rate=0.2, drop_path_uniform=True, layer_scale_init=1e-5,
+        pos_embed_resize="dino",       # POA's (DINOv2's) (g + 0.1) / sqrt(N) resize rule
     ),
     head=dict(hidden_dim=2048, bottleneck_dim=256, out_dims=(8192, 16384, 32768, 65536)),
     data=dict(

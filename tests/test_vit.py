@@ -1,11 +1,15 @@
 """ElasticViT: what only the ViT has (masks, position-embedding resize, named configurations,
 layer ids, errors). Forward == extract, round trips, int8, export, bfloat16, stochastic depth
 and the trainers: the family contract (tests/test_family_contract.py)."""
+import math
+
+import keras
 import numpy as np
 import pytest
 from conftest import forward, to_np
+from keras import ops
 
-from poa_keras import ElasticViT, ViTSubnet
+from poa_keras import Backbone, ElasticViT, ViTSubnet
 from poa_keras.backbones.vit import (CONFIGS, bicubic_resize_matrix, layer_decay_multipliers,
                                      vit_layer_id, vit_lr_multiplier)
 
@@ -46,6 +50,89 @@ def test_bicubic_matrix_matches_torch_interpolate():
         mine = np.einsum("hi,wj,ncij->nchw", bicubic_resize_matrix(out_h, 7),
                          bicubic_resize_matrix(out_w, 7), grid)
         np.testing.assert_allclose(mine, ref, atol=1e-5)
+
+
+def numpy_bicubic_resize(grid, out_h, out_w, scale_h, scale_w):
+    """(g, g, C) -> (out_h, out_w, C), written from torch's bicubic interpolate: source
+    coordinate (i + 0.5) * scale - 0.5, Keys' kernel a = -0.75 on the 4 nearest samples,
+    indices clamped to the border; applied separably, rows then columns."""
+    def kernel(d, a=-0.75):
+        d = np.abs(d)
+        return np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                        np.where(d < 2, a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a, 0.0))
+
+    def resize_axis(x, out, scale, axis):
+        x = np.moveaxis(x, axis, 0)
+        src = (np.arange(out) + 0.5) * scale - 0.5
+        base = np.floor(src).astype(int)
+        result = np.zeros((out,) + x.shape[1:])
+        for k in range(-1, 3):
+            idx = np.clip(base + k, 0, x.shape[0] - 1)
+            w = kernel(src - (base + k))
+            result += w.reshape((-1,) + (1,) * (x.ndim - 1)) * x[idx]
+        return np.moveaxis(result, 0, axis)
+
+    return resize_axis(resize_axis(grid.astype(np.float64), out_h, scale_h, 0), out_w,
+                       scale_w, 1)
+
+
+@pytest.mark.parametrize("rule", ["size", "dino"])
+def test_position_embedding_resize_rules_match_numpy_and_torch(rule):
+    """Both rules of ``pos_embed_resize`` against a numpy implementation of each and against
+    torch's interpolate called as the source code calls it (size= / DINO's scale_factor=)."""
+    torch = pytest.importorskip("torch", reason="torch is the second independent reference")
+    keras.utils.set_random_seed(3)
+    vit = ElasticViT(image_size=32, patch_size=8, embed_dim=16, depth=1, head_dim=8,
+                     pos_embed_resize=rule)
+    vit(np.zeros((1, 32, 32, 3), "float32"))
+    assert vit.get_config()["pos_embed_resize"] == rule
+    pos = ops.convert_to_numpy(vit.pos_embed)[0]               # (1 + 16, 16)
+    g = 4
+    grid = pos[1:].reshape(g, g, 16)
+    for out_h, out_w in [(2, 2), (2, 3), (7, 5), (6, 6)]:
+        got = ops.convert_to_numpy(vit._position_embedding(out_h, out_w, 16))[0]
+        np.testing.assert_array_equal(got[0], pos[0])          # the cls position is kept
+        if rule == "size":
+            scales = (g / out_h, g / out_w)
+            ref = torch.nn.functional.interpolate(
+                torch.from_numpy(grid.transpose(2, 0, 1)[None]), size=(out_h, out_w),
+                mode="bicubic", align_corners=False)
+        else:   # DINO: interpolate(scale_factor=((h0 + 0.1) / sqrt(N), (w0 + 0.1) / sqrt(N)))
+            scales = (g / (out_h + 0.1), g / (out_w + 0.1))
+            ref = torch.nn.functional.interpolate(
+                torch.from_numpy(grid.transpose(2, 0, 1)[None]),
+                scale_factor=((out_h + 0.1) / math.sqrt(g * g), (out_w + 0.1) / math.sqrt(g * g)),
+                mode="bicubic", align_corners=False)
+        ref = ref.numpy()[0].transpose(1, 2, 0)
+        assert ref.shape == (out_h, out_w, 16)
+        mine = numpy_bicubic_resize(grid, out_h, out_w, *scales)
+        np.testing.assert_allclose(ref, mine, atol=1e-5)
+        np.testing.assert_allclose(got[1:].reshape(out_h, out_w, 16), mine, atol=1e-5)
+
+
+def test_position_embedding_rule_travels_and_matters(tmp_path):
+    keras.utils.set_random_seed(4)
+    vit = ElasticViT(image_size=32, patch_size=8, embed_dim=16, depth=2, head_dim=8,
+                     min_width=8, min_depth=1, pos_embed_resize="dino")
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
+    out = ops.convert_to_numpy(vit(x)["cls"])
+    # the rule is recorded in presets and kept by extraction
+    vit.save_to_preset(str(tmp_path / "p"))
+    again = Backbone.from_preset(str(tmp_path / "p"))
+    assert again.pos_embed_resize == "dino"
+    np.testing.assert_allclose(ops.convert_to_numpy(again(x)["cls"]), out, atol=1e-5)
+    assert vit.extract(ViTSubnet(8, 1)).pos_embed_resize == "dino"
+    # the other rule gives another embedding at 16 px (2 x 2 of a 4 x 4 grid)
+    size = ElasticViT.from_config(dict(vit.get_config(), pos_embed_resize="size"))
+    size(x)
+    size.set_weights(vit.get_weights())
+    a = ops.convert_to_numpy(vit._position_embedding(2, 2, 16))
+    b = ops.convert_to_numpy(size._position_embedding(2, 2, 16))
+    assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()
+    with pytest.raises(ValueError, match=r"pos_embed_resize must be one of \('size', 'dino'\), "
+                                         r"got 'bilinear'"):
+        ElasticViT(image_size=32, patch_size=8, embed_dim=16, depth=1, head_dim=8,
+                   pos_embed_resize="bilinear")
 
 
 def test_block_ids_and_named_sizes(small_vit):

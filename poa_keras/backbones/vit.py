@@ -31,16 +31,35 @@ def _cubic(d, a=-0.75):
     return 0.0
 
 
+#: How the position embedding is resized to another grid (``pos_embed_resize``):
+#: "size": bicubic to the target size, torch's ``interpolate(size=...)`` (source step g_in /
+#: g_out); "dino": the rule of the DINO, DINOv2 and POA code, ``interpolate(scale_factor=(g_out
+#: + 0.1) / g_in)``, whose source step is g_in / (g_out + 0.1) (REFERENCE.md §5b, flag).
+POS_EMBED_RESIZE_RULES = ("size", "dino")
+DINO_INTERPOLATE_OFFSET = 0.1
+
+
+def pos_embed_scale(size_out: int, size_in: int, rule: str = "size") -> float:
+    """The source step per output sample of a position-embedding resize under ``rule``."""
+    if rule == "size":
+        return size_in / size_out
+    if rule == "dino":
+        return size_in / (size_out + DINO_INTERPOLATE_OFFSET)
+    raise ValueError(f"pos_embed_resize must be one of {POS_EMBED_RESIZE_RULES}, got {rule!r}")
+
+
 @functools.lru_cache(maxsize=64)
-def bicubic_resize_matrix(size_out: int, size_in: int) -> np.ndarray:
+def bicubic_resize_matrix(size_out: int, size_in: int, scale: float | None = None) -> np.ndarray:
     """(size_out, size_in) matrix M such that M @ v is v resized bicubically.
 
-    Half-pixel centres (align_corners=False), border samples repeated, no antialiasing: the rule
-    of torch's size-based bicubic ``interpolate`` that DINOv2 uses for position embeddings. A
-    fixed matrix makes the result identical on every backend.
+    Half-pixel centres (align_corners=False), border samples repeated, no antialiasing: torch's
+    bicubic ``interpolate``. ``scale`` is the source step per output sample: None gives
+    size_in / size_out (``interpolate(size=...)``); DINO's ``interpolate(scale_factor=s)``
+    steps by 1 / s (``pos_embed_scale``). A fixed matrix makes the result identical on every
+    backend.
     """
     m = np.zeros((size_out, size_in), dtype=np.float64)
-    scale = size_in / size_out
+    scale = size_in / size_out if scale is None else float(scale)
     for i in range(size_out):
         src = (i + 0.5) * scale - 0.5
         base = math.floor(src)
@@ -144,6 +163,14 @@ class ElasticViT(Backbone):
         use_mask_token: create a learned mask token for masked-image objectives.
         net_select_scale: sampling weight of the smallest subnet (see `SubnetSampler`).
         named_subnets: {name: (width, depth)} of well-known sizes.
+        pos_embed_resize: how the position embedding is resized for another input size:
+            "size" (default; bicubic to the target grid, torch's ``interpolate(size=...)``)
+            or "dino" (the DINO / DINOv2 / POA code's ``scale_factor = (g + 0.1) / sqrt(N)``,
+            which samples the source grid slightly differently: the interpolation weights
+            of an output position differ by up to 0.35 in L1 at the demo's 16 px local crops,
+            4 x 4 -> 2 x 2). Recorded in presets; recipes that
+            claim a paper's settings use "dino", and so must a model converted from those
+            checkpoints to reproduce them at every size.
 
     Call: ``model(images, subnet=None, masks=None, training=None, keep=None)`` with images
     (B, H, W, C) and optional boolean masks (B, H/p * W/p); ``keep``: a run-time block mask
@@ -164,8 +191,11 @@ class ElasticViT(Backbone):
                  min_width=None, min_depth=None, mlp_ratio=4.0, qkv_bias=True, proj_bias=True,
                  ffn_bias=True, layer_scale_init=None, drop_path_rate=0.0,
                  drop_path_uniform=True, norm_epsilon=1e-6, use_mask_token=False, in_channels=3,
-                 net_select_scale=3, named_subnets=None, **kwargs):
+                 net_select_scale=3, named_subnets=None, pos_embed_resize="size", **kwargs):
         super().__init__(**kwargs)
+        if pos_embed_resize not in POS_EMBED_RESIZE_RULES:
+            raise ValueError(f"pos_embed_resize must be one of {POS_EMBED_RESIZE_RULES}, got "
+                             f"{pos_embed_resize!r}")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size "
                              f"{patch_size}")
@@ -199,6 +229,7 @@ class ElasticViT(Backbone):
         for k, spec in self._named.items():
             self.validate_subnet(spec)
         self.grid_size = self.image_size // self.patch_size
+        self.pos_embed_resize = pos_embed_resize
 
         policy = self.dtype_policy
         self.patch_embed = ElasticPatchEmbed(patch_size, embed_dim, in_channels, dtype=policy,
@@ -267,8 +298,8 @@ class ElasticViT(Backbone):
                              f"depths: {depths[0]}..{depths[-1]}")
 
     def subnet_from_kwargs(self, width=None, depth=None):
-        spec = ViTSubnet(self.embed_dim if width is None else int(width),
-                         self.depth if depth is None else int(depth))
+        spec = ViTSubnet(self.embed_dim if width is None else width,   # the spec refuses 64.5
+                         self.depth if depth is None else depth)
         self.validate_subnet(spec)
         return spec
 
@@ -388,8 +419,11 @@ class ElasticViT(Backbone):
             return pos
         g = self.grid_size
         patch_pos = ops.reshape(ops.cast(pos[:, 1:], "float32"), (g, g, width))
-        rows = ops.convert_to_tensor(bicubic_resize_matrix(grid_h, g))
-        cols = ops.convert_to_tensor(bicubic_resize_matrix(grid_w, g))
+        rule = self.pos_embed_resize
+        rows = ops.convert_to_tensor(bicubic_resize_matrix(grid_h, g,
+                                                           pos_embed_scale(grid_h, g, rule)))
+        cols = ops.convert_to_tensor(bicubic_resize_matrix(grid_w, g,
+                                                           pos_embed_scale(grid_w, g, rule)))
         patch_pos = ops.einsum("hi,ijc->hjc", rows, patch_pos)
         patch_pos = ops.einsum("wj,hjc->hwc", cols, patch_pos)
         patch_pos = ops.cast(ops.reshape(patch_pos, (1, grid_h * grid_w, width)), pos.dtype)
@@ -496,6 +530,7 @@ class ElasticViT(Backbone):
             use_mask_token=self.use_mask_token, in_channels=self.in_channels,
             net_select_scale=self.net_select_scale,
             named_subnets={k: [s.width, s.depth] for k, s in self._named.items()},
+            pos_embed_resize=self.pos_embed_resize,
         )
         return config
 
