@@ -1,11 +1,12 @@
 """poa_keras: pretrain elastic vision backbones once, deploy every size (Keras 3: JAX,
 TensorFlow, PyTorch)."""
 from poa_keras.version import __version__
-from poa_keras import elastic, presets, quantization
+from poa_keras import elastic, preprocessing, presets, quantization
 from poa_keras.backbones import Backbone, ElasticResNet, ElasticSwin, ElasticViT
 from poa_keras.elastic import ResNetSubnet, SubnetSampler, SwinSubnet, ViTSubnet
 from poa_keras.classifier import ImageClassifier
+from poa_keras.preprocessing import ImagePreprocessing
 
 __all__ = ["Backbone", "ElasticResNet", "ElasticSwin", "ElasticViT", "ImageClassifier",
-           "ResNetSubnet", "SubnetSampler", "SwinSubnet", "ViTSubnet", "elastic", "presets",
-           "quantization", "__version__"]
+           "ImagePreprocessing", "ResNetSubnet", "SubnetSampler", "SwinSubnet", "ViTSubnet",
+           "elastic", "preprocessing", "presets", "quantization", "__version__"]

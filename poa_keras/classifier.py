@@ -6,6 +6,14 @@
     clf.compile(optimizer=clf.layer_decay_optimizer(                  # MAE-Lite fine-tuning
         keras.optimizers.AdamW(1e-3, weight_decay=0.05), layer_decay=0.85))
     clf.predict(images)                    # logits (B, num_classes), float32
+    clf.save_to_preset("runs/clf")         # backbone, head and preprocessing: one preset
+    clf = poa_keras.ImageClassifier.from_preset("runs/clf")          # the fine-tuned model
+    clf = poa_keras.ImageClassifier.from_preset("poa_vit_l", num_classes=10, width=384,
+                                                depth=12)            # a new head on a size
+
+Images: uint8 images (0..255) go through the backbone's ``preprocessing`` (the record of its
+preset: resized to the input size if needed, normalised as in training) inside ``call``, so
+``fit`` / ``predict`` take raw images; float images are taken as already preprocessed.
 
 Layer-wise lr decay (BEiT / MAE / MAE-Lite fine-tuning, REFERENCE.md §3: layer decay 0.85):
 ``layer_decay_optimizer`` wraps any optimizer in ``poa_keras.optimizers.LRMultiplierOptimizer``
@@ -15,13 +23,17 @@ PyTorch parameter group with lr ``m * lr``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
+import os
 
 import keras
 from keras import ops
 
+from poa_keras import presets
+from poa_keras.backbones.base import Backbone
 from poa_keras.optimizers import LRMultiplierOptimizer
-from poa_keras.quantization import FrozenGCQuantize
+from poa_keras.quantization import FrozenGCQuantize, quantization_mode
 from poa_keras.validation import check_multiplier
 
 POOLINGS = ("cls", "avg")
@@ -46,9 +58,12 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
             fine-tune one size, ``backbone.extract(subnet)`` first is usually what you want.
         **kwargs: ``keras.Model`` arguments (``name``, ``dtype``).
 
-    Call: ``clf(images, training=None)`` with images (B, H, W, C) as the backbone takes them ->
-    logits (B, num_classes). Under a mixed policy (``"mixed_bfloat16"``, ``"mixed_float16"``)
-    the head computes in float32, so the logits are float32.
+    Call: ``clf(images, training=None)`` -> logits (B, num_classes). uint8 images (B, H, W, C)
+    go through ``backbone.preprocessing`` first (resize to its input size if needed,
+    normalisation as in training; in the compiled step, so ``fit``, ``evaluate`` and
+    ``predict`` take raw images); float images are taken as already preprocessed, as the
+    backbone takes them. Under a mixed policy (``"mixed_bfloat16"``, ``"mixed_float16"``) the
+    head computes in float32, so the logits are float32.
 
     The head is ``Dense(num_classes)`` with truncated-normal (std 0.02) kernel and zero bias
     (timm's classifier initialisation), named ``head``. The classifier is compiled at
@@ -138,8 +153,18 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
                              f"{sorted(outputs)})")
         return outputs[key]
 
+    @property
+    def preprocessing(self):
+        """The backbone's ``ImagePreprocessing`` (None for a backbone without one): what uint8
+        images get on their way in."""
+        return getattr(self.backbone, "preprocessing", None)
+
     def call(self, images, training=None):
         kwargs = {} if self.subnet is None else {"subnet": self.subnet}
+        preprocessing = self.preprocessing
+        if preprocessing is not None and \
+                keras.backend.standardize_dtype(images.dtype) == "uint8":
+            images = preprocessing(images)
         features = self._pool(self.backbone(images, training=training, **kwargs))
         if self.dropout_layer is not None:
             features = self.dropout_layer(features, training=training)
@@ -178,6 +203,109 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
         patch_embed_lr_mult)``: pass it to ``compile``."""
         inner = keras.optimizers.get(optimizer)
         return LRMultiplierOptimizer(inner, self.lr_multipliers(layer_decay, patch_embed_lr_mult))
+
+    # -- presets -------------------------------------------------------------------------------
+    def save_to_preset(self, preset_dir):
+        """Writes the classifier as one preset, atomically: its (fine-tuned) backbone as a
+        backbone preset (config.json with the preprocessing, metadata.json, model.weights.h5;
+        ``Backbone.from_preset`` loads it) plus ``task.json`` (this config without the
+        backbone) and ``task.weights.h5`` (the head). The optimizer is not saved.
+        ``ImageClassifier.from_preset(preset_dir)`` reloads the classifier."""
+        if not isinstance(self.backbone, Backbone):
+            raise TypeError(f"save_to_preset needs a poa_keras Backbone, got "
+                            f"{type(self.backbone).__name__}; save the model with "
+                            "model.save(...) instead")
+        if quantization_mode(self) is not None or quantization_mode(self.backbone) is not None:
+            raise ValueError("a quantized ImageClassifier does not save as a preset: save the "
+                             "float classifier, and quantize it after loading")
+        task = keras.saving.serialize_keras_object(self)
+        for key in ("compile_config", "build_config"):   # training state, not the model
+            task.pop(key, None)
+        task["config"].pop("backbone")                   # that is config.json
+        own = self._own_variables()
+
+        def write_task(directory):
+            (directory / presets.TASK_FILE).write_text(json.dumps(task, indent=2))
+            presets.save_variables({name: keras.ops.convert_to_numpy(v)
+                                    for name, v in own.items()},
+                                   directory / presets.TASK_WEIGHTS_FILE)
+            return {"task": {
+                "class_name": type(self).__name__, "num_classes": self.num_classes,
+                "parameter_count": int(self.count_params()),
+                "weights_sha256": presets.sha256_of(directory / presets.TASK_WEIGHTS_FILE)}}
+
+        metadata = self.backbone.preset_metadata()
+        presets.save_preset(self.backbone, preset_dir, metadata=metadata,
+                            write_extra=write_task)
+
+    @classmethod
+    def from_preset(cls, preset, num_classes=None, load_weights=True, subnet=None,
+                    pooling=None, dropout=None, name=None, **size):
+        """A classifier from a preset.
+
+        * A classifier preset (``save_to_preset``): the fine-tuned classifier, head included,
+          with the saved ``pooling`` / ``dropout`` / ``subnet`` unless given. With a size
+          (``subnet=`` or keywords such as ``width=..., depth=...``) or another
+          ``num_classes``, its fine-tuned backbone (that size extracted) gets a NEW head
+          (``num_classes`` defaulting to the saved one).
+        * A backbone preset (a registered name or a directory): ``num_classes`` is required;
+          ``Backbone.from_preset(preset, load_weights, subnet, **size)`` with a new head.
+
+        The backbone's ``preprocessing`` is the preset's, so uint8 images work at once.
+        """
+        task = presets.read_task(preset, load_weights=load_weights)
+        sized = subnet is not None or any(v is not None for v in size.values())
+        given = {k: v for k, v in (("pooling", pooling), ("dropout", dropout), ("name", name))
+                 if v is not None}
+        if task is None:
+            if num_classes is None:
+                raise ValueError(f"preset {os.fspath(preset)!r} holds a backbone only: give "
+                                 "num_classes= for a new classification head")
+            backbone = Backbone.from_preset(preset, load_weights=load_weights, subnet=subnet,
+                                            **size)
+            return cls(backbone, num_classes, **given)
+        klass = presets.registered_class(task.registered_name)
+        if not (isinstance(klass, type) and issubclass(klass, cls)):
+            raise ValueError(f"{task.where} holds a {task.class_name!r} task, not an "
+                             f"{cls.__name__}")
+        saved = dict(task.config)
+        if sized or (num_classes is not None and num_classes != saved["num_classes"]):
+            # A new head on the fine-tuned backbone (of the requested size).
+            backbone = Backbone.from_preset(preset, load_weights=load_weights, subnet=subnet,
+                                            **size)
+            args = {k: saved[k] for k in ("pooling", "dropout") if k in saved}
+            args.update(given)
+            return klass(backbone, saved["num_classes"] if num_classes is None else num_classes,
+                         **args)
+        backbone = Backbone.from_preset(preset, load_weights=load_weights)
+        saved.update(given)
+        if saved.get("subnet") is not None:
+            saved["subnet"] = _to_tuples(saved["subnet"])
+        classifier = klass(backbone=backbone, **saved)
+        if task.weights is not None:
+            classifier._load_own_variables(presets.load_variables(
+                task.weights, task.weights_sha256, task.where))
+        return classifier
+
+    def _own_variables(self):
+        """{path below this model's name: variable} of the variables outside the backbone."""
+        backbone_ids = {id(v) for v in self.backbone.weights}
+        prefix = f"{self.name}/"
+        return {v.path[len(prefix):] if v.path.startswith(prefix) else v.path: v
+                for v in self.weights if id(v) not in backbone_ids}
+
+    def _load_own_variables(self, arrays):
+        own = self._own_variables()
+        if sorted(arrays) != sorted(own):
+            raise ValueError(f"the preset's task weights hold {sorted(arrays)}, but this "
+                             f"classifier has {sorted(own)}: the preset is of another head")
+        for name, variable in own.items():
+            value = arrays[name]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(f"the preset's task weight {name!r} has shape "
+                                 f"{tuple(value.shape)}, the classifier's "
+                                 f"{tuple(variable.shape)}")
+            variable.assign(value)
 
     # -- configuration -------------------------------------------------------------------------
     def get_config(self):

@@ -21,6 +21,8 @@ configuration with random weights, e.g. vit_elastic_test, swin_elastic_test,
 resnet_elastic_test); the size from --subnet (a name such as small, or fields such as
 width=48,depth=3 or, for a ResNet, width=8,depths=1-1-2-1) or --width/--depth.
 
+`poa-keras COMMAND --help` lists the flags of one command.
+
 Examples (tiny, seconds on a CPU):
     poa-keras info
     poa-keras sweep --config=vit_elastic_test --num_train=64 --num_val=32 --output=/tmp/sw
@@ -33,8 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
+import tempfile
+import textwrap
 import time
+import warnings
 
 from absl import app, flags, logging
 
@@ -70,6 +76,9 @@ flags.DEFINE_integer("num_val", 256, "sweep / finetune / export: shapes images o
                      "split (the k-NN queries).")
 flags.DEFINE_integer("image_size", None, "Image side for the data (default: the model's).")
 flags.DEFINE_float("val_fraction", 0.2, "--data folders: the share of images held out for val.")
+flags.DEFINE_enum("on_bad_image", "error", ["error", "skip"], "--data folders: every image is "
+                  "decoded once first; a file that does not decode stops the command, naming "
+                  "it (error), or is left out (skip, with a count).")
 # -- pretrain
 flags.DEFINE_string("recipe", "demo", "pretrain: a shipped recipe name (demo, demo_dino, "
                     "poa_vit_l16_in1k, dino_vit_s16_in1k) or a .py file defining RECIPE.")
@@ -82,6 +91,10 @@ flags.DEFINE_string("compilation_cache", "auto", "pretrain (JAX): the persistent
                     "cache: auto (the one JAX already uses, else user), user (in the Keras "
                     "cache), run (in --output), off, or a directory.")
 flags.DEFINE_bool("resume", True, "pretrain: resume from the latest checkpoint in --output.")
+flags.DEFINE_list("allow_recipe_change", [], "pretrain: recipe keys a resumed run may change, "
+                  "e.g. train.lr,train.epochs (the schedules, train.epochs and the checkpoint "
+                  "settings; give the new values with --override). Any other change is "
+                  "refused.")
 flags.DEFINE_enum("verbose", "1", ["0", "1", "2"], "pretrain / finetune: 1 = progress bar, 2 = "
                   "one line per epoch, 0 = silent.")
 # -- sweep
@@ -90,7 +103,8 @@ flags.DEFINE_string("subnets", "all", "sweep: 'all' (the whole grid) or sizes se
 flags.DEFINE_integer("k", 20, "sweep / export: the k of the weighted k-NN.")
 flags.DEFINE_float("temperature", 0.07, "sweep / export: k-NN vote temperature T.")
 flags.DEFINE_bool("latency", True, "sweep: time each extracted subnet.")
-flags.DEFINE_integer("latency_runs", 5, "sweep: timed calls per subnet (median reported).")
+flags.DEFINE_integer("latency_runs", 10, "sweep: timed interleaved rounds (every subnet once "
+                     "per round; median ± interquartile range reported).")
 flags.DEFINE_integer("latency_batch", 8, "sweep: images per timed call.")
 flags.DEFINE_float("budget_params", None, "sweep: print the best subnet with at most this many "
                    "parameters (combines with the other budgets).")
@@ -116,9 +130,94 @@ flags.DEFINE_integer("export_batch_size", None, "export: fix the batch of every 
 flags.DEFINE_bool("overwrite", False, "export: replace an earlier export at --output.")
 
 
+_MODEL_FLAGS = ("preset", "config", "weights", "seed")
+_SIZE_FLAGS = ("subnet", "width", "depth")
+_DATA_FLAGS = ("data", "num_train", "num_val", "image_size", "val_fraction", "on_bad_image")
+COMMAND_FLAGS = {   # the flags each command reads (`poa-keras COMMAND --help` lists them)
+    "pretrain": ("recipe", "output", "override", "epochs", "resume", "allow_recipe_change",
+                 "data", "on_bad_image", "verbose", "compilation_cache"),
+    "sweep": _MODEL_FLAGS + ("subnets", "k", "temperature", "batch_size", "latency",
+                             "latency_batch", "latency_runs", "budget_params", "budget_flops",
+                             "budget_latency_ms") + _DATA_FLAGS + ("output", "verbose"),
+    "extract": _MODEL_FLAGS + _SIZE_FLAGS + ("output",),
+    "finetune": _MODEL_FLAGS + _SIZE_FLAGS + ("epochs", "batch_size", "lr", "weight_decay",
+                                              "layer_decay", "pooling") + _DATA_FLAGS
+    + ("output", "verbose"),
+    "export": _MODEL_FLAGS + _SIZE_FLAGS + ("quantize", "formats", "export_batch_size",
+                                            "overwrite", "eval", "k", "temperature")
+    + _DATA_FLAGS + ("output",),
+    "info": (),
+    "subnets": _MODEL_FLAGS,
+    "demo": _MODEL_FLAGS + _SIZE_FLAGS + ("batch_size", "output"),
+}
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
 def _usage():
     return (f"usage: poa-keras <{'|'.join(COMMANDS)}> [--flags]\n"
-            "       poa-keras --help shows every flag")
+            "       poa-keras --help describes the commands, poa-keras COMMAND --help lists "
+            "the flags of one")
+
+
+def command_summaries():
+    """{command: its description in the module docstring}."""
+    found, current = {}, None
+    for line in __doc__.splitlines():
+        match = re.match(r"^    (\w+)\s{2,}(.*)$", line)
+        if match and match.group(1) in COMMANDS:
+            current = match.group(1)
+            found[current] = match.group(2).strip()
+        elif current and re.match(r"^\s{10,}\S", line):
+            found[current] += " " + line.strip()
+        else:
+            current = None
+    return found
+
+
+def _flag_line(name):
+    flag = FLAGS[name]
+    default = flag.default
+    if isinstance(default, list):
+        default = ",".join(map(str, default))
+    shown = f"--{name}" + ("" if default in (None, "") else f"={default}")
+    text = re.sub(r";\s*repeat this option to specify a list of values", " (repeatable)",
+                  flag.help)
+    text = textwrap.fill(text, width=96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return f"  {shown}\n{text}"
+
+
+def command_help(command=None):
+    """What ``poa-keras [COMMAND] --help`` prints: one command's description and flags, or
+    the module docstring and every command's flags (``--helpfull``: command=\"all\")."""
+    if command is None:
+        return __doc__.strip() + "\n"
+    if command == "all":
+        lines = [__doc__.strip(), "", "flags:"]
+        seen = []
+        for names in COMMAND_FLAGS.values():
+            seen += [n for n in names if n not in seen]
+        return "\n".join(lines + [_flag_line(n) for n in seen]) + "\n"
+    names = COMMAND_FLAGS[command]
+    lines = [f"usage: poa-keras {command}" + (" [--flags]" if names else ""), "",
+             textwrap.fill(command_summaries().get(command, ""), width=96), ""]
+    if names:
+        lines += ["flags:"] + [_flag_line(n) for n in names]
+    else:
+        lines += ["no flags"]
+    return "\n".join(lines + ["", "See docs/cli.md for examples."]) + "\n"
+
+
+def _help_request(argv):
+    """The help ``argv`` asks for: None (no help flag), a command, "" (general) or "all"."""
+    args = argv[1:]
+    asked = [a for a in args if a.split("=")[0] in HELP_FLAGS
+             and a.split("=", 1)[-1].lower() not in ("false", "0")]
+    if not asked:
+        return None
+    if any(a.startswith("--helpfull") for a in asked):
+        return "all"
+    command = next((a for a in args if a in COMMANDS), None)
+    return command or ""
 
 
 def _say(message):
@@ -130,6 +229,7 @@ def _say(message):
 def _load_backbone():
     from poa_keras import Backbone, presets
     from poa_keras.backbones import from_config_name
+    from poa_keras.files import recover_directory
     if FLAGS.config:
         import keras
 
@@ -137,6 +237,7 @@ def _load_backbone():
         return from_config_name(FLAGS.config)
     source = FLAGS.preset
     load = FLAGS.weights != "no"
+    recover_directory(source)   # a save killed between its two renames left the old one aside
     if FLAGS.weights == "auto" and not os.path.isdir(source):
         card = presets.get_card(source)
         if not (card.get("weights") or {}).get("url"):
@@ -248,7 +349,8 @@ def _labelled_data(image_size, seed=None):
         from poa_keras.data import images_from_directory, train_val_split
 
         dataset, names = images_from_directory(FLAGS.data, image_size=image_size,
-                                               with_labels=True)
+                                               with_labels=True, on_bad_image=FLAGS.on_bad_image,
+                                               progress=FLAGS.verbose != "0")
         images, labels = [], []
         for image, label in dataset.as_numpy_iterator():
             images.append(image)
@@ -276,10 +378,23 @@ def _labelled_data(image_size, seed=None):
     return train, val, list(names)
 
 
-def _image_size(backbone):
+def _image_size(backbone, preprocessed=True):
+    """--image_size (default: the model's), checked before any data is made: the size the
+    network will see (``preprocessed``: after the backbone's preprocessing, which may resize
+    the images; else that size itself) must suit it (a ViT or Swin takes multiples of its
+    patch size)."""
     size = FLAGS.image_size or int(backbone.image_size)
     if size < 8:
         raise ValueError(f"--image_size must be >= 8, got {size}")
+    seen = (size, size)
+    preprocessing = getattr(backbone, "preprocessing", None) if preprocessed else None
+    if hasattr(preprocessing, "output_size"):
+        seen = tuple(int(s) for s in preprocessing.output_size(size, size))
+    try:
+        backbone.subnet_flops(None, image_size=seen)   # the family's own size check
+    except ValueError as error:
+        resized = "" if seen == (size, size) else f" (resized to {seen[0]}x{seen[1]})"
+        raise ValueError(f"--image_size={size}{resized}: {error}") from None
     return size
 
 
@@ -363,11 +478,14 @@ def cmd_demo():
 
 def cmd_pretrain():
     from poa_keras.methods.nan_guard import NonFiniteLoss
-    from poa_keras.pretrain import load_recipe, pretrain
+    from poa_keras.pretrain import check_allowed_changes, load_recipe, pretrain
 
+    check_allowed_changes(FLAGS.allow_recipe_change)
     overrides = list(FLAGS.override)
     if FLAGS.data:
         overrides += ["data.source=folder", f"data.path={FLAGS.data}"]
+    if FLAGS["on_bad_image"].present:
+        overrides += [f"data.on_bad_image={FLAGS.on_bad_image!r}"]
     recipe = load_recipe(FLAGS.recipe, overrides)
     output = FLAGS.output or os.path.join("runs", recipe.get("name") or "recipe")
     import keras
@@ -379,13 +497,15 @@ def cmd_pretrain():
     try:
         result = pretrain(recipe, output, resume=FLAGS.resume, epochs=FLAGS.epochs,
                           compilation_cache=FLAGS.compilation_cache,
-                          verbose=int(FLAGS.verbose))
+                          verbose=int(FLAGS.verbose),
+                          allow_recipe_change=FLAGS.allow_recipe_change)
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     trainer = result.trainer
     if result.resumed_from:
-        _say(f"resumed from {result.resumed_from}")
+        changed = "".join(f", {k} {a!r} -> {b!r}" for k, (a, b) in result.recipe_changes.items())
+        _say(f"resumed from {result.resumed_from}{changed}")
     if result.history:
         last = result.history[-1]
         terms = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "dino_intact", "dino_elastic",
@@ -451,10 +571,8 @@ def cmd_sweep():
 
 def cmd_finetune():
     import keras
-    import numpy as np
 
     from poa_keras.classifier import ImageClassifier
-    from poa_keras.eval.features import preprocess_uint8
     from poa_keras.files import atomic_path, atomic_write_json
 
     output = _require_output("finetune")
@@ -471,15 +589,10 @@ def cmd_finetune():
     teacher = _load_backbone()
     spec = _subnet(teacher)
     backbone = teacher if spec is None else teacher.extract(spec)
+    # uint8 images go through the backbone's recorded preprocessing inside the classifier
     train, val, names = _labelled_data(_image_size(backbone))
-
-    def prepare(images):
-        if images.shape[-1] == 1 and getattr(backbone, "in_channels", 3) == 3:
-            images = np.repeat(images, 3, axis=-1)
-        return preprocess_uint8(images)
-
-    x_train, y_train = prepare(train[0]), train[1].astype("int32")
-    x_val, y_val = prepare(val[0]), val[1].astype("int32")
+    x_train, y_train = train[0], train[1].astype("int32")
+    x_val, y_val = val[0], val[1].astype("int32")
     clf = ImageClassifier(backbone, num_classes=len(names), pooling=FLAGS.pooling)
     optimizer = keras.optimizers.AdamW(FLAGS.lr, weight_decay=FLAGS.weight_decay)
     if FLAGS.layer_decay != 1.0:
@@ -513,7 +626,9 @@ def cmd_finetune():
               "val_accuracy_after": float(after["accuracy"]),
               "history": {k: [float(v) for v in vs] for k, vs in history.history.items()}}
     atomic_write_json(os.path.join(output, "finetune.json"), report)
-    _say(f"wrote {model_path} (keras.saving.load_model) and finetune.json")
+    clf.save_to_preset(os.path.join(output, "preset"))
+    _say(f"wrote {model_path} (keras.saving.load_model), preset/ "
+         "(ImageClassifier.from_preset) and finetune.json")
 
 
 def cmd_export():
@@ -550,14 +665,81 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[2:]}; flags look like --name=value")
     try:
         return globals()[f"cmd_{argv[1]}"]() or 0
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, KeyError) as error:
+    except (ValueError, OSError, TypeError, KeyError) as error:
+        # OSError: a missing file, an unreachable download (ConnectionError), a full disk ...
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 1
 
 
+# What TensorFlow prints when it is imported, whatever TF_CPP_MIN_LOG_LEVEL says (its logging
+# is configured only after): a notice of absl and, on a machine without a GPU, that no CUDA
+# driver was found. Nothing a user of this command can act on.
+_TF_STARTUP_NOTICES = re.compile(
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+    r"STDERR$|^I\d{4} [\d:.]+\s+\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on "
+    r"your machine, GPU will not be used\.$")
+
+
+def _import_tensorflow_quietly():
+    """Imports TensorFlow (the data pipelines need it) with the C-level stderr captured, then
+    writes back everything it printed except its two start-up notices (``_TF_STARTUP_NOTICES``).
+    Not when TensorFlow is imported already, or when TF_CPP_MIN_LOG_LEVEL=0 asks for all."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines
+                                     if not _TF_STARTUP_NOTICES.match(line.rstrip("\n"))))
+            sys.stderr.flush()
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    """Our own warnings (e.g. image files left out) as one line, ``warning: ...``; others as
+    Python prints them."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    if os.path.abspath(filename).startswith(package):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMAT_WARNING(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT_WARNING = warnings.formatwarning
+
+
+def _set_by_user(name):
+    """Whether the environment the process started with has ``name`` (JAX, imported with
+    Keras, sets TF_CPP_MIN_LOG_LEVEL=1 when it is unset: os.environ cannot tell)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:   # the initial environment (Linux)
+            return any(e.startswith(name.encode() + b"=") for e in f.read().split(b"\0"))
+    except OSError:
+        return name in os.environ and not ("jax" in sys.modules
+                                           and os.environ[name] == "1")
+
+
 def run():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # TensorFlow's C++ logging (imported after this on the jax and torch backends) then shows
+    # fatal errors only (its other lines are about GPUs a CPU run does not use); a level the
+    # user set is kept.
+    if not _set_by_user("TF_CPP_MIN_LOG_LEVEL"):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    help_for = _help_request(sys.argv)
+    if help_for is not None:   # absl would print the whole module help and exit with 1
+        sys.stdout.write(command_help(help_for or None))
+        sys.exit(0)
+    warnings.formatwarning = _format_warning
+    if any(a in ("pretrain", "sweep", "finetune", "export") for a in sys.argv[1:2]):
+        _import_tensorflow_quietly()
     main_module = sys.modules.get("__main__")
     if main_module is not None and not main_module.__doc__:
         main_module.__doc__ = __doc__   # what --help prints under the `poa-keras` script

@@ -22,8 +22,10 @@ quantizes a copy with ``model.quantize("int8")`` when asked, and writes into ``o
 
 Every artefact but the presets comes from ``model.export(path, format=...)`` (Keras) of the
 model that is deployed (the int8 one when quantized), with inputs (batch, H, W, C) float32 at the
-backbone's image size, already normalised (as ``poa_keras.eval.features.preprocess_uint8``
-gives them), and the backbone's output dict (``cls``, ``pooled``, ViT also ``patch_tokens``).
+backbone's image size, already preprocessed (as ``backbone.preprocessing(uint8_images)`` gives
+them: the preset's record, which the presets keep and ``report.json`` repeats under
+``preprocessing``), and the backbone's output dict (``cls``, ``pooled``, ViT also
+``patch_tokens``).
 Every artefact is reloaded (presets with ``Backbone.from_preset``, the others
 by their own runtime, see ``run_artifact``) and run on the same images as the in-memory model:
 float32 outputs must agree within ``ATOL + RTOL * |expected|`` (1e-5 each); int8 ones as
@@ -73,11 +75,12 @@ from pathlib import Path
 import numpy as np
 
 from poa_keras.backbones.base import Backbone
-from poa_keras.eval.features import extract_features, to_backbone_input
+from poa_keras.eval.features import (FROM_PRESET, INPUT_NORMALIZATIONS, extract_features,
+                                     input_preprocessing, to_backbone_input)
 from poa_keras.eval.knn import knn_classify
 from poa_keras.files import staged_directory
 from poa_keras.quantization import QUANTIZE_MODES, check_mode, quantize as quantize_model
-from poa_keras.validation import check_int, check_labelled_images
+from poa_keras.validation import check_choice, check_int, check_labelled_images
 
 FORMATS = ("preset", "tf_saved_model", "onnx", "openvino", "litert", "torch")
 REPORT_FILE = "report.json"
@@ -280,7 +283,7 @@ def _log(progress, message):
 
 def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, formats=None,
                   eval_data=None, batch_size=None, overwrite=False, k=20, temperature=0.07,
-                  pixel_normalization="imagenet", progress=True, check_images=None):
+                  pixel_normalization=FROM_PRESET, progress=True, check_images=None):
     """Extracts one subnet and writes it in deployable formats; returns the report (a dict).
 
     Args:
@@ -292,23 +295,27 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
         per-channel scales, inputs quantized on the fly; convolutions stay float).
       formats: a list (or comma-separated string) of ``FORMATS``; None: ``default_formats()``.
         "preset" is always written (``[]``: the preset only).
-      eval_data: ``((train_images, train_labels), (val_images, val_labels))`` (uint8 images as
-        training saw them, or float already normalised): reports the k-NN top-1 (train split as
+      eval_data: ``((train_images, train_labels), (val_images, val_labels))`` (uint8 images,
+        through the backbone's preprocessing, or float already preprocessed): reports the
+        k-NN top-1 (train split as
         the bank) of the float subnet and, with quantize, of the int8 one, and their feature
         differences on the val images. None: no accuracy report.
       batch_size: None: any batch where the format allows it, else 1; an int fixes the batch of
         every artefact.
       overwrite: replace an existing export at ``output`` (a directory with report.json).
       k, temperature, pixel_normalization: the k-NN (weighted votes exp(sim / T)) and how uint8
-        images are normalised (see ``poa_keras.eval.features``).
+        images are preprocessed ("preset": the backbone's ``preprocessing``; see
+        ``poa_keras.eval.features.extract_features``).
       progress: print what is being done.
-      check_images: (B, H, W, C) float32 images for the reload checks; default: the first val
-        images of ``eval_data`` (normalised), else seeded normal noise.
+      check_images: (B, H, W, C) images for the reload checks (uint8: preprocessed; float:
+        as given, at the backbone's image size); default: the first val images of
+        ``eval_data`` (preprocessed), else seeded normal noise.
 
     Returns:
       a JSON-friendly dict (also written as ``output/report.json``): ``output``, ``backend``,
       ``family``, ``subnet`` (the spec's fields), ``parameters``, ``quantize``,
-      ``input_shape``, ``artifacts`` ({format or "preset_int8": {"path", "bytes",
+      ``input_shape``, ``preprocessing`` (the artefacts' input: ``ImagePreprocessing`` config
+      of the backbone), ``artifacts`` ({format or "preset_int8": {"path", "bytes",
       "precision", "batch", "max_abs_diff", "mean_abs_diff", "past_tolerance", "check"}}: the
       reload check against the in-memory model, see ``_compare``), ``accuracy`` (None without
       eval_data, else the k-NN top-1 of the float subnet and, quantized, of the int8 one with
@@ -324,6 +331,7 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
     quantize = check_mode(quantize, allow_none=True, what="quantize mode")
     target = check_output(output, overwrite)
     formats = parse_formats(formats)
+    check_choice(pixel_normalization, "pixel_normalization", INPUT_NORMALIZATIONS)
     evaluation = _split_eval(eval_data)
     if batch_size is not None:
         batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -348,7 +356,8 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
 
     size = int(model.image_size)
     channels = int(getattr(model, "in_channels", 3))
-    images = _check_images(check_images, evaluation, size, channels, pixel_normalization)
+    preprocessing = input_preprocessing(model, pixel_normalization)
+    images = _check_images(check_images, evaluation, size, channels, preprocessing)
     backend = _backend()
 
     with staged_directory(target) as tmp:   # the export appears whole or not at all
@@ -381,6 +390,7 @@ def export_subnet(backbone_or_preset, subnet=None, output=None, quantize=None, f
             "parameters": int(model.count_params()),
             "quantize": quantize,
             "input_shape": [None, size, size, channels],
+            "preprocessing": model.preprocessing.get_config(),
             "formats": formats,
             "artifacts": artifacts,
             "accuracy": accuracy,
@@ -400,21 +410,24 @@ def _spec_dict(spec):
 FEATURE_BATCH = 32   # images per forward pass of the k-NN features and of the reload checks
 
 
-def _check_images(check_images, evaluation, size, channels, pixel_normalization):
+def _check_images(check_images, evaluation, size, channels, preprocessing):
     """The images of the reload checks: given, else the first val images (as many as one
     feature batch: the forward compiled for the k-NN is the one the checks reuse), else
-    seeded normal noise."""
+    seeded normal noise; uint8 ones through ``preprocessing``."""
     if check_images is not None:
-        images = np.asarray(check_images, np.float32)
+        images = np.asarray(check_images)
+        images = to_backbone_input(images, channels, preprocessing) \
+            if images.dtype == np.uint8 and images.ndim == 4 else images.astype(np.float32)
         if images.ndim != 4 or images.shape[1:] != (size, size, channels) or not len(images):
             raise ValueError(f"check_images must have shape (B, {size}, {size}, {channels}) "
                              f"with B >= 1, got {images.shape}")
         return images
     if evaluation is not None:
         (train_x, _), (val_x, _) = evaluation
-        if val_x.shape[1:3] == (size, size):
-            step = min(FEATURE_BATCH, len(train_x), len(val_x))
-            return to_backbone_input(val_x[:step], channels, pixel_normalization)
+        step = min(FEATURE_BATCH, len(train_x), len(val_x))
+        images = to_backbone_input(val_x[:step], channels, preprocessing)
+        if images.shape[1:3] == (size, size):
+            return images
     return np.random.default_rng(0).normal(size=(2, size, size, channels)).astype(np.float32)
 
 

@@ -3,9 +3,16 @@
 A preset is a directory in the keras-hub layout::
 
     config.json        the backbone's serialized config ({"module", "class_name", "config",
-                       "registered_name"})
+                       "registered_name"}); ``config["preprocessing"]`` is how images enter
+                       the network (``poa_keras.preprocessing.ImagePreprocessing``)
     metadata.json      versions, parameter count, sha256 of the weights, quantization mode, date
     model.weights.h5   the weights (Keras h5 weights format)
+
+A task preset (``ImageClassifier.save_to_preset``) is a backbone preset of its fine-tuned
+backbone plus (keras-hub's task files)::
+
+    task.json          the task's serialized config without its backbone (that is config.json)
+    task.weights.h5    the task's own variables (the head), one h5 dataset per variable path
 
 A registered name resolves through the zoo cards (JSON files shipped as ``poa_keras.zoo``): a
 card names the architecture (class and named configuration) and the weights (URL and sha256;
@@ -35,13 +42,16 @@ from pathlib import Path
 
 import keras
 
-from poa_keras.files import staged_directory
+from poa_keras.files import recover_directory, staged_directory
+from poa_keras.preprocessing import ImagePreprocessing
 from poa_keras.quantization import QUANTIZE_MODES
 from poa_keras.version import __version__
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "model.weights.h5"
+TASK_FILE = "task.json"
+TASK_WEIGHTS_FILE = "task.weights.h5"
 KERAS_WEIGHTS = "keras_h5"   # the weights format of our own presets
 
 _CONVERTERS = {}   # weights format -> convert(checkpoint_path, card, output_dir)
@@ -112,12 +122,14 @@ def weights_formats():
 
 
 # -- saving -----------------------------------------------------------------------------------
-def save_preset(model, preset_dir, metadata=None):
+def save_preset(model, preset_dir, metadata=None, write_extra=None):
     """Writes a preset directory atomically: into a temporary sibling, then renamed into place.
 
     ``metadata``: entries of metadata.json beside the ones written here (versions, backend,
-    class, parameter count, weights sha256, date). An existing preset at `preset_dir` is
-    replaced; any other non-empty directory is refused.
+    class, parameter count, weights sha256, date). ``write_extra(directory)``: writes more
+    files into the staged directory (a task's ``task.json`` and ``task.weights.h5``) and
+    returns more metadata entries. An existing preset at `preset_dir` is replaced; any other
+    non-empty directory is refused.
     """
     target = Path(preset_dir).resolve()
     if target.exists():
@@ -138,6 +150,8 @@ def save_preset(model, preset_dir, metadata=None):
             "parameter_count": int(model.count_params()),
         }
         written.update(metadata or {})
+        if write_extra is not None:
+            written.update(write_extra(tmp) or {})
         written.update(
             weights_sha256=sha256_of(tmp / WEIGHTS_FILE),
             date_saved=datetime.datetime.now(datetime.timezone.utc).isoformat())
@@ -152,7 +166,9 @@ class PresetSource:
 
     Either ``config`` (a directory's serialized config) or ``config_name`` (a card's named
     configuration, built with the name ``name``) is set. ``weights`` is the local h5 file
-    (None when weights are not wanted), ``weights_sha256`` its expected digest (or None)."""
+    (None when weights are not wanted), ``weights_sha256`` its expected digest (or None).
+    ``preprocessing`` is the preset's ``ImagePreprocessing`` (None: it records none, a preset
+    saved before the record existed; the backbone's ``default_preprocessing()`` applies)."""
 
     where: str                    # "preset 'name'" / "preset '/dir'", for messages
     class_name: str
@@ -163,6 +179,7 @@ class PresetSource:
     quantization: str | None = None
     weights: Path | None = None
     weights_sha256: str | None = None
+    preprocessing: ImagePreprocessing | None = None
 
 
 def resolve(preset, load_weights=True) -> PresetSource:
@@ -170,6 +187,7 @@ def resolve(preset, load_weights=True) -> PresetSource:
     registered weights downloaded (once, into the Keras cache, sha256 checked) and converted
     when they are another format."""
     preset = os.fspath(preset)
+    recover_directory(preset)   # a save killed between its two renames left the old one aside
     if os.path.isdir(preset):
         return read_directory(preset, load_weights)
     return _resolve_registered(preset, load_weights)
@@ -201,7 +219,18 @@ def read_directory(directory, load_weights=True, where=None) -> PresetSource:
         registered_name=config.get("registered_name") or registered_name_of(class_name),
         config=config["config"], quantization=mode,
         weights=directory / WEIGHTS_FILE if load_weights else None,
-        weights_sha256=metadata.get("weights_sha256"))
+        weights_sha256=metadata.get("weights_sha256"),
+        preprocessing=read_preprocessing(config["config"].get("preprocessing"),
+                                         f"{where}: {CONFIG_FILE}"))
+
+
+def read_preprocessing(record, where):
+    """An ``ImagePreprocessing`` from a preset's record (a config dict, or None: none
+    recorded); a ValueError naming ``where`` for a bad one."""
+    try:
+        return ImagePreprocessing.coerce(record)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where} has an invalid preprocessing record: {error}") from error
 
 
 def _read_json(path, where):
@@ -218,7 +247,9 @@ def _resolve_registered(name, load_weights):
     weights = card.get("weights") or {}
     source = PresetSource(where=where, class_name=arch["class_name"],
                           registered_name=registered_name_of(arch["class_name"]),
-                          config_name=arch["config_name"], name=name)
+                          config_name=arch["config_name"], name=name,
+                          preprocessing=read_preprocessing(card.get("preprocessing"),
+                                                           f"{where} (its zoo card)"))
     if not load_weights:
         return source
     if not weights.get("url"):  # say so before anything is built
@@ -232,10 +263,22 @@ def _resolve_registered(name, load_weights):
                          f"registered for that format; known formats: {weights_formats()} "
                          "(converters register with poa_keras.presets.register_converter)")
     suffix = "weights.h5" if fmt == KERAS_WEIGHTS else f"{fmt}.checkpoint"
-    path = Path(keras.utils.get_file(
-        fname=f"{name}.{suffix}", origin=weights["url"], file_hash=weights.get("sha256"),
-        hash_algorithm="sha256", cache_dir=cache_dir(),
-        cache_subdir=os.path.join("poa_keras", name)))
+    try:
+        path = Path(keras.utils.get_file(
+            fname=f"{name}.{suffix}", origin=weights["url"], file_hash=weights.get("sha256"),
+            hash_algorithm="sha256", cache_dir=cache_dir(),
+            cache_subdir=os.path.join("poa_keras", name)))
+    except Exception as error:
+        # Keras raises a plain Exception for HTTP and URL errors (its digest check, a
+        # ValueError, and anything else pass through)
+        if type(error) is not Exception and not isinstance(error, OSError):
+            raise
+        cached = Path(os.path.expanduser(cache_dir() or os.path.join("~", ".keras")),
+                      "poa_keras", name, f"{name}.{suffix}")
+        raise ConnectionError(
+            f"{where}: cannot download its weights from {weights['url']} ({error}). Check the "
+            f"network connection and try again, or download the file yourself to {cached} "
+            "(its sha256 is checked).") from error
     if fmt == KERAS_WEIGHTS:
         return dataclasses.replace(source, weights=path, weights_sha256=weights.get("sha256"))
     # Converted once per checkpoint (keyed by its digest: a new release converts anew), then
@@ -244,7 +287,10 @@ def _resolve_registered(name, load_weights):
     converted = path.parent / f"preset_{fmt}_{digest[:16]}"
     if not (converted / CONFIG_FILE).is_file():
         _CONVERTERS[fmt](path, card, converted)
-    return read_directory(converted, load_weights, where=f"{where} (converted from {fmt})")
+    result = read_directory(converted, load_weights, where=f"{where} (converted from {fmt})")
+    if result.preprocessing is None:   # the card's record, if the converter wrote none
+        result = dataclasses.replace(result, preprocessing=source.preprocessing)
+    return result
 
 
 def cache_dir():
@@ -256,6 +302,79 @@ def cache_dir():
     if home:
         os.makedirs(os.path.expanduser(home), exist_ok=True)
     return home or None
+
+
+# -- task presets -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TaskSource:
+    """The task files of a preset directory, read before any model is built: ``config`` (the
+    task's config without its backbone), ``weights`` (task.weights.h5, or None when weights
+    are not wanted) and its expected digest."""
+
+    where: str
+    class_name: str
+    registered_name: str
+    config: dict
+    weights: Path | None = None
+    weights_sha256: str | None = None
+
+
+def read_task(preset, load_weights=True) -> TaskSource | None:
+    """The ``TaskSource`` of a task preset directory; None for a backbone-only preset (a
+    registered name, or a directory without task.json)."""
+    directory = Path(os.fspath(preset))
+    if not (directory / TASK_FILE).is_file():
+        return None
+    where = f"preset {str(directory)!r}"
+    task = _read_json(directory / TASK_FILE, where)
+    class_name = task.get("class_name") if isinstance(task, dict) else None
+    if class_name is None or not isinstance(task.get("config"), dict):
+        raise ValueError(f"{where}: {TASK_FILE} is not a serialized task "
+                         "(no 'class_name'/'config')")
+    metadata = {}
+    if (directory / METADATA_FILE).is_file():
+        metadata = _read_json(directory / METADATA_FILE, where)
+    return TaskSource(
+        where=where, class_name=class_name,
+        registered_name=task.get("registered_name") or registered_name_of(class_name),
+        config=task["config"],
+        weights=directory / TASK_WEIGHTS_FILE if load_weights else None,
+        weights_sha256=(metadata.get("task") or {}).get("weights_sha256"))
+
+
+def save_variables(arrays, path):
+    """Writes ``{name: array}`` as an h5 file, one dataset per name ("head/kernel" nests)."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "w") as f:
+        for name, value in arrays.items():
+            f.create_dataset(name, data=np.asarray(value))
+
+
+def load_variables(path, expected_sha256, where):
+    """``{name: numpy array}`` of an h5 file written by ``save_variables``, after checking
+    that it exists and matches its digest (a clear error naming the file otherwise)."""
+    import h5py
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: weights file {path} is missing")
+    if expected_sha256:
+        actual = sha256_of(path)
+        if actual != expected_sha256:
+            raise ValueError(f"{where}: weights file {path} is corrupted or truncated: its "
+                             f"sha256 is {actual}, expected {expected_sha256}")
+    arrays = {}
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, item: arrays.__setitem__(name, np.asarray(item))
+                         if isinstance(item, h5py.Dataset) else None)
+    except OSError as error:
+        raise ValueError(f"{where}: cannot read {path}: the file is corrupted or truncated "
+                         f"({error})") from error
+    return arrays
 
 
 # -- loading weights --------------------------------------------------------------------------
@@ -278,7 +397,9 @@ def load_weights(model, weights_path, expected_sha256, where):
                          f"corrupted, truncated or of another architecture ({error})") from error
 
 
-__all__ = ["CONFIG_FILE", "KERAS_WEIGHTS", "METADATA_FILE", "PresetSource", "WEIGHTS_FILE",
-           "cache_dir", "get_card", "list_presets", "load_weights", "read_directory", "register_converter",
-           "registered_class", "registered_name_of", "resolve", "save_preset", "sha256_of",
+__all__ = ["CONFIG_FILE", "KERAS_WEIGHTS", "METADATA_FILE", "PresetSource", "TASK_FILE",
+           "TASK_WEIGHTS_FILE", "TaskSource", "WEIGHTS_FILE", "cache_dir", "get_card",
+           "list_presets", "load_variables", "load_weights", "read_directory",
+           "read_preprocessing", "read_task", "register_converter", "registered_class",
+           "registered_name_of", "resolve", "save_preset", "save_variables", "sha256_of",
            "weights_formats"]

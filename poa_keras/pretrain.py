@@ -37,8 +37,12 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import difflib
 import importlib.util
+import inspect
 import json
+import math
+import numbers
 import os
 import pkgutil
 
@@ -50,10 +54,16 @@ RECIPE_SECTIONS = ("name", "description", "method", "backbone", "head", "data", 
                    "train", "checkpoint", "seed")
 METHODS = ("poa", "dino")
 DATA_SOURCES = ("shapes", "folder", "tfds")
+BAD_IMAGE_CHOICES = ("error", "skip")   # data.on_bad_image (images_from_directory)
 _MULTICROP_KEYS = ("global_size", "local_size", "num_local", "global_scale", "local_scale",
                    "normalize", "shuffle_buffer", "ratio", "supersample", "flip_prob",
                    "color_jitter", "jitter_prob", "grayscale_prob", "blur_prob", "blur_sigma",
                    "solarize_prob", "masks", "mask_patch_size", "mask_probability", "mask_ratio")
+# The data section: the source's keys (shapes, folder, tfds), the epoch length, the pipeline's
+# threads and the multi-crop settings (passed to multicrop_dataset).
+DATA_KEYS = ("source", "num_images", "num_val", "image_size", "seed", "palette", "path",
+             "on_bad_image", "name", "split", "data_dir", "image_key", "steps_per_epoch",
+             "threads") + _MULTICROP_KEYS
 
 
 # ------------------------------------------------------------------------------------ recipes
@@ -124,8 +134,9 @@ def apply_override(recipe, item):
         value = raw  # a bare string such as a path
     parts = key.strip().split(".")
     if parts[0] not in RECIPE_SECTIONS:
-        raise ValueError(f"override {item!r}: unknown recipe section {parts[0]!r}; "
-                         f"sections: {list(RECIPE_SECTIONS)}")
+        raise ValueError(f"override {item!r}: unknown recipe section {parts[0]!r}"
+                         f"{_did_you_mean(parts[0], RECIPE_SECTIONS)}; sections: "
+                         f"{list(RECIPE_SECTIONS)}")
     target = recipe
     for part in parts[:-1]:
         target = target.setdefault(part, {})
@@ -134,35 +145,238 @@ def apply_override(recipe, item):
     target[parts[-1]] = value
 
 
+def _did_you_mean(key, valid, prefix="", quote=False):
+    """" (did you mean <prefix><closest>?)" for the closest of ``valid`` (difflib), or ""."""
+    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {prefix}{close[0]!r}?)" if quote else \
+        f" (did you mean {prefix}{close[0]}?)"
+
+
+def _check_keys(section, given, valid, label=None):
+    """A ValueError naming every key of ``given`` that is not in ``valid`` (each with the
+    closest valid key) and listing the valid ones."""
+    unknown = sorted(set(given) - set(valid), key=str)
+    if not unknown:
+        return
+    prefix = f"{section}." if section else ""
+    names = ", ".join(f"{prefix}{k}{_did_you_mean(k, valid, prefix)}" for k in unknown)
+    raise ValueError(f"unknown recipe key{'s' if len(unknown) > 1 else ''} {names}; valid "
+                     f"{label or section or 'top-level'} keys: {sorted(valid)}")
+
+
+def _number_rule(low=None, high=None, low_open=False, high_open=False, integer=False,
+                 none=False):
+    """A check of one recipe value: a finite (integral) number in a range, or None."""
+    if low is not None and high is not None:
+        text = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+    elif low is not None:
+        text = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        text = ""
+    what = ("an integer" if integer else "a number") + (f" {text}" if text else "") + \
+        (" or None" if none else "")
+
+    def check(value, where):
+        if value is None and none:
+            return
+        ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+              and math.isfinite(value) and (not integer or float(value).is_integer()))
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise ValueError(f"{where} must be {what}, got {value!r}")
+    return check
+
+
+def _choice_rule(*choices):
+    def check(value, where):
+        if value not in choices:
+            raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}"
+                             + (_did_you_mean(value, choices, quote=True)
+                                if isinstance(value, str) else ""))
+    return check
+
+
+def _bool_rule(value, where):
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} must be True or False, got {value!r}")
+
+
+def _fraction_pair_rule(value, where):
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in value)
+            or not 0 <= value[0] <= value[1] <= 1):
+        raise ValueError(f"{where} must be a pair (low, high) with 0 <= low <= high <= 1, got "
+                         f"{value!r}")
+
+
+def _max_tokens_rule(value, where):
+    if value is None or value == "all":
+        return
+    _number_rule(1, integer=True)(value, where)
+
+
+_POSITIVE = _number_rule(0, low_open=True)
+_NON_NEGATIVE = _number_rule(0)
+_FRACTION = _number_rule(0, 1)
+_COUNT = _number_rule(1, integer=True)
+# Ranges of the recipe values; the KEYS of each section come from where they are used (the
+# method's defaults, the schedules, the data pipeline), these only say which values are valid.
+VALUE_RULES = {
+    "train": dict(
+        epochs=_COUNT, batch_size=_COUNT, reference_batch=_number_rule(1, integer=True, none=True),
+        lr=_POSITIVE, min_lr=_NON_NEGATIVE, warmup_epochs=_NON_NEGATIVE,
+        truncate=_number_rule(0, 1, low_open=True),
+        iter_num_scale=_number_rule(0, 1, low_open=True),
+        weight_decay=_NON_NEGATIVE, weight_decay_end=_NON_NEGATIVE,
+        momentum_teacher=_FRACTION, final_momentum_teacher=_FRACTION,
+        warmup_teacher_temp=_POSITIVE, teacher_temp=_POSITIVE,
+        warmup_teacher_temp_epochs=_NON_NEGATIVE, freeze_last_layer_epochs=_NON_NEGATIVE,
+        layer_decay=_number_rule(0, 1, low_open=True), patch_embed_lr_mult=_NON_NEGATIVE,
+        clip_grad=_number_rule(0, low_open=True, none=True),
+        lr_scaling=_choice_rule("sqrt", "linear", "none"),
+        student_temp=_POSITIVE, centering=_choice_rule("center", "sinkhorn"),
+        center_momentum=_FRACTION, sinkhorn_iterations=_COUNT,
+        lambda_ie=_FRACTION, same_view_temp=_POSITIVE, koleo_weight=_NON_NEGATIVE,
+        sampler_seed=_number_rule(0, integer=True),
+        net_select_scale=_number_rule(0, low_open=True, none=True),
+        ibot_weight=_NON_NEGATIVE, ibot_start_epoch=_NON_NEGATIVE,
+        ibot_mask_probability=_FRACTION, ibot_mask_ratio=_fraction_pair_rule,
+        ibot_max_tokens=_max_tokens_rule, elastic_student=_bool_rule),
+    "data": dict(
+        source=_choice_rule(*DATA_SOURCES), num_images=_COUNT,
+        num_val=_number_rule(0, integer=True), image_size=_COUNT,
+        seed=_number_rule(0, integer=True), steps_per_epoch=_number_rule(1, integer=True,
+                                                                         none=True),
+        threads=_number_rule(0, integer=True, none=True),   # 0 / None: tf.data's own pools
+        on_bad_image=_choice_rule(*BAD_IMAGE_CHOICES),
+        global_size=_COUNT, local_size=_COUNT, num_local=_number_rule(0, integer=True)),
+    "optimizer": dict(beta_1=_number_rule(0, 1, high_open=True),
+                      beta_2=_number_rule(0, 1, high_open=True), epsilon=_POSITIVE),
+    "checkpoint": dict(every_epochs=_COUNT, keep=_COUNT, max_abs=_POSITIVE),
+}
+
+
+def method_class(method):
+    """The trainer class of a recipe's ``method`` ("poa" -> POA, "dino" -> DINO)."""
+    if method not in METHODS:
+        raise ValueError(f"recipe method must be one of {list(METHODS)}, got {method!r}"
+                         + (_did_you_mean(method, METHODS, quote=True)
+                            if isinstance(method, str) else ""))
+    if method == "poa":
+        from poa_keras.methods.poa import POA
+
+        return POA
+    from poa_keras.methods.dino import DINO
+
+    return DINO
+
+
+def train_keys(method):
+    """Every key a recipe's ``train`` section may hold for ``method``: the trainer's recipe
+    defaults (POA_RECIPE, DINO_RECIPE: schedules and method keys) and the run-length keys of
+    ``Schedules.from_recipe`` (``epochs``, ``batch_size``; ``steps_per_epoch`` is set by
+    pretrain from the data section)."""
+    from poa_keras.methods import schedules
+
+    keys = set(method_class(method).recipe_defaults) | set(schedules.RUN_KEYS)
+    keys |= set(schedules.ALIASES)
+    return keys - {"steps_per_epoch"}
+
+
+def backbone_keys(config):
+    """The keys a recipe's ``backbone`` section may hold besides ``config``: the family's
+    constructor arguments (and Keras' ``name`` / ``dtype``)."""
+    from poa_keras.backbones import BACKBONE_CLASSES, Backbone, config_names
+
+    names = config_names()
+    if config not in names:
+        raise ValueError(f"unknown backbone configuration backbone.config={config!r}"
+                         f"{_did_you_mean(config, names, quote=True)}; known: {sorted(names)}")
+    return _init_keys(BACKBONE_CLASSES[names[config]], Backbone) | {"name", "dtype"}
+
+
+def _init_keys(cls, base):
+    keys = set()
+    for klass in cls.__mro__:
+        if isinstance(klass, type) and issubclass(klass, base) and "__init__" in vars(klass):
+            for parameter in inspect.signature(klass.__init__).parameters.values():
+                if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+                    keys.add(parameter.name)
+    return keys - {"self"}
+
+
+def head_keys(method, head):
+    """The keys of a recipe's ``head`` section: the head's constructor arguments (POA: a
+    MultiProjectionHead, or one DINOHead when ``out_dim`` is given; DINO: a DINOHead)."""
+    from poa_keras.heads.dino import DINOHead, MultiProjectionHead
+
+    cls = MultiProjectionHead if method == "poa" and "out_dim" not in head else DINOHead
+    return _init_keys(cls, cls) | {"name", "dtype"}
+
+
 def validate_recipe(recipe):
-    unknown = sorted(set(recipe) - set(RECIPE_SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown recipe keys {unknown}; valid keys: {list(RECIPE_SECTIONS)}")
-    if recipe.get("method") not in METHODS:
-        raise ValueError(f"recipe method must be one of {list(METHODS)}, "
-                         f"got {recipe.get('method')!r}")
+    """Checks a recipe before anything is built: every key of every section (an unknown one
+    names the closest valid key and lists them all), the values' types and ranges, the
+    backbone configuration (built without weights: ``Backbone.unbuilt``). Returns it."""
+    if not isinstance(recipe, dict):
+        raise TypeError(f"a recipe is a dict, got {type(recipe).__name__}")
+    _check_keys("", recipe, RECIPE_SECTIONS)
+    trainer_class = method_class(recipe.get("method"))
     for section in ("backbone", "head", "data", "train"):
         if not isinstance(recipe.get(section), dict):
-            raise ValueError(f"recipe section {section!r} must be a dict")
+            raise ValueError(f"recipe section {section!r} must be a dict, got "
+                             f"{recipe.get(section)!r}")
+    for section in ("optimizer", "checkpoint"):
+        if not isinstance(recipe.get(section) or {}, dict):
+            raise ValueError(f"recipe section {section!r} must be a dict, got "
+                             f"{recipe.get(section)!r}")
+    for key in ("name", "description"):
+        if recipe.get(key) is not None and not isinstance(recipe[key], str):
+            raise ValueError(f"recipe {key} must be a string, got {recipe[key]!r}")
+    _number_rule(0, integer=True)(recipe.get("seed", 0), "seed")
+
     if "config" not in recipe["backbone"]:
         raise ValueError("recipe backbone needs 'config' (a named backbone configuration, see "
                          "poa_keras.backbones.config_names())")
-    source = recipe["data"].get("source", "shapes")
-    if source not in DATA_SOURCES:
-        raise ValueError(f"data source must be one of {list(DATA_SOURCES)}, got {source!r}")
+    backbone = dict(recipe["backbone"])
+    config = backbone.pop("config")
+    _check_keys("backbone", recipe["backbone"], backbone_keys(config) | {"config"})
+    _check_keys("head", recipe["head"], head_keys(recipe["method"], recipe["head"]))
+    _check_keys("data", recipe["data"], DATA_KEYS)
+    _check_keys("optimizer", recipe.get("optimizer") or {}, VALUE_RULES["optimizer"])
+    _check_keys("checkpoint", recipe.get("checkpoint") or {}, VALUE_RULES["checkpoint"])
+    if "steps_per_epoch" in recipe["train"]:
+        raise ValueError("train.steps_per_epoch is set from the data: give data.steps_per_epoch "
+                         "instead (the length of an epoch in steps; default: images // "
+                         "train.batch_size)")
+    _check_keys("train", recipe["train"], train_keys(recipe["method"]),
+                label=f"train ({trainer_class.__name__})")
     for key in ("epochs", "batch_size"):
         value = recipe["train"].get(key)
         if value is None:
             raise ValueError(f"recipe train section needs {key!r}")
         # One Keras epoch is one recipe epoch, so epochs must be whole (warmups, freezes and
         # temperature ramps may be fractional; data.steps_per_epoch shortens an epoch).
-        if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                int(value) != value or int(value) < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {value!r}")
-    unknown = sorted(set(recipe["data"]) - set(_MULTICROP_KEYS) - {
-        "source", "num_images", "num_val", "image_size", "seed", "path", "name", "split", "data_dir",
-        "steps_per_epoch", "image_key", "threads", "palette"})
-    if unknown:
-        raise ValueError(f"unknown data keys {unknown}")
+    for section, rules in VALUE_RULES.items():
+        for key, value in (recipe.get(section) or {}).items():
+            if key in rules:
+                rules[key](value, f"{section}.{key}")
+    # The backbone's own checks (sizes, head dims, ...), without building its weights.
+    from poa_keras.backbones import BACKBONE_CLASSES, config_names
+
+    family = BACKBONE_CLASSES[config_names()[config]]
+    try:
+        family.unbuilt(config_name=config, **backbone)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"recipe backbone {recipe['backbone']}: {error}") from error
     return recipe
 
 
@@ -172,13 +386,28 @@ def _epoch_seed(seed, epoch):
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0] >> 1)
 
 
-def training_images(data, seed):
-    """(images or dataset/path for multicrop_dataset, number of images or None)."""
+def _known_size(ds, where):
+    """A tf.data set's number of elements: None when unknown or infinite; an empty one is a
+    ValueError (it would fail later, inside TensorFlow's shuffle)."""
+    n = int(ds.cardinality())
+    if n == 0:
+        raise ValueError(f"{where} holds no images")
+    return n if n > 0 else None
+
+
+def training_images(data, seed, progress=False):
+    """(images or dataset/path for multicrop_dataset, number of images or None). An image
+    folder is checked first: every file decoded once (``progress``: with a progress bar); a
+    file that does not decode stops here, naming it, or is left out with
+    ``data.on_bad_image="skip"``."""
     source = data.get("source", "shapes")
     if source == "shapes":
         # The training part of load_shapes: its held-out part (num_val images, with labels)
         # is what evaluation uses (benchmarks/quality.py), never seen in training.
         (images, _), _, _ = shapes_split(data, seed)
+        if len(images) == 0:
+            raise ValueError(f"data.num_images={data.get('num_images')} leaves no training "
+                             "image (the shapes are split stratified by class)")
         return images, len(images)
     if source == "folder":
         path = data.get("path")
@@ -187,9 +416,9 @@ def training_images(data, seed):
                                     "or --data on the command line)")
         from poa_keras.data.multicrop import images_from_directory
 
-        ds = images_from_directory(path)
-        n = int(ds.cardinality())
-        return ds, (n if n > 0 else None)
+        ds = images_from_directory(path, on_bad_image=data.get("on_bad_image", "error"),
+                                   progress=progress)
+        return ds, _known_size(ds, f"data.path={path!r}")
     if not data.get("name"):
         raise ValueError('data.source="tfds" needs data.name, a TFDS data set name (e.g. '
                          'data.name=imagenette)')
@@ -200,8 +429,7 @@ def training_images(data, seed):
                           'install "poa_keras[tfds]" (or tensorflow-datasets)') from error
 
     ds = tfds.load(data["name"], split=data.get("split", "train"), data_dir=data.get("data_dir"))
-    n = int(ds.cardinality())
-    return ds, (n if n > 0 else None)
+    return ds, _known_size(ds, f"TFDS {data['name']!r} split {data.get('split', 'train')!r}")
 
 
 def shapes_split(data, seed=0):
@@ -220,8 +448,11 @@ def steps_per_epoch(recipe, num_images):
     data, batch = recipe["data"], int(recipe["train"]["batch_size"])
     if data.get("steps_per_epoch"):
         return int(data["steps_per_epoch"])
-    if not num_images:
+    if num_images is None:
         raise ValueError("the data set size is unknown: set data.steps_per_epoch in the recipe")
+    if num_images < 1:
+        raise ValueError(f"the data set holds {num_images} images: give at least one batch "
+                         f"({batch})")
     steps = num_images // batch
     if steps < 1:
         raise ValueError(f"{num_images} images give no full batch of {batch}")
@@ -274,6 +505,7 @@ def build_trainer(recipe, steps):
     # named after its configuration, so the saved teacher preset says what it is
     # ("teacher_vit_elastic_demo"; sweeps and plots show that name)
     backbone = from_config_name(config, name=bcfg.pop("name", config), **bcfg)
+    backbone.preprocessing = data_preprocessing(recipe)   # the teacher preset records it
     train = dict(recipe["train"], steps_per_epoch=int(steps))
     cls = POA if recipe["method"] == "poa" else DINO
     trainer = cls(backbone, dict(recipe["head"]), recipe=train)
@@ -287,12 +519,25 @@ def build_trainer(recipe, steps):
     return trainer
 
 
+def data_preprocessing(recipe):
+    """The ``ImagePreprocessing`` of a recipe's data pipeline, recorded in the teacher preset
+    (so that evaluation feeds images as training did): the global crops' size (``global_size``;
+    224, ``multicrop_dataset``'s default), their bilinear resampling and the recipe's
+    ``normalize`` ("imagenet" by default). Images already at that size are only normalised."""
+    from poa_keras.preprocessing import ImagePreprocessing
+
+    data = recipe["data"]
+    return ImagePreprocessing(image_size=data.get("global_size", 224), interpolation="bilinear",
+                              pixel_normalization=data.get("normalize", "imagenet"))
+
+
 @dataclasses.dataclass
 class PretrainResult:
     trainer: object
     history: list            # one dict of logs per finished epoch (all epochs of the run)
     output_dir: str
     resumed_from: str | None
+    recipe_changes: dict = dataclasses.field(default_factory=dict)   # of a resumed run
 
     @property
     def teacher(self):
@@ -318,7 +563,8 @@ def compilation_cache_dir(setting, output_dir):
     if setting == "user":
         from poa_keras import presets
 
-        return os.path.join(presets.cache_dir(), "jax_compilation_cache")
+        home = presets.cache_dir() or os.path.expanduser(os.path.join("~", ".keras"))
+        return os.path.join(home, "jax_compilation_cache")   # $KERAS_HOME, else Keras' own
     if setting == "run":
         return os.path.join(os.fspath(output_dir), "jax_compilation_cache")
     if not isinstance(setting, (str, os.PathLike)) or not os.fspath(setting):
@@ -351,8 +597,75 @@ def _comparable(recipe):
     return json.loads(json.dumps(recipe, default=list))
 
 
+def resumable_keys():
+    """The recipe keys a resumed run may change when asked to (``allow_recipe_change``): those
+    that leave the saved state valid -- the schedules (functions of the step count and the
+    recipe: ``Schedules.from_recipe``'s keys, learning rate, warmup, weight decay, teacher
+    momentum and temperature, clipping, lr multipliers) and the run's length, the checkpoint
+    settings, the pipeline's threads and where the image folder lies (``data.path``: the same
+    images, moved). Not the data's content, the batch, the model or the method."""
+    from poa_keras.methods import schedules
+
+    keys = {f"train.{k}" for k in schedules.POA_DEFAULTS} | {"train.epochs"}
+    keys |= {f"train.{k}" for k in schedules.ALIASES}
+    keys |= {f"checkpoint.{k}" for k in VALUE_RULES["checkpoint"]}
+    return keys | {"data.threads", "data.path", "name", "description"}
+
+
+def recipe_changes(old, new):
+    """{"section.key" (or a top-level key): (old value, new value)} of two recipes (values as
+    JSON stores them; a missing key is None)."""
+    old, new = _comparable(old) or {}, _comparable(new)
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            a, b = a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}
+            changes.update({f"{key}.{k}": (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+                            if a.get(k) != b.get(k)})
+        elif a != b:
+            changes[key] = (a, b)
+    return changes
+
+
+def check_allowed_changes(allow_recipe_change):
+    """The checked list of ``allow_recipe_change`` ("train.lr,train.epochs" or a list)."""
+    if isinstance(allow_recipe_change, str):
+        allow_recipe_change = allow_recipe_change.split(",")
+    allowed = [k.strip() for k in allow_recipe_change or () if k.strip()]
+    valid = resumable_keys()
+    for key in allowed:
+        if key not in valid:
+            raise ValueError(f"allow_recipe_change: {key!r} cannot change when a run resumes"
+                             f"{_did_you_mean(key, valid)}; keys that can: {sorted(valid)}")
+    return allowed
+
+
+def _check_resume(output_dir, saved_recipe, recipe, allowed, epochs_done):
+    """The changes of a resumed recipe (``recipe_changes``), or a ValueError naming the ones
+    that are not allowed."""
+    changes = recipe_changes(saved_recipe, recipe)
+    refused = {k: v for k, v in changes.items() if k not in allowed}
+    if refused:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        resumable = resumable_keys()
+        if all(k in resumable for k in refused):
+            hint = (f"to resume with them changed, allow it: allow_recipe_change="
+                    f"{sorted(refused)} (the CLI's --allow_recipe_change="
+                    f"{','.join(sorted(refused))})")
+        else:
+            hint = ("use a new output directory (only the schedules, the number of epochs and "
+                    "the checkpoint settings can change on resume, with allow_recipe_change)")
+        raise ValueError(f"{output_dir} holds a run of another recipe (keys that differ: "
+                         f"{listed}); {hint}")
+    if int(recipe["train"]["epochs"]) < epochs_done:
+        raise ValueError(f"train.epochs={recipe['train']['epochs']}: {output_dir} has already "
+                         f"run {epochs_done} epochs")
+    return changes
+
+
 def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", callbacks=(),
-             epochs=None, save_teacher=True, compilation_cache="auto"):
+             epochs=None, save_teacher=True, compilation_cache="auto", allow_recipe_change=()):
     """Runs (or resumes) a recipe; returns a PretrainResult.
 
     Args:
@@ -360,7 +673,8 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         output_dir: the run directory (checkpoints, log.csv, teacher/).
         overrides: "section.key=value" strings applied to the recipe.
         resume: continue from the latest checkpoint in output_dir if there is one (its recipe
-            must equal this one); False refuses a directory that already holds checkpoints.
+            must equal this one, but for ``allow_recipe_change``); False refuses a directory
+            that already holds checkpoints.
         verbose: Keras fit verbosity ("auto", 0, 1 = progress bar with every loss term, 2).
         callbacks: extra Keras callbacks.
         epochs: stop after this many epochs of the recipe (the schedules still follow the
@@ -369,10 +683,14 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         compilation_cache: JAX's persistent compilation cache ("auto", "user", "run", "off"
             or a directory: ``compilation_cache_dir``); a repeated or resumed run then
             compiles none of the programs it compiled before. Ignored on other backends.
+        allow_recipe_change: recipe keys ("train.lr", ...; a list or a comma-separated
+            string) that a resumed run may change: the schedules, ``train.epochs`` and the
+            checkpoint settings (``resumable_keys()``), e.g. to resume a diverged run from its
+            last good checkpoint with a lower learning rate. Any other change is refused.
 
     Raises:
-        NonFiniteLoss: the loss became NaN/inf; the run stopped and the last good checkpoint is
-            kept (the message names it).
+        NonFiniteLoss: the loss became NaN/inf, or (``NonFiniteState``) the weights did; the
+            run stopped and the last good checkpoint is kept (the message names it).
     """
     import keras
 
@@ -380,28 +698,31 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
     from poa_keras.methods.nan_guard import StopOnNonFiniteLoss
 
     recipe = load_recipe(recipe, overrides)
+    allowed = check_allowed_changes(allow_recipe_change)
     output_dir = os.fspath(output_dir)
+    checkpointing = recipe.get("checkpoint") or {}
     manager = CheckpointManager(os.path.join(output_dir, "checkpoints"),
-                                keep=int((recipe.get("checkpoint") or {}).get("keep", 2)))
+                                keep=int(checkpointing.get("keep", 2)),
+                                max_abs=float(checkpointing.get("max_abs", 1e12)))
     latest = manager.latest()
     if latest is not None and not resume:
         raise FileExistsError(f"{output_dir} already holds checkpoints ({latest}); pass "
                               "resume=True (the CLI's --resume) or use another directory")
+    changes = {}
+    if latest is not None:   # checked before the data and the model are made
+        saved = manager.read_state(latest)
+        changes = _check_resume(output_dir, saved.get("recipe"), recipe, allowed,
+                                int(saved.get("epoch", 0)))
 
     enable_compilation_cache(compilation_cache_dir(compilation_cache, output_dir))
-    images, num_images = training_images(recipe["data"], int(recipe.get("seed", 0)))
+    images, num_images = training_images(recipe["data"], int(recipe.get("seed", 0)),
+                                         progress=verbose not in (0, "0"))
     steps = steps_per_epoch(recipe, num_images)
     trainer = build_trainer(recipe, steps)
     total_epochs = int(recipe["train"]["epochs"])
 
     history, start_epoch = [], 0
     if latest is not None:
-        saved = manager.read_state(latest)
-        if _comparable(saved.get("recipe")) != _comparable(recipe):
-            old, new = _comparable(saved.get("recipe")) or {}, _comparable(recipe)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ValueError(f"{output_dir} holds a run of another recipe (sections that differ: "
-                             f"{diff}); use a new output directory")
         state = manager.restore(trainer, latest)
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
@@ -417,20 +738,27 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
     def extra(finished, logs):
         return {"recipe": recipe, "history": history}
 
+    advice = ("Lower the learning rate or raise the warmup, and resume from the last good "
+              "checkpoint with the change allowed: pretrain(..., overrides=['train.lr=...'], "
+              "allow_recipe_change=['train.lr']) (the CLI's --override=train.lr=... "
+              "--allow_recipe_change=train.lr); or check the data for NaN values.")
     saver = PretrainCheckpoint(manager, total_epochs=stop_epoch,
-                               every_epochs=int((recipe.get("checkpoint") or {}).get(
-                                   "every_epochs", 1)), extra=extra)
-    guard = StopOnNonFiniteLoss(last_checkpoint=manager.latest)
+                               every_epochs=int(checkpointing.get("every_epochs", 1)),
+                               extra=extra, advice=advice)
+    guard = StopOnNonFiniteLoss(last_checkpoint=manager.latest, advice=advice)
     if start_epoch < stop_epoch:
         data = epoch_datasets(recipe, images, steps, start_epoch, stop_epoch)
         all_callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=record), guard, saver,
                          keras.callbacks.CSVLogger(os.path.join(output_dir, "log.csv"),
                                                    append=start_epoch > 0)]
+        # shuffle=False: the multi-crop pipeline shuffles (seeded per epoch); Keras would
+        # ignore the flag for a dataset, with a warning
         trainer.fit(data, epochs=stop_epoch, initial_epoch=start_epoch, steps_per_epoch=steps,
-                    verbose=verbose, callbacks=all_callbacks + list(callbacks))
-        if guard.error is not None:
-            raise guard.error
+                    verbose=verbose, shuffle=False, callbacks=all_callbacks + list(callbacks))
+        for error in (guard.error, saver.error):
+            if error is not None:
+                raise error
     if save_teacher and stop_epoch == total_epochs:
         trainer.teacher_backbone.save_to_preset(os.path.join(output_dir, "teacher"))
     return PretrainResult(trainer=trainer, history=history, output_dir=output_dir,
-                          resumed_from=latest)
+                          resumed_from=latest, recipe_changes=changes)

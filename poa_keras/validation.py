@@ -18,6 +18,17 @@ def check_int(value, name, minimum):
     return int(value)
 
 
+def check_integral(value, name):
+    """An int from an integral value: an int (numpy's too) or a float with no fractional part
+    (64.0); 64.5, a bool or a string is refused rather than truncated."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not isinstance(value, numbers.Integral):
+        if not math.isfinite(value) or not float(value).is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
 def check_positive_number(value, name):
     """A finite real number > 0, as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -127,5 +138,6 @@ def check_choice(value, name, choices):
     return value
 
 
-__all__ = ["check_choice", "check_features", "check_int", "check_labelled_images",
+__all__ = ["check_choice", "check_features", "check_int", "check_integral",
+           "check_labelled_images",
            "check_labels", "check_ks", "check_multiplier", "check_positive_number"]

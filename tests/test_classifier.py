@@ -1,6 +1,9 @@
 """classifier.py: ImageClassifier fine-tuning with fit (loss falls, callbacks), evaluate and
-predict against numpy formulas, pooling choices, .keras round trip, mixed_bfloat16; the
+predict against numpy formulas, pooling choices, .keras round trip, mixed_bfloat16, uint8
+images through the backbone's preprocessing, presets (save_to_preset / from_preset); the
 per-variable lr optimizer against a hand-written numpy AdamW, inside fit as layer decay."""
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -20,10 +23,18 @@ SUBNET = (32, 2)   # of vit_elastic_test (depth 4): extracted, a depth-2 ViT of 
 
 
 @pytest.fixture(scope="module")
-def shapes():
+def raw_shapes():
+    """uint8 images (0..255) and labels: train, val."""
     classes = ("circle", "square", "triangle", "cross")
     (x, y), (x_val, y_val), _ = load_shapes(num_train=32, num_val=8, image_size=32, seed=0,
                                             classes=classes)
+    return x, y, x_val, y_val
+
+
+@pytest.fixture(scope="module")
+def shapes(raw_shapes):
+    """The same, normalised by hand (float32): what the backbone takes."""
+    x, y, x_val, y_val = raw_shapes
     return preprocess_uint8(x), y, preprocess_uint8(x_val), y_val
 
 
@@ -147,6 +158,50 @@ def test_keras_file_round_trip_gives_identical_outputs(tuned, shapes, tmp_path):
     # The configuration alone rebuilds the same architecture.
     rebuilt = ImageClassifier.from_config(clf.get_config())
     assert rebuilt.get_config() == clf.get_config()
+
+
+def test_uint8_images_go_through_the_backbone_preprocessing(tuned, raw_shapes, shapes):
+    """fit / predict take raw images: uint8 is preprocessed inside the call, as the manual
+    normalisation does (images at the input size: mean / std only)."""
+    clf = tuned["clf"]
+    assert clf.preprocessing == tuned["vit"].preprocessing
+    np.testing.assert_allclose(infer(clf, raw_shapes[2]), infer(clf, shapes[2]), rtol=1e-5,
+                               atol=1e-5)
+    _, accuracy = clf.evaluate(raw_shapes[2], raw_shapes[3], batch_size=8, verbose=0)
+    assert accuracy == pytest.approx(np.mean(infer(clf, shapes[2]).argmax(1) == shapes[3]))
+
+
+def test_fine_tuned_classifier_preset_reloads_as_one_object(tuned, raw_shapes, tmp_path):
+    clf = tuned["clf"]
+    x_val = raw_shapes[2]
+    clf.save_to_preset(tmp_path / "clf")
+    assert sorted(os.listdir(tmp_path / "clf")) == [
+        "config.json", "metadata.json", "model.weights.h5", "task.json", "task.weights.h5"]
+    loaded = ImageClassifier.from_preset(tmp_path / "clf")
+    assert isinstance(loaded, ImageClassifier) and loaded.name == "clf"
+    assert (loaded.pooling, loaded.num_classes, loaded.dropout) == ("avg", 4, 0.1)
+    assert loaded.preprocessing == clf.preprocessing
+    np.testing.assert_array_equal(infer(loaded, x_val), infer(clf, x_val))
+    # The preset's backbone is the fine-tuned one; a size or another num_classes: a new head.
+    backbone = poa_keras.Backbone.from_preset(tmp_path / "clf")
+    x_float = preprocess_uint8(x_val)
+    np.testing.assert_array_equal(to_np(forward(backbone, x_float)["cls"]),
+                                  to_np(forward(tuned["vit"], x_float)["cls"]))
+    other = ImageClassifier.from_preset(tmp_path / "clf", num_classes=3)
+    assert tuple(other.head.kernel.shape) == (32, 3) and other.pooling == "avg"
+    sized = ImageClassifier.from_preset(tmp_path / "clf", width=32, depth=2)
+    assert (sized.backbone.embed_dim, sized.num_classes) == (32, 4)
+    assert not np.array_equal(to_np(sized.head.kernel), to_np(clf.head.kernel))
+
+
+def test_classifier_from_a_backbone_preset(small_backbone, tmp_path):
+    small_backbone.save_to_preset(tmp_path / "backbone")
+    clf = ImageClassifier.from_preset(tmp_path / "backbone", num_classes=3, width=48, depth=3,
+                                      pooling="avg")
+    assert (clf.backbone.embed_dim, clf.backbone.depth, clf.pooling) == (48, 3, "avg")
+    assert tuple(clf.head.kernel.shape) == (48, 3)
+    with pytest.raises(ValueError, match="holds a backbone only: give num_classes="):
+        ImageClassifier.from_preset(tmp_path / "backbone")
 
 
 def infer(model, x):

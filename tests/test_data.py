@@ -256,6 +256,44 @@ def test_images_from_directory(tmp_path, shapes):
         images_from_directory(tmp_path / "empty")
 
 
+def test_undecodable_image_files_are_named_or_skipped_with_a_count(tmp_path, shapes):
+    """Every file is decoded once up front: a bad one stops with its name and the decoder's
+    reason (not a TensorFlow traceback half way through a pass), or is left out with
+    on_bad_image="skip" and a warning that counts it."""
+    from poa_keras.data import images_from_directory
+    from poa_keras.data.multicrop import unreadable_images
+    for k, cls in enumerate(("a", "b")):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            tf.io.write_file(str(tmp_path / cls / f"{i}.png"),
+                             tf.io.encode_png(shapes[2 * k + i]))
+    good_png = (tmp_path / "a" / "0.png").read_bytes()
+    (tmp_path / "a" / "notes.png").write_text("not an image")
+    (tmp_path / "b" / "cut.png").write_bytes(good_png[:40])   # a truncated download
+    (tmp_path / "b" / "empty.jpg").write_bytes(b"")
+    bad = [str(tmp_path / p) for p in ("a/notes.png", "b/cut.png", "b/empty.jpg")]
+    paths = sorted(str(p) for p in tmp_path.rglob("*.*g"))
+    assert [paths[i] for i in unreadable_images(paths)] == sorted(bad)
+    with pytest.raises(ValueError) as error:
+        images_from_directory(tmp_path, with_labels=True)
+    message = str(error.value)
+    assert message.startswith(f"3 of the 7 image files under {str(tmp_path)!r} cannot be "
+                              "decoded")
+    for path, reason in zip(bad, ("Unknown image file format", "Invalid PNG", "Input is empty")):
+        assert f"{path} ({reason}" in message, message
+    assert "on_bad_image='skip'" in message and "{{function_node" not in message
+    with pytest.warns(UserWarning, match=r"skipped 3 of the 7 image files"):
+        ds, names = images_from_directory(tmp_path, with_labels=True, on_bad_image="skip")
+    assert [int(y) for _, y in ds.as_numpy_iterator()] == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"on_bad_image must be one of \['error', 'skip'\]"):
+        images_from_directory(tmp_path, on_bad_image="ignore")
+    only_bad = tmp_path / "b"
+    for name in ("0.png", "1.png"):
+        (only_bad / name).unlink()
+    with pytest.raises(ValueError, match=r"2 of the 2 image files .* cannot be decoded"):
+        images_from_directory(only_bad, on_bad_image="skip")   # nothing left to train on
+
+
 def test_crop_boxes_follow_the_scale_and_ratio_ranges():
     from poa_keras.data.multicrop import crop_boxes
     scales = np.array([(0.32, 1.0)] * 50 + [(0.05, 0.32)] * 50, np.float32)

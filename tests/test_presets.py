@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import to_np
 
-from poa_keras import Backbone, ElasticViT, ViTSubnet, presets
+from poa_keras import Backbone, ElasticViT, ImagePreprocessing, ViTSubnet, presets
 from poa_keras.quantization import quantization_mode, quantize
 
 
@@ -286,3 +286,112 @@ def test_save_refuses_a_directory_that_is_not_a_preset(teacher, tmp_path):
     with pytest.raises(ValueError, match="not empty and holds no preset"):
         teacher.save_to_preset(tmp_path / "mine")
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+# ----- the preprocessing record (how images enter the model) -------------------------------------
+
+def test_preprocessing_record_round_trips(teacher, tmp_path):
+    """A recorded rule is in config.json, comes back on load (full network, an extracted size,
+    ``presets.resolve`` without building a model), and an extracted subnet inherits it."""
+    record = ImagePreprocessing(image_size=32, resize="resize", interpolation="bicubic",
+                                pixel_normalization="minus_one_one", crop_pct=1.0)
+    vit = ElasticViT.from_config(dict(teacher.get_config(), preprocessing=record.get_config()))
+    vit.set_weights(teacher.get_weights())
+    assert vit.preprocessing == record and vit.extract((48, 3)).preprocessing == record
+    vit.save_to_preset(tmp_path / "rec")
+    saved = json.loads((tmp_path / "rec" / "config.json").read_text())["config"]
+    assert saved["preprocessing"] == {
+        "image_size": [32, 32], "pixel_normalization": "minus_one_one",
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize": "resize", "crop_pct": 1.0,
+        "interpolation": "bicubic", "antialias": True, "value_range": [0, 255]}
+    assert Backbone.from_preset(tmp_path / "rec").preprocessing == record
+    assert Backbone.from_preset(tmp_path / "rec", width=32, depth=2).preprocessing == record
+    assert presets.resolve(tmp_path / "rec").preprocessing == record
+
+
+def test_preset_without_a_record_loads_with_the_default(teacher, preset_dir, tmp_path, images):
+    """Presets saved before the record existed: ImageNet mean / std at the configuration's
+    image size (the behaviour of evaluation before)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("metadata.json", "model.weights.h5"):
+        (old / name).write_bytes((preset_dir / name).read_bytes())
+    config = json.loads((preset_dir / "config.json").read_text())
+    del config["config"]["preprocessing"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert presets.resolve(old).preprocessing is None
+    loaded = Backbone.from_preset(old)
+    assert loaded.preprocessing == ImagePreprocessing(image_size=32)
+    assert loaded.preprocessing.pixel_normalization == "imagenet"
+    assert loaded.preprocessing.mean == (0.485, 0.456, 0.406)
+    _same(loaded(images), teacher(images))
+
+
+def test_a_bad_preprocessing_record_names_the_preset(preset_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((preset_dir / "config.json").read_text())
+    config["config"]["preprocessing"]["interpolation"] = "cubic"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'.*bad'.*config.json has an invalid preprocessing "
+                                         r"record: interpolation must be one of \('bilinear', "
+                                         r"'bicubic', 'nearest'\), got 'cubic'"):
+        Backbone.from_preset(bad, load_weights=False)
+
+
+def test_loading_during_a_killed_save_gives_the_old_or_the_new_preset(teacher, preset_dir,
+                                                                     tmp_path, images):
+    """A preset save killed (in a child process, os._exit) at every step of the directory swap:
+    from_preset then loads the old preset or the new one, never "unknown preset"; the next save
+    leaves nothing beside the preset."""
+    from test_files import killed_save
+
+    other = ElasticViT.from_config_name("vit_elastic_test", name="teacher")
+    other.set_weights([np.asarray(to_np(w)) * 0.5 for w in teacher.weights])
+    new_dir = tmp_path / "new"
+    other.save_to_preset(new_dir)
+    old_out, new_out = teacher(images), other(images)
+    for kill_at, expected in ((1, old_out), (2, old_out), (3, new_out)):
+        target = tmp_path / f"killed_{kill_at}"
+        teacher.save_to_preset(target)
+        assert killed_save(target, kill_at, copy_from=new_dir) == 9
+        assert target.exists() == (kill_at != 2)
+        _same(Backbone.from_preset(target)(images), expected)
+        other.save_to_preset(target)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(
+            f".killed_{kill_at}")) == []
+
+
+def test_size_is_checked_before_the_network_is_built_or_its_weights_fetched(
+        preset_dir, monkeypatch, tmp_path):
+    """A bad size fails against the configuration: nothing is built (the family's build is
+    never called) and no weights are downloaded."""
+    def no_build(self, input_shape=None):
+        raise AssertionError("the network was built before the size was checked")
+
+    monkeypatch.setattr(ElasticViT, "build", no_build)
+    with pytest.raises(ValueError, match=r"width=40 .*valid widths: \[32, 48, 64\]"):
+        Backbone.from_preset(preset_dir, width=40)
+    with pytest.raises(ValueError, match=r"width must be an integer, got 64.5"):
+        Backbone.from_preset(preset_dir, width=64.5)   # not truncated to 64
+    with pytest.raises(ValueError, match=r"width=400 .*valid widths: \[384, 448"):
+        Backbone.from_preset("poa_vit_l", width=400)   # a ViT-L/16 teacher: never built
+    card = {"name": "remote", "architecture": {"class_name": "ElasticViT",
+                                                 "config_name": "vit_elastic_test"},
+            "license": "test", "weights": {"url": (tmp_path / "gone.h5").as_uri()}}
+    monkeypatch.setattr(presets, "list_presets", lambda: {"remote": card})
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    with pytest.raises(ValueError, match="width=40"):   # before the download
+        Backbone.from_preset("remote", width=40)
+
+
+def test_an_unreachable_weights_url_is_a_clear_error(monkeypatch, tmp_path):
+    url = (tmp_path / "gone.h5").as_uri()
+    card = {"name": "remote", "architecture": {"class_name": "ElasticViT",
+                                                 "config_name": "vit_elastic_test"},
+            "license": "test", "weights": {"url": url}}
+    monkeypatch.setattr(presets, "list_presets", lambda: {"remote": card})
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    with pytest.raises(ConnectionError, match=r"preset 'remote': cannot download its weights "
+                                              rf"from {url} .*keras_home/poa_keras/remote/"):
+        Backbone.from_preset("remote")

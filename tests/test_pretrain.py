@@ -90,6 +90,68 @@ def test_recipe_overrides_and_errors(tmp_path):
     assert load_recipe(str(path))["backbone"]["embed_dim"] == 32
 
 
+def test_misspelt_keys_and_bad_values_are_refused_before_anything_is_built(tmp_path):
+    cases = {
+        "train.epoch=2": "unknown recipe key train.epoch (did you mean train.epochs?)",
+        "train.warmup_epoch=1": "train.warmup_epoch (did you mean train.warmup_epochs?)",
+        "train.momentum_techer=0.9": "(did you mean train.momentum_teacher?)",
+        "optimizer.beta1=0.8": "(did you mean optimizer.beta_1?); valid optimizer keys: "
+                               "['beta_1', 'beta_2', 'epsilon']",
+        "checkpoint.kep=3": "(did you mean checkpoint.keep?)",
+        "data.num_image=9": "(did you mean data.num_images?); valid data keys: [",
+        "backbone.embed_dims=32": "(did you mean backbone.embed_dim?)",
+        "train.lr=-1": "train.lr must be a number > 0, got -1",
+        "train.momentum_teacher=1.5": "train.momentum_teacher must be a number in [0, 1]",
+        "data.num_images=0": "data.num_images must be an integer >= 1, got 0",
+        "train.centering='centre'": "got 'centre' (did you mean 'center'?)",
+        "train.steps_per_epoch=3": "give data.steps_per_epoch instead",
+        "backbone.embed_dim=40": "embed_dim=40 is not a multiple of head_dim=16",
+        "data.on_bad_image='ignore'": "data.on_bad_image must be one of ['error', 'skip']",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ValueError) as error:
+            load_recipe(TINY, [override])
+        assert message in str(error.value), (override, str(error.value))
+    # a dict given to pretrain is checked too, before any data, model or directory is made
+    bad = dict(TINY, train=dict(TINY["train"], epoch=3))
+    with pytest.raises(ValueError, match="did you mean train.epochs"):
+        pretrain(bad, tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_valid_train_keys_come_from_the_methods_defaults():
+    from poa_keras.methods.dino import DINO_RECIPE
+    from poa_keras.methods.poa import POA_RECIPE
+    from poa_keras.pretrain import train_keys
+
+    assert train_keys("poa") == set(POA_RECIPE) | {"epochs", "batch_size", "iter_num_scale"}
+    assert train_keys("dino") == set(DINO_RECIPE) | {"epochs", "batch_size", "iter_num_scale"}
+    assert "lambda_ie" not in train_keys("dino")
+    with pytest.raises(ValueError, match=r"train.lambda_ie.*valid train \(DINO\) keys"):
+        load_recipe(dict(TINY, method="dino", head=dict(out_dim=20, hidden_dim=32,
+                                                         bottleneck_dim=16),
+                         train=dict(TINY["train"], lambda_ie=0.5)))
+
+
+def test_data_without_images_and_undecodable_files_fail_before_training(tmp_path):
+    from poa_keras.pretrain import steps_per_epoch, training_images
+
+    with pytest.raises(ValueError, match="holds 0 images"):
+        steps_per_epoch(dict(TINY, data=dict(TINY["data"], steps_per_epoch=None)), 0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        keras.utils.save_img(folder / f"{i}.png", np.full((16, 16, 3), 40 * i, np.uint8))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    recipe = dict(TINY, data=dict(TINY["data"], source="folder", path=str(folder)))
+    with pytest.raises(ValueError, match=r"1 of the 4 image files .*broken\.jpg"):
+        pretrain(recipe, tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run").exists()
+    with pytest.warns(UserWarning, match=r"skipped 1 of the 4 image files"):
+        ds, n = training_images(dict(recipe["data"], on_bad_image="skip"), 0)
+    assert n == 3
+
+
 # ------------------------------------------------------------------------ checkpoints / resume
 
 @pytest.fixture(scope="module")
@@ -168,6 +230,64 @@ def test_resume_refuses_another_recipe_and_nothing_to_resume_is_a_fresh_start(st
         pretrain(TINY, out, verbose=0, resume=False)
 
 
+def test_a_resume_may_change_the_schedules_when_asked(straight, tmp_path):
+    """A run resumed with another learning rate and more epochs: refused (naming the keys and
+    how to allow them) unless allow_recipe_change names them; anything else stays refused."""
+    import shutil
+
+    out, _ = straight
+    run = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    changed = dict(TINY, train=dict(TINY["train"], lr=5e-4, epochs=3))
+    with pytest.raises(ValueError, match=r"train.epochs 2 -> 3, train.lr 0.001 -> 0.0005.*"
+                                         r"allow_recipe_change=\['train.epochs', 'train.lr'\]"):
+        pretrain(changed, run, verbose=0)
+    with pytest.raises(ValueError, match=r"train.epochs 2 -> 3\)"):
+        pretrain(changed, run, verbose=0, allow_recipe_change=["train.lr"])
+    with pytest.raises(ValueError, match=r"'train.batch_size' cannot change when a run resumes"):
+        pretrain(changed, run, verbose=0, allow_recipe_change="train.lr,train.batch_size")
+    bigger = dict(changed, train=dict(changed["train"], batch_size=8))
+    with pytest.raises(ValueError, match=r"train.batch_size 4 -> 8.*new output directory"):
+        pretrain(bigger, run, verbose=0, allow_recipe_change="train.lr,train.epochs")
+    result = pretrain(changed, run, verbose=0, save_teacher=False,
+                      allow_recipe_change="train.lr,train.epochs")
+    assert result.recipe_changes == {"train.epochs": (2, 3), "train.lr": (1e-3, 5e-4)}
+    final = state(CheckpointManager(run / "checkpoints").latest())
+    assert (final["epoch"], final["step"]) == (3, 6)
+    assert final["recipe"]["train"]["lr"] == 5e-4   # the next resume compares with this one
+    assert result.trainer.schedules.lr.max() == pytest.approx(5e-4)
+
+
+def test_an_unsound_state_is_never_checkpointed(tmp_path):
+    """Weights near 1e30 (a diverged update with a finite loss) or NaN optimizer moments: the
+    checkpoint is not written, the last good one stays the latest, and the callback stops the
+    run with advice that can be followed."""
+    from poa_keras.methods.checkpoint import PretrainCheckpoint
+    from poa_keras.methods.nan_guard import NonFiniteState
+    from poa_keras.pretrain import build_trainer
+
+    trainer = build_trainer(load_recipe(TINY), steps=2)
+    manager = CheckpointManager(tmp_path / "ckpt")
+    good = manager.save(trainer, 1)
+    v = trainer.backbone.cls_token
+    v.assign(np.full(v.shape, 1e30, "float32"))
+    with pytest.raises(NonFiniteState, match=r"variable .*cls_token reaches \|value\| = 1e\+30.*"
+                                             r"epoch_0002 was not written.*epoch_0001"):
+        manager.save(trainer, 2)
+    assert manager.latest() == good and sorted(os.listdir(tmp_path / "ckpt")) == [
+        "epoch_0001", "latest"]
+    v.assign(np.zeros(v.shape, "float32"))
+    moment = trainer.optimizer.variables[-1]
+    moment.assign(np.full(moment.shape, np.nan, "float32"))
+    with pytest.raises(NonFiniteState, match=r"optimizer variable .* NaN/inf"):
+        manager.save(trainer, 2)
+    saver = PretrainCheckpoint(manager, total_epochs=2, advice="Lower the lr.")
+    saver.set_model(trainer)
+    saver.on_epoch_end(1, {"loss": 1.0})
+    assert isinstance(saver.error, NonFiniteState) and str(saver.error).endswith("Lower the lr.")
+    assert trainer.stop_training and manager.latest() == good
+
+
 def test_checkpoint_of_another_architecture_is_refused(straight, tmp_path):
     out, _ = straight
     from poa_keras.pretrain import build_trainer
@@ -189,12 +309,21 @@ class PoisonWeights(keras.callbacks.Callback):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteLoss, match=r"nan at step 3 \(epoch 2.*epoch_0001"):
+    with pytest.raises(NonFiniteLoss, match=r"nan at step 3 \(epoch 2.*epoch_0001.*"
+                                            r"allow_recipe_change=\['train.lr'\]"):
         pretrain(TINY, tmp_path, verbose=0, callbacks=[PoisonWeights()])
     manager = CheckpointManager(tmp_path / "checkpoints")
     assert [os.path.basename(p) for p in manager.checkpoints()] == ["epoch_0001"]
     assert all(np.isfinite(x).all() for x in arrays(manager.latest()).values())
     assert not (tmp_path / "teacher").exists()
+
+
+def test_the_user_compilation_cache_without_keras_home(monkeypatch):
+    from poa_keras.pretrain import compilation_cache_dir
+
+    monkeypatch.delenv("KERAS_HOME", raising=False)
+    assert compilation_cache_dir("user", "out") == os.path.join(
+        os.path.expanduser("~"), ".keras", "jax_compilation_cache")
 
 
 def test_tfds_source_says_what_it_needs(monkeypatch):

@@ -9,6 +9,7 @@ subnet that is timed; latency is measured on two subnets only, with one warm-up 
 import csv
 import dataclasses
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -18,7 +19,9 @@ from conftest import randomize
 from poa_keras import ElasticViT, ViTSubnet
 from poa_keras.backbones.base import Backbone
 from poa_keras.data.synthetic import load_shapes
+from poa_keras.elastic.spec import ResNetSubnet
 from poa_keras.eval import knn_classify, knn_eval
+from poa_keras.eval.latency import inversions, measure_interleaved, spec_dominates, summarize
 from poa_keras.eval.sweep import (Selection, SweepResult, format_table, load_sweep, pareto,
                                   print_table, select, sweep)
 
@@ -114,6 +117,7 @@ def test_latency_of_the_extracted_subnet(grid, teacher, data, monkeypatch):
     # A measurement, not a number to assert on: only that it is one.
     assert isinstance(row["latency_ms"], float) and row["latency_ms"] > 0
     assert row["latency_ms_per_image"] == pytest.approx(row["latency_ms"] / 3)
+    assert row["latency_ms_spread"] >= 0 and row["latency_rounds"] == 2
     for key in ("top1", "top5", "top1_k20", "params", "flops"):
         assert row[key] == row_of(grid, 32, 2)[key], key
     meta = result.metadata
@@ -154,6 +158,11 @@ def test_output_dir_gets_csv_json_and_png(teacher, data, tmp_path):
     assert (out / "sweep.png").read_bytes()[:8] == PNG_SIGNATURE
     assert load_sweep(out / "sweep.json").rows == result.rows
     assert load_sweep(out / "sweep.csv").rows == result.rows
+    assert load_sweep(out).rows == result.rows   # the directory the sweep printed
+    with pytest.raises(FileNotFoundError, match="holds no sweep.json or sweep.csv"):
+        load_sweep(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no sweep file or directory at"):
+        load_sweep(out / "nope.json")
 
 
 def test_plot_is_a_png_with_two_panels(grid, tmp_path):
@@ -453,14 +462,14 @@ def test_format_table_is_aligned_and_readable(grid, capsys):
 
 def test_format_table_values_and_front_on_hand_rows():
     rows = [dict(width=32, depth=2, name="small", params=32384, flops=1106176,
-                 latency_ms=3.25, top1=0.11, top5=0.425),
+                 latency_ms=3.25, latency_ms_spread=0.25, top1=0.11, top5=0.425),
             dict(width=64, depth=4, name=None, params=21_412_345, flops=7_374_000_000,
                  latency_ms=None, top1=0.085, top5=None)]
     lines = format_table(rows, pareto_x="params").splitlines()
     assert lines[0].split("  ")[0:2] == ["width", "depth"]
     assert "latency ms" in lines[0] and lines[0].endswith("front")
-    assert lines[2].split() == ["32", "2", "small", "0.03238", "0.001106", "3.250", "11.0",
-                                "42.5", "*"]
+    assert lines[2].split() == ["32", "2", "small", "0.03238", "0.001106", "3.25", "±", "0.25",
+                                "11.0", "42.5", "*"]   # latency: median ± spread
     assert lines[3].split() == ["64", "4", "21.41", "7.374", "-", "8.5", "-"]   # not on front
 
 
@@ -535,3 +544,102 @@ def test_sweep_of_a_tiny_swin_and_resnet_teacher(config, data, tmp_path):
     assert len(load_sweep(tmp_path / "sweep.json").rows) == 2
     row, spec = select(result, params=result.rows[0]["params"])
     assert spec == specs[0] and row["params"] <= result.rows[0]["params"]
+
+
+# ----------------------------------------------------------------------- interleaved latency
+
+class FakeClock:
+    """A clock that a fake model call advances by its programmed duration: timings without
+    noise from this machine, so the measurement logic itself is what is tested."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_interleaving_removes_a_drift_that_sequential_timing_turns_into_an_inversion():
+    """A machine that slows down over time (+1 ms per call): timed one model after another,
+    the model timed first looks faster although it is bigger; interleaved rounds give every
+    model the same drift, so the true order comes back, with the drift as spread."""
+    clock, calls_made = FakeClock(), []
+    cost = {ViTSubnet(96, 3): 0.010, ViTSubnet(48, 3): 0.005}
+
+    def make(spec):
+        def call():
+            calls_made.append(spec)
+            clock.now += cost[spec] + 0.001 * len(calls_made)
+        return call
+
+    calls = {spec: make(spec) for spec in (ViTSubnet(96, 3), ViTSubnet(48, 3))}
+    # sequential: all runs of the big one, then all of the small one
+    sequential = {}
+    for spec, call in calls.items():
+        times = []
+        for _ in range(10):
+            start = clock()
+            call()
+            times.append(clock() - start)
+        sequential[spec] = np.median(times)
+    assert sequential[ViTSubnet(96, 3)] < sequential[ViTSubnet(48, 3)]   # inverted
+    calls_made.clear()
+    stats, remaining = measure_interleaved(calls, rounds=10, warmup=1, clock=clock,
+                                           dominates=spec_dominates)
+    assert remaining == []
+    big, small = stats[ViTSubnet(96, 3)], stats[ViTSubnet(48, 3)]
+    assert big.median > small.median and big.rounds == small.rounds == 10
+    # every round timed both once: (warmup 1 + 10 rounds) x 2 models
+    assert len(calls_made) == 22
+    assert all(set(calls_made[i:i + 2]) == set(calls) for i in range(0, 22, 2))
+    assert not inversions(stats, spec_dominates)
+
+
+def test_a_persistent_inversion_is_remeasured_then_reported():
+    clock, counts = FakeClock(), {}
+    cost = {ViTSubnet(64, 4): 0.002, ViTSubnet(48, 3): 0.004, ViTSubnet(48, 4): 0.0045}
+
+    def make(spec):
+        def call():
+            counts[spec] = counts.get(spec, 0) + 1
+            clock.now += cost[spec] * (1.0 + 0.01 * (counts[spec] % 3))
+        return call
+
+    calls = {spec: make(spec) for spec in cost}
+    stats, remaining = measure_interleaved(calls, rounds=4, warmup=1, max_rounds=12,
+                                           clock=clock, dominates=spec_dominates)
+    # (64, 4) contains both others and is faster: the two pairs are re-measured to 12 rounds,
+    # (48, 4) vs (48, 3) is in order and is not
+    assert set(remaining) == {(ViTSubnet(64, 4), ViTSubnet(48, 3)),
+                              (ViTSubnet(64, 4), ViTSubnet(48, 4))}
+    assert {s: st.rounds for s, st in stats.items()} == {
+        ViTSubnet(64, 4): 12, ViTSubnet(48, 3): 12, ViTSubnet(48, 4): 12}
+    assert stats[ViTSubnet(48, 3)].median == pytest.approx(0.004 * 1.01, rel=0.02)
+    # the median and the quartiles against numpy on the same rounds
+    assert summarize([3.0, 1.0, 2.0, 10.0]) == pytest.approx(
+        (np.median([1, 2, 3, 10]), np.percentile([1, 2, 3, 10], 25),
+         np.percentile([1, 2, 3, 10], 75), 4))
+
+
+def test_spec_dominance():
+    dom = spec_dominates
+    assert dom(ViTSubnet(64, 4), ViTSubnet(48, 4)) and dom(ViTSubnet(64, 4), ViTSubnet(48, 3))
+    assert not dom(ViTSubnet(64, 3), ViTSubnet(48, 4)) and not dom(ViTSubnet(48, 3),
+                                                                   ViTSubnet(48, 3))
+    assert dom(ResNetSubnet(64, (3, 4)), ResNetSubnet(64, (2, 4)))
+    assert not dom(ResNetSubnet(64, (3, 4)), ResNetSubnet(32, (2, 5)))
+
+
+def test_select_warns_when_the_latency_budget_is_within_the_spread():
+    rows = [dict(name="small", params=1, flops=1, latency_ms=5.0, latency_ms_spread=0.2,
+                 latency_ms_per_image=0.5, top1=0.5),
+            dict(name="big", params=2, flops=2, latency_ms=8.3, latency_ms_spread=0.8,
+                 latency_ms_per_image=0.83, top1=0.7)]
+    with pytest.warns(UserWarning, match="more accurate .*big"):
+        assert select(rows, latency_ms=8.0).row["name"] == "small"
+    with pytest.warns(UserWarning, match="chosen .*big"):
+        assert select(rows, latency_ms_per_image=0.85).row["name"] == "big"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select(rows, latency_ms=6.0).row["name"] == "small"    # clear either way
+        assert select(rows, latency_ms=10.0).row["name"] == "big"

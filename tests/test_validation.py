@@ -3,9 +3,19 @@ and what is valid."""
 import numpy as np
 import pytest
 
-from poa_keras.validation import (check_choice, check_features, check_int, check_ks,
-                                  check_labelled_images, check_labels, check_multiplier,
-                                  check_positive_number)
+from poa_keras.validation import (check_choice, check_features, check_int, check_integral,
+                                  check_ks, check_labelled_images, check_labels,
+                                  check_multiplier, check_positive_number)
+
+
+def test_integral_values_are_never_truncated():
+    assert check_integral(np.int64(64), "width") == 64 and check_integral(64.0, "width") == 64
+    for bad in (64.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="width must be an integer, got"):
+            check_integral(bad, "width")
+    for bad in ("64", True, None):
+        with pytest.raises(TypeError, match="width must be an integer, got"):
+            check_integral(bad, "width")
 
 
 def test_numbers():

@@ -11,6 +11,7 @@ import keras
 from poa_keras import presets
 from poa_keras.elastic.sampler import SubnetSampler
 from poa_keras.elastic.spec import IntactSubnet
+from poa_keras.preprocessing import ImagePreprocessing
 from poa_keras.quantization import FrozenGCQuantize, quantization_mode, quantize
 
 
@@ -40,6 +41,9 @@ def known_architectures():
                   and issubclass(obj, Backbone))
 
 
+_UNBUILT_CLASSES = {}   # Backbone subclass -> its subclass without weights (Backbone.unbuilt)
+
+
 class Backbone(FrozenGCQuantize, keras.Model):
     """An elastic backbone: one set of full-size weights, many sub-networks.
 
@@ -62,6 +66,13 @@ class Backbone(FrozenGCQuantize, keras.Model):
 
     Trainers, heads and evaluation only talk to these hooks, so a new family works with them
     without family-specific code there.
+
+    Every backbone carries ``preprocessing``, the ``ImagePreprocessing`` that turns raw images
+    into its input (size rule, interpolation, mean / std); a constructor keyword of every
+    family (``preprocessing=``, an ``ImagePreprocessing`` or its config), recorded in
+    ``get_config`` and so in presets and extracted subnets. Without one (and in presets saved
+    before it was recorded) it is ``default_preprocessing()``: the ``image_size`` of the
+    configuration, ImageNet mean / std (the training pipeline's default).
     """
 
     supports_masks = False
@@ -69,6 +80,53 @@ class Backbone(FrozenGCQuantize, keras.Model):
     subnet_class = None
     configs: dict = {}   # named configurations of the family (see ``from_config_name``)
     family: str = "backbone"   # the family's name in messages ("ViT", "Swin", "ResNet")
+
+    def __init__(self, *args, preprocessing=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.__dict__["_preprocessing_record"] = ImagePreprocessing.coerce(preprocessing)
+
+    # -- how images enter the network ----------------------------------------------------------
+    @property
+    def preprocessing(self):
+        """The ``ImagePreprocessing`` raw (uint8) images need: ``backbone.preprocessing(images)``
+        gives this network's float input. Assign an ``ImagePreprocessing`` (or its config) to
+        record another one; None restores ``default_preprocessing()``."""
+        recorded = self.__dict__.get("_preprocessing_record")
+        return recorded if recorded is not None else self.default_preprocessing()
+
+    @preprocessing.setter
+    def preprocessing(self, value):
+        self.__dict__["_preprocessing_record"] = ImagePreprocessing.coerce(value)
+
+    def default_preprocessing(self):
+        """What a backbone with no recorded preprocessing gets (and presets saved before the
+        record existed): resize to the configuration's ``image_size`` (images already that size
+        are used as they are), ImageNet mean / std."""
+        return ImagePreprocessing(image_size=getattr(self, "image_size", None))
+
+    def get_config(self):
+        config = super().get_config()
+        config["preprocessing"] = self.preprocessing.get_config()
+        return config
+
+    @classmethod
+    def unbuilt(cls, config=None, config_name=None, **overrides):
+        """An instance of a configuration (a config dict, or a named configuration and
+        overrides) WITHOUT weights: its ``build`` is skipped, so it costs no memory and a
+        fraction of a second even for a ViT-L. Only its grid answers (``subnets``,
+        ``named_subnets``, ``resolve_subnet``, ``subnet_from_kwargs``, ``validate_subnet``):
+        ``from_preset`` checks a size with it before building the network."""
+        probe = _UNBUILT_CLASSES.get(cls)
+        if probe is None:
+            def build(self, input_shape=None):
+                pass   # no weights
+
+            probe = type(cls.__name__, (cls,), {"build": build, "__qualname__": cls.__qualname__,
+                                                "__module__": cls.__module__})
+            _UNBUILT_CLASSES[cls] = probe
+        if config is not None:
+            return probe.from_config(dict(config, **overrides))
+        return probe.from_config_name(config_name, **overrides)
 
     @classmethod
     def from_config_name(cls, config_name, **overrides):
@@ -86,6 +144,15 @@ class Backbone(FrozenGCQuantize, keras.Model):
         """The image checks every family shares: rank 4, channels-last with ``in_channels``
         channels. Returns the shape as a tuple (the family checks its sizes)."""
         shape = tuple(images.shape)
+        dtype = keras.backend.standardize_dtype(images.dtype)
+        if "int" in dtype or dtype == "bool":
+            raise ValueError(
+                f"{self.name} ({type(self).__name__}) takes float images, already "
+                f"preprocessed; got {dtype} images of shape {shape}. Its preprocessing: "
+                f"{self.preprocessing.describe()}. Apply it with "
+                "`backbone.preprocessing(images)`, or give the uint8 images to "
+                "ImageClassifier, poa_keras.eval.extract_features, the sweep or the export, "
+                "which apply it.")
         if len(shape) != 4:
             raise ValueError(f"{self.name} expects images of rank 4 (batch, height, width, "
                              f"channels), got shape {shape}")
@@ -136,10 +203,14 @@ class Backbone(FrozenGCQuantize, keras.Model):
     # -- presets -------------------------------------------------------------------------------
     def save_to_preset(self, preset_dir):
         """Writes config.json, metadata.json and model.weights.h5 (keras-hub layout), atomically.
-        The metadata records the grid size and the quantization mode (None or "int8"), so
-        ``from_preset`` rebuilds a quantized model before loading its weights."""
-        presets.save_preset(self, preset_dir, metadata={
-            "num_subnets": len(self.subnets()), "quantization": quantization_mode(self)})
+        The config records the ``preprocessing``; the metadata records the grid size and the
+        quantization mode (None or "int8"), so ``from_preset`` rebuilds a quantized model
+        before loading its weights."""
+        presets.save_preset(self, preset_dir, metadata=self.preset_metadata())
+
+    def preset_metadata(self):
+        """What metadata.json records of this backbone beside the common entries."""
+        return {"num_subnets": len(self.subnets()), "quantization": quantization_mode(self)}
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, subnet=None, **subnet_kwargs):
@@ -153,34 +224,49 @@ class Backbone(FrozenGCQuantize, keras.Model):
                 ``width=384, depth=12``. Missing keywords default to the full network's value.
 
         The architecture comes from the preset (a directory's config.json or a card's named
-        configuration), quantized first when the preset holds int8 weights; the weights are
-        checked against their sha256 before loading; a size is extracted from the loaded full
-        network, so weights are never loaded into a network of another shape.
+        configuration; its ``preprocessing`` record too, the default one for presets saved
+        before it was recorded), quantized first when the preset holds int8 weights; the
+        weights are checked against their sha256 before loading; a size is extracted from the
+        loaded full network, so weights are never loaded into a network of another shape. A
+        task preset (``ImageClassifier.save_to_preset``) loads as its fine-tuned backbone.
         """
         if subnet is not None and subnet_kwargs:
             raise ValueError(f"give either subnet= or {sorted(subnet_kwargs)}, not both")
-        source = presets.resolve(preset, load_weights=load_weights)
+        source = presets.resolve(preset, load_weights=False)   # files read, nothing downloaded
         klass = backbone_class(source.registered_name, source.class_name, source.where)
         if cls is not Backbone and not issubclass(klass, cls):
             raise ValueError(f"{source.where} holds an {source.class_name}, not an "
                              f"{cls.__name__}: load it with {source.class_name}.from_preset or "
                              "Backbone.from_preset")
+        if subnet is not None or any(v is not None for v in subnet_kwargs.values()):
+            # The size is checked against the configuration before the weights are fetched
+            # and the network is built (a ViT-L teacher: seconds and gigabytes).
+            if source.quantization is not None:
+                raise ValueError(
+                    f"preset {os.fspath(preset)!r} holds {source.quantization} weights: "
+                    "sub-networks are extracted from float weights. Load the float teacher, "
+                    "extract, then quantize the extracted model (or export it with "
+                    "quantize='int8'); or load this preset without a subnet.")
+            probe = (klass.unbuilt(source.config) if source.config is not None
+                     else klass.unbuilt(config_name=source.config_name, name=source.name))
+            if subnet is not None:
+                probe.resolve_subnet(subnet)
+            else:
+                probe.subnet_from_kwargs(**subnet_kwargs)
+        if load_weights:
+            source = presets.resolve(preset, load_weights=True)
         if source.config is not None:
             backbone = klass.from_config(source.config)
         else:
             backbone = klass.from_config_name(source.config_name, name=source.name)
+        if source.preprocessing is not None:   # the preset's record (the config's, a card's)
+            backbone.preprocessing = source.preprocessing
         if source.quantization is not None:   # the architecture of the saved int8 weights
             quantize(backbone, source.quantization)
         if source.weights is not None:
             presets.load_weights(backbone, source.weights, source.weights_sha256, source.where)
         if subnet is None and not any(v is not None for v in subnet_kwargs.values()):
             return backbone
-        if source.quantization is not None:
-            raise ValueError(
-                f"preset {os.fspath(preset)!r} holds {source.quantization} weights: "
-                "sub-networks are extracted from float weights. Load the float teacher, "
-                "extract, then quantize the extracted model (or export it with "
-                "quantize='int8'); or load this preset without a subnet.")
         spec = (backbone.resolve_subnet(subnet) if subnet is not None
                 else backbone.subnet_from_kwargs(**subnet_kwargs))
         return backbone.extract(spec)

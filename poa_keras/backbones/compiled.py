@@ -61,7 +61,7 @@ def architecture_key(model):
         config = dict(model.get_config())
     except (NotImplementedError, TypeError):
         return None
-    for name in ("name", "named_subnets"):
+    for name in ("name", "named_subnets", "preprocessing"):   # labels: the forward is the same
         config.pop(name, None)
     variables = tuple((v.path.split("/", 1)[-1], tuple(v.shape), str(v.dtype))
                       for v in model.variables)

@@ -260,7 +260,7 @@ class ElasticResNet(Backbone):
         if depths is not None and np.ndim(depths) == 0:
             raise ValueError(f"depths={depths!r} must give one depth per stage, e.g. "
                              f"{self.max_depths}")
-        spec = ResNetSubnet(self.max_width if width is None else int(width),
+        spec = ResNetSubnet(self.max_width if width is None else width,   # refuses 8.5
                             self.max_depths if depths is None else tuple(depths))
         self.validate_subnet(spec)
         return spec

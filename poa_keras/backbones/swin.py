@@ -234,8 +234,8 @@ class ElasticSwin(Backbone):
                              f"valid depths: {depths[0]}..{depths[-1]}")
 
     def subnet_from_kwargs(self, width=None, depth=None):
-        spec = SwinSubnet(self.embed_dim if width is None else int(width),
-                          self.depths[ELASTIC_STAGE] if depth is None else int(depth))
+        spec = SwinSubnet(self.embed_dim if width is None else width,   # the spec refuses 64.5
+                          self.depths[ELASTIC_STAGE] if depth is None else depth)
         self.validate_subnet(spec)
         return spec
 

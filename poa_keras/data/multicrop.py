@@ -44,6 +44,9 @@ range. The crops here follow torchvision's RandomResizedCrop (used by DINO) with
 """
 import math
 import os
+import re
+import sys
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -51,6 +54,7 @@ import tensorflow as tf
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+BAD_IMAGE_CHOICES = ("error", "skip")
 _NORMALIZATIONS = ("imagenet", "minus_one_one", None)
 
 
@@ -79,7 +83,55 @@ def images_from_dataset(dataset, image_key="image"):
     return dataset
 
 
-def images_from_directory(directory, image_size=None, with_labels=False):
+def _decode(path):
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def unreadable_images(paths, progress=False):
+    """The positions in ``paths`` of the files that do not decode as images (or decode to an
+    empty one), ascending: every file is read and decoded once, in parallel, by the same
+    decoder the pipelines use. ``progress``: a progress bar (on stderr)."""
+    n = len(paths)
+    if n == 0:
+        return []
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), list(paths)))
+    # A file that fails to decode is dropped by ignore_errors: the positions that do not come
+    # out are the unreadable files (the error itself never names the file).
+    ds = ds.map(lambda i, path: (i, tf.reduce_prod(tf.shape(_decode(path))[:2]) > 0),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.ignore_errors().batch(256)
+    readable = np.zeros(n, bool)
+    reached, shown = 0, -1
+    for index, nonempty in ds.as_numpy_iterator():
+        readable[index] = nonempty
+        reached = max(reached, int(index.max()) + 1)
+        if progress and 50 * reached // n != shown:
+            shown = 50 * reached // n
+            print(f"\rchecking the images: {reached}/{n}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(f"\rchecking the images: {n}/{n}", file=sys.stderr, flush=True)
+    return [int(i) for i in np.flatnonzero(~readable)]
+
+
+def _why_unreadable(path):
+    """The decoder's complaint about one file (its first line)."""
+    try:
+        image = _decode(path)
+    except (tf.errors.OpError, ValueError) as error:
+        text = getattr(error, "message", None) or str(error)
+        text = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\].*", "", text).strip()
+        return text.splitlines()[0] if text else type(error).__name__
+    return "an empty image" if min(image.shape[:2]) == 0 else "unreadable"
+
+
+def _describe_bad(paths, limit=5):
+    shown = [f"{p} ({_why_unreadable(p)})" for p in paths[:limit]]
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return "; ".join(shown) + more
+
+
+def images_from_directory(directory, image_size=None, with_labels=False, on_bad_image="error",
+                          progress=False):
     """Images from a folder tree (recursively; .jpg .jpeg .png .bmp .gif), in sorted path order.
 
     Args:
@@ -87,6 +139,11 @@ def images_from_directory(directory, image_size=None, with_labels=False):
       image_size: None keeps every image's own size (multi-crop handles any size); an int or
         (height, width) resizes all of them (bilinear, antialiased).
       with_labels: also return int32 labels (index of the first-level sub-folder).
+      on_bad_image: every file is decoded once before the dataset is made
+        (``unreadable_images``), so that a bad file stops nothing later, half way through a
+        training run: "error" raises a ValueError naming the files that do not decode (and
+        why), "skip" leaves them out with a warning giving their number.
+      progress: show the progress of that check (on stderr).
 
     Returns:
       A tf.data.Dataset of uint8 (H, W, 3) images, or of (image, label) pairs plus the list of
@@ -95,6 +152,9 @@ def images_from_directory(directory, image_size=None, with_labels=False):
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise ValueError(f"not a directory: {directory!r}")
+    if on_bad_image not in BAD_IMAGE_CHOICES:
+        raise ValueError(f"on_bad_image must be one of {list(BAD_IMAGE_CHOICES)}, got "
+                         f"{on_bad_image!r}")
     paths, labels = [], []
     class_names = sorted(d for d in os.listdir(directory)
                          if os.path.isdir(os.path.join(directory, d)))
@@ -112,9 +172,24 @@ def images_from_directory(directory, image_size=None, with_labels=False):
         raise ValueError(f"with_labels=True needs every image inside a class sub-folder of "
                          f"{directory!r}; some are at the top level")
     size = _pair(image_size, "image_size") if image_size is not None else None
+    bad = unreadable_images(paths, progress=progress)
+    if bad:
+        bad_paths = [paths[i] for i in bad]
+        if on_bad_image == "error" or len(bad) == len(paths):
+            raise ValueError(
+                f"{len(bad)} of the {len(paths)} image files under {directory!r} cannot be "
+                f"decoded: {_describe_bad(bad_paths)}. Remove or replace them"
+                + (", or leave them out with on_bad_image='skip' (a recipe's "
+                   "data.on_bad_image, the command line's --on_bad_image=skip)."
+                   if len(bad) < len(paths) else "."))
+        warnings.warn(f"skipped {len(bad)} of the {len(paths)} image files under "
+                      f"{directory!r}: they cannot be decoded ({_describe_bad(bad_paths, 3)})",
+                      stacklevel=2)
+        keep = sorted(set(range(len(paths))) - set(bad))
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
 
     def load(path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = _decode(path)
         if size is not None:
             image = tf.image.resize(image, size, antialias=True)
             image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)

@@ -9,6 +9,8 @@ import dataclasses
 
 import numpy as np
 
+from poa_keras.validation import check_integral
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class ViTSubnet:
@@ -16,6 +18,10 @@ class ViTSubnet:
 
     width: int
     depth: int
+
+    def __post_init__(self):   # 64.5 is refused, not truncated; numpy ints become ints
+        object.__setattr__(self, "width", check_integral(self.width, "width"))
+        object.__setattr__(self, "depth", check_integral(self.depth, "depth"))
 
     def __str__(self):
         return f"ViTSubnet(width={self.width}, depth={self.depth})"
@@ -28,6 +34,10 @@ class SwinSubnet:
 
     width: int
     depth: int
+
+    def __post_init__(self):   # 64.5 is refused, not truncated; numpy ints become ints
+        object.__setattr__(self, "width", check_integral(self.width, "width"))
+        object.__setattr__(self, "depth", check_integral(self.depth, "depth"))
 
     def __str__(self):
         return f"SwinSubnet(width={self.width}, depth={self.depth})"
@@ -42,7 +52,9 @@ class ResNetSubnet:
     depths: tuple
 
     def __post_init__(self):
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "width", check_integral(self.width, "width"))
+        object.__setattr__(self, "depths", tuple(check_integral(d, "every stage depth")
+                                                 for d in self.depths))
 
     def __str__(self):
         return f"ResNetSubnet(width={self.width}, depths={self.depths})"

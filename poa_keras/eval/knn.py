@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-from poa_keras.eval.features import extract_features
+from poa_keras.eval.features import FROM_PRESET, extract_features
 from poa_keras.validation import (check_features, check_int, check_ks, check_labels,
                                   check_positive_number)
 
@@ -147,13 +147,14 @@ def _vote(labels, weights, num_classes, true_y, top):
 
 def knn_eval(backbone, train_images, train_labels, test_images, test_labels, subnet=None,
              num_classes=None, ks=DEFAULT_KS, temperature=0.07, batch_size=64,
-             knn_batch_size=None, pixel_normalization="imagenet", return_predictions=False):
+             knn_batch_size=None, pixel_normalization=FROM_PRESET, return_predictions=False):
     """k-NN accuracy of a backbone's (sub-network's) CLS features: extract, then classify.
 
     Args:
       backbone: an elastic backbone (e.g. ElasticViT).
-      train_images, test_images: (N, H, W, C) uint8 (normalised as in training) or float
-        (already normalised) arrays; see `extract_features`.
+      train_images, test_images: (N, H, W, C) uint8 (through the backbone's preprocessing:
+        resized if needed, normalised as in training) or float (already preprocessed) arrays;
+        see `extract_features`.
       train_labels, test_labels: integer class labels.
       subnet: which sub-network (None: the full network; a spec, a tuple or a size name).
       num_classes: default 1 + the largest label in either split.

@@ -35,7 +35,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from poa_keras.eval.features import PIXEL_NORMALIZATIONS, extract_features
+from poa_keras.eval.features import FROM_PRESET, INPUT_NORMALIZATIONS, extract_features
 from poa_keras.optimizers import LRMultiplierOptimizer
 from poa_keras.validation import check_features, check_int, check_labels
 
@@ -63,6 +63,11 @@ class _ProbeFeatureView(keras.layers.Layer):
         self.dim = dim
         self.in_channels = getattr(backbone, "in_channels", 3)
         self.built = True
+
+    @property
+    def preprocessing(self):
+        """The backbone's: uint8 images enter the view as they enter the backbone."""
+        return getattr(self.backbone, "preprocessing", None)
 
     def resolve_subnet(self, subnet):
         if subnet is not None:   # the view is one subnet already
@@ -116,13 +121,13 @@ def _supports_block_outputs(backbone):
 
 
 def probe_features(backbone, images, subnet=None, avgpool=False, last_blocks=1, batch_size=64,
-                   pixel_normalization="imagenet", verbose=0):
+                   pixel_normalization=FROM_PRESET, verbose=0):
     """The linear probe's frozen features of ``images``: (N, D) float32 numpy, not normalised.
 
     Args:
       backbone: an elastic backbone (or an extracted subnet).
-      images: (N, H, W, C) uint8 (normalised as in training, see `pixel_normalization`) or
-        float (already normalised); see `extract_features`.
+      images: (N, H, W, C) uint8 (through the backbone's preprocessing, see
+        `pixel_normalization`) or float (already preprocessed); see `extract_features`.
       subnet: None (the full network), a spec, a tuple or a size name.
       avgpool: also concatenate the mean of the last block's patch tokens (needs a backbone
         with ``patch_tokens``).
@@ -315,7 +320,7 @@ def train_linear_classifier(train_features, train_labels, val_features, val_labe
 def linear_probe(backbone, train_images, train_labels, val_images, val_labels, subnet=None,
                  num_classes=None, avgpool=False, last_blocks=1,
                  learning_rates=DEFAULT_LEARNING_RATES, epochs=10, batch_size=256,
-                 feature_batch_size=64, pixel_normalization="imagenet", momentum=0.9,
+                 feature_batch_size=64, pixel_normalization=FROM_PRESET, momentum=0.9,
                  weight_decay=0.0, seed=0, verbose=0):
     """Linear-probe accuracy of a backbone (sub-network): features once, then the lr grid.
 
@@ -335,8 +340,8 @@ def linear_probe(backbone, train_images, train_labels, val_images, val_labels, s
       `train_linear_classifier`'s result plus "subnet" (the resolved spec or None), "avgpool",
       "last_blocks" (what to pass to `probe_features` to feed "classifier" new images).
     """
-    if pixel_normalization not in PIXEL_NORMALIZATIONS:
-        raise ValueError(f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS}, got "
+    if pixel_normalization not in INPUT_NORMALIZATIONS:
+        raise ValueError(f"pixel_normalization must be one of {INPUT_NORMALIZATIONS}, got "
                          f"{pixel_normalization!r}")
     _check_learning_rates(learning_rates)   # fail before the extraction, not after
     _feature_view(backbone, subnet, avgpool, last_blocks)

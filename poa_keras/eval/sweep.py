@@ -15,12 +15,23 @@ For every subnet of the teacher's grid (or a chosen subset), `sweep` measures:
   the bank is re-embedded for every subnet (features differ per subnet), batch by batch;
 * ``params``: ``teacher.subnet_params(spec)``; ``flops``: ``teacher.subnet_flops(spec,
   image_size=(H, W))`` per image at the data's resolution (a multiply-add = 2 FLOPs);
-* ``latency_ms``: the median wall time of the EXTRACTED subnet's compiled forward
+* ``latency_ms``: the wall time of the EXTRACTED subnet's compiled forward
   (``teacher.extract(spec).compiled_forward()``) on one fixed batch of ``latency_batch``
-  validation images, after ``latency_warmup`` untimed calls (the first one compiles), over
-  ``latency_runs`` timed calls, each synchronised by copying the output to the host;
-  ``latency_ms_per_image`` = latency_ms / latency_batch. A measurement of this machine and
-  backend, not a property of the model: compare rows of one sweep, not across machines;
+  validation images, each call synchronised by copying the output to the host, measured after
+  the k-NN of every subnet by ``eval.latency.measure_interleaved``: ``latency_warmup`` untimed
+  calls of every subnet (the first one compiles), then ``latency_runs`` rounds that time every
+  subnet once each in a shuffled order, so a drift of the machine hits all subnets alike
+  instead of inverting sizes. ``latency_ms`` is the median over the rounds and
+  ``latency_ms_spread`` their interquartile range (q3 - q1), ``latency_rounds`` the rounds
+  timed; ``latency_ms_per_image`` = latency_ms / latency_batch. Where a subnet at least as big
+  in every spec field as another (as wide AND as deep) comes out faster by more than the larger
+  of the two spreads, both are re-measured in further rounds (up to ``latency_max_runs``); an
+  inversion that remains is warned about and listed in ``metadata["latency_inversions"]``.
+  The extracted subnets of a round are held in memory together, in groups of at most
+  ``latency_memory_mb`` of parameters (one group for small teachers; interleaving is then
+  within each group). A measurement of this machine and backend, not a property of the model:
+  compare rows of one sweep, not across machines; ``select(latency_ms=...)`` warns when the
+  choice depends on differences within the spread;
 * ``name``: the teacher's named size of that spec (e.g. "small"), if any.
 
 Only the Backbone hooks are used (``subnets``, ``resolve_subnet``, ``named_subnets``,
@@ -39,8 +50,6 @@ import math
 import numbers
 import os
 import re
-import statistics
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,8 +57,10 @@ import numpy as np
 
 from poa_keras.backbones.base import Backbone
 from poa_keras.elastic import spec as spec_module
-from poa_keras.eval.features import PIXEL_NORMALIZATIONS, extract_features, to_backbone_input
+from poa_keras.eval.features import (FROM_PRESET, INPUT_NORMALIZATIONS, extract_features,
+                                     input_preprocessing, to_backbone_input)
 from poa_keras.eval.knn import knn_classify
+from poa_keras.eval.latency import inversions, measure_interleaved, spec_dominates
 from poa_keras.files import atomic_write_bytes
 from poa_keras.version import __version__
 from poa_keras.validation import (check_choice, check_int, check_ks, check_labelled_images,
@@ -71,16 +82,18 @@ class Selection(NamedTuple):
 
 def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.07,
           batch_size=64, measure_latency=True, latency_batch=32, latency_runs=10,
-          latency_warmup=2, output_dir=None, progress=True, num_classes=None,
-          pixel_normalization="imagenet", knn_batch_size=None):
+          latency_warmup=2, latency_max_runs=None, latency_memory_mb=2048, output_dir=None,
+          progress=True, num_classes=None,
+          pixel_normalization=FROM_PRESET, knn_batch_size=None):
     """k-NN accuracy, parameters, FLOPs and latency of every subnet of an elastic teacher.
 
     Args:
       teacher: an elastic backbone (``poa_keras.Backbone``), or a preset name or directory,
         loaded with ``Backbone.from_preset`` (its full network: the teacher).
       train_data: ``(images, labels)``: the k-NN bank. Images (N, H, W, C) numpy, uint8 0..255
-        (normalised as in training, see ``pixel_normalization``) or float (already normalised);
-        labels (N,) integers.
+        (through the teacher's preprocessing, the record of its preset: resized to its input
+        size if needed, normalised as in training; see ``pixel_normalization``) or float
+        (already preprocessed); labels (N,) integers.
       val_data: ``(images, labels)`` of the queries, the same image size as ``train_data``.
       subnets: None (the whole grid, ``teacher.subnets()``, smallest first) or a list of specs,
         tuples (e.g. ``(384, 12)``) or named sizes (``"small"``), evaluated in that order
@@ -92,13 +105,20 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
       measure_latency: time the extracted subnets (False: ``latency_ms`` is None, no extraction).
       latency_batch: images of the timed batch (the first ``latency_batch`` validation images,
         repeated if there are fewer).
-      latency_runs: timed calls per subnet (the median is reported).
-      latency_warmup: untimed calls before them (compilation, allocator warm-up), >= 1.
+      latency_runs: timed interleaved rounds (every subnet once per round; the median and the
+        interquartile range over the rounds are reported).
+      latency_warmup: untimed calls of every subnet first (compilation, allocator warm-up),
+        >= 1.
+      latency_max_runs: the most rounds a subnet gets when re-measuring an inverted pair
+        (default 3 x latency_runs).
+      latency_memory_mb: parameter megabytes (float32) of extracted subnets held at once while
+        timing: the subnets are timed together in groups of at most this size.
       output_dir: if given, ``sweep.csv`` and ``sweep.json`` are written there after every
         subnet (a long sweep that stops keeps what it measured) and ``sweep.png`` at the end.
       progress: a progress bar, one step per subnet, showing the last top-1 / top-5.
       num_classes: default 1 + the largest label of either split.
-      pixel_normalization: for uint8 images, as ``extract_features``.
+      pixel_normalization: for uint8 images, as ``extract_features`` ("preset": the
+        teacher's ``preprocessing``). FLOPs are counted at the preprocessed size.
       knn_batch_size: ``knn_classify``'s batch_size (similarity rows in memory at a time).
 
     Returns:
@@ -117,11 +137,15 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
     ks = check_ks(ks)
     temperature = check_positive_number(temperature, "temperature")
     batch_size = check_int(batch_size, "batch_size", minimum=1)
-    check_choice(pixel_normalization, "pixel_normalization", PIXEL_NORMALIZATIONS)
+    check_choice(pixel_normalization, "pixel_normalization", INPUT_NORMALIZATIONS)
     if measure_latency:
         latency_batch = check_int(latency_batch, "latency_batch", minimum=1)
         latency_runs = check_int(latency_runs, "latency_runs", minimum=1)
         latency_warmup = check_int(latency_warmup, "latency_warmup", minimum=1)
+        latency_max_runs = check_int(3 * latency_runs if latency_max_runs is None
+                                     else latency_max_runs, "latency_max_runs",
+                                     minimum=latency_runs)
+        latency_memory_mb = check_positive_number(latency_memory_mb, "latency_memory_mb")
     if num_classes is None:
         num_classes = int(max(train_y.max(), val_y.max())) + 1
     num_classes = check_int(num_classes, "num_classes", minimum=1)
@@ -138,10 +162,16 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
 
+    # uint8 images go through the teacher's preprocessing (resized to its input size if
+    # needed); float ones are taken as preprocessed, at their own size.
+    preprocessing = (input_preprocessing(teacher, pixel_normalization)
+                     if train_x.dtype == np.uint8 else None)
     image_size = tuple(int(s) for s in train_x.shape[1:3])
+    if preprocessing is not None:
+        image_size = tuple(int(s) for s in preprocessing.output_size(*image_size))
     step = min(batch_size, train_x.shape[0], val_x.shape[0])
     names = _names_by_spec(teacher)
-    latency_input = (_latency_batch(val_x, latency_batch, pixel_normalization,
+    latency_input = (_latency_batch(val_x, latency_batch, preprocessing or pixel_normalization,
                                     getattr(teacher, "in_channels", 3))
                      if measure_latency else None)
     metadata = _metadata(teacher, specs, ks, temperature, num_classes, train_x, val_x,
@@ -149,6 +179,7 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
                          latency_batch if measure_latency else None,
                          latency_runs if measure_latency else None,
                          latency_warmup if measure_latency else None)
+    metadata["preprocessing"] = None if preprocessing is None else preprocessing.get_config()
     result = SweepResult([], specs=[], metadata=metadata)
 
     bar = None
@@ -165,16 +196,16 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
         knn = knn_classify(bank, train_y, queries, val_y, num_classes, ks=ks,
                            temperature=temperature, batch_size=knn_batch_size)
         del bank, queries
-        latency = (_measure_latency(teacher, spec, latency_input, latency_runs, latency_warmup)
-                   if measure_latency else None)
         row = _spec_columns(spec)
         row.update(
             name=names.get(spec),
             params=int(teacher.subnet_params(spec)),
             flops=int(teacher.subnet_flops(spec, image_size=image_size)),
             feature_dim=int(teacher.feature_dim(spec)),
-            latency_ms=latency,
-            latency_ms_per_image=None if latency is None else latency / latency_batch,
+            latency_ms=None,
+            latency_ms_spread=None,
+            latency_ms_per_image=None,
+            latency_rounds=None,
             top1=knn[ks[0]]["top1"],
             top5=knn[ks[0]]["top5"],
         )
@@ -188,6 +219,12 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
             result.to_json(output_dir / JSON_FILE)
         if bar is not None:
             bar.update(i + 1, values=[("top1", row["top1"]), ("top5", row["top5"])])
+    if measure_latency:
+        _sweep_latency(teacher, result, latency_input, latency_batch, latency_runs,
+                       latency_warmup, latency_max_runs, latency_memory_mb, progress)
+        if output_dir is not None:
+            result.to_csv(output_dir / CSV_FILE)
+            result.to_json(output_dir / JSON_FILE)
     if output_dir is not None:
         result.plot(output_dir / PLOT_FILE)
     return result
@@ -256,28 +293,70 @@ def _latency_batch(images, size, pixel_normalization, in_channels):
                              pixel_normalization)
 
 
-def _measure_latency(teacher, spec, batch, runs, warmup):
-    """Median ms of the extracted subnet's compiled forward on `batch` (synchronised)."""
+def _sweep_latency(teacher, result, batch, latency_batch, runs, warmup, max_runs, memory_mb,
+                   progress):
+    """Fills the latency columns of ``result``'s rows: the extracted subnets' compiled
+    forwards timed in interleaved rounds (``eval.latency``), group by group."""
+    import warnings
+
     from keras import ops
 
-    model = teacher.extract(spec)
-    forward = model.compiled_forward()
     x = ops.convert_to_tensor(batch)
+    specs = list(result.specs)
+    groups, current, size = [], [], 0.0
+    for spec in specs:   # float32 parameter megabytes, packed in order
+        mb = 4.0 * teacher.subnet_params(spec) / 2 ** 20
+        if current and size + mb > memory_mb:
+            groups.append(current)
+            current, size = [], 0.0
+        current.append(spec)
+        size += mb
+    groups.append(current)
+    bar = None
+    if progress:
+        import keras
+        bar = keras.utils.Progbar((warmup + runs) * len(specs), unit_name="call")
+        print("timing the extracted subnets (interleaved rounds)")
+    stats, remaining = {}, []
+    for group in groups:
+        models = {spec: teacher.extract(spec) for spec in group}
+        calls = {spec: _synchronised_call(model.compiled_forward(), x)
+                 for spec, model in models.items()}
+        group_stats, group_left = measure_interleaved(
+            calls, rounds=runs, warmup=warmup, dominates=spec_dominates, max_rounds=max_runs,
+            progress=None if bar is None else (lambda: bar.add(1)))
+        stats.update(group_stats)
+        remaining += group_left
+        del calls, models
+    # across groups (large teachers) an inversion is reported, not re-measured
+    remaining = list(dict.fromkeys(remaining + inversions(stats, spec_dominates)))
+    for row, spec in zip(result.rows, specs):
+        st = stats[spec]
+        row.update(latency_ms=1000.0 * st.median, latency_ms_spread=1000.0 * st.spread,
+                   latency_ms_per_image=1000.0 * st.median / latency_batch,
+                   latency_rounds=st.rounds)
+    result.metadata.update(
+        latency_statistic="median over interleaved rounds; spread = interquartile range",
+        latency_groups=len(groups), latency_max_runs=max_runs,
+        latency_inversions=[[str(a), str(b)] for a, b in remaining])
+    if remaining:
+        warnings.warn(
+            "latency: after re-measuring, these subnets are still timed faster than a subnet "
+            "they contain, by more than the spread (a real effect of the hardware, or a busy "
+            "machine: rerun on a quiet one before selecting by latency): " + "; ".join(
+                f"{a} {1000 * stats[a].median:.3g} ms < {b} {1000 * stats[b].median:.3g} ms"
+                for a, b in remaining), stacklevel=3)
+
+
+def _synchronised_call(forward, x):
+    from keras import ops
 
     def call():
         # Copying the (B, D) output to the host waits for the device: asynchronous backends
         # (JAX dispatch, CUDA streams) are timed to completion, at the cost of a tiny transfer.
         ops.convert_to_numpy(forward(x)["cls"])
 
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    del forward, model
-    return 1000.0 * statistics.median(times)
+    return call
 
 
 def _metadata(teacher, specs, ks, temperature, num_classes, train_x, val_x, image_size, step,
@@ -435,7 +514,8 @@ def _parse_cell(text):
 
 
 def _guess_spec_fields(rows):
-    known = set(COST_COLUMNS) | {"name", "feature_dim", "top1", "top5"}
+    known = set(COST_COLUMNS) | {"name", "feature_dim", "top1", "top5", "latency_ms_spread",
+                                 "latency_rounds"}
     if not rows:
         return []
     return [c for c in rows[0] if c not in known and not re.match(r"^top[15]_k\d+$", c)]
@@ -546,7 +626,46 @@ def select(result_or_rows, params=None, flops=None, latency_ms=None, latency_ms_
                          + "; ".join(cheapest))
     best = max(fits, key=lambda i: (rows[i][metric], -(rows[i].get("params") or 0),
                                     -(rows[i].get("flops") or 0), -i))
+    _warn_latency_noise(rows, best, budgets, metric)
     return Selection(rows[best], None if specs is None else specs[best])
+
+
+def _latency_spread(row, key):
+    """The measured spread (interquartile range) of a latency column of a row, 0 if unknown."""
+    spread = row.get("latency_ms_spread")
+    if spread is None or not row.get("latency_ms"):
+        return 0.0
+    return float(spread) * (1.0 if key == "latency_ms" else row[key] / row["latency_ms"])
+
+
+def _warn_latency_noise(rows, best, budgets, metric):
+    """Warns when a latency budget decides the selection by less than the measured spread:
+    the chosen subnet may exceed it, or a more accurate one excluded by it may fit."""
+    import warnings
+
+    notes = []
+    for key in ("latency_ms", "latency_ms_per_image"):
+        if key not in budgets:
+            continue
+        budget, chosen = budgets[key], rows[best]
+        if chosen[key] + _latency_spread(chosen, key) > budget:
+            notes.append(f"the chosen {_row_label(chosen)} takes {_fmt_cost(key, chosen[key])}"
+                         f" +- {_fmt_cost(key, _latency_spread(chosen, key))}, within the "
+                         f"spread of the budget {_fmt_cost(key, budget)}")
+        others = {k: b for k, b in budgets.items() if k != key}
+        for r in rows:
+            if (r.get(metric) is not None and r[metric] > chosen[metric]
+                    and r.get(key) is not None and r[key] > budget
+                    and r[key] - _latency_spread(r, key) <= budget
+                    and all(r.get(k) is not None and r[k] <= b for k, b in others.items())):
+                notes.append(f"the more accurate {_row_label(r)} ({metric} {r[metric]:.4g}) "
+                             f"takes {_fmt_cost(key, r[key])} +- "
+                             f"{_fmt_cost(key, _latency_spread(r, key))}, over the budget by "
+                             "less than its spread")
+    if notes:
+        warnings.warn("select: the latency budget decides this choice by less than the "
+                      "measured spread (remeasure with more latency_runs on a quiet machine): "
+                      + "; ".join(notes), stacklevel=3)
 
 
 def _fmt_cost(key, value):
@@ -579,7 +698,8 @@ def _sig(v, digits=4):
 def format_table(rows, spec_fields=None, pareto_x=None):
     """A readable aligned text table of sweep rows (a ``SweepResult`` or a list of dicts).
 
-    Columns: the spec fields, name, params (M), GFLOPs, latency ms (when measured), top-1 % and
+    Columns: the spec fields, name, params (M), GFLOPs, latency ms (when measured: the median
+    ± the interquartile range of the interleaved rounds), top-1 % and
     top-5 % (the sweep's first k); with ``pareto_x`` ("params", "flops", ...) a "front" column
     marks the Pareto-optimal rows with "*".
     """
@@ -610,7 +730,9 @@ def format_table(rows, spec_fields=None, pareto_x=None):
                  "-" if r.get("params") is None else _sig(r["params"] / 1e6),
                  "-" if r.get("flops") is None else _sig(r["flops"] / 1e9)]
         if with_latency:
-            line.append("-" if r.get("latency_ms") is None else _sig(r["latency_ms"]))
+            line.append("-" if r.get("latency_ms") is None else _sig(r["latency_ms"], 3) + (
+                "" if r.get("latency_ms_spread") is None
+                else " ± " + _sig(r["latency_ms_spread"], 2)))
         line += [pct(r.get("top1")), pct(r.get("top5"))]
         if pareto_x is not None:
             line.append("*" if id(r) in on_front else "")
@@ -709,8 +831,17 @@ def plot(result, path, y="top1", panels=("params", "flops")):
 
 
 def load_sweep(path):
-    """A ``SweepResult`` from a ``sweep.json`` or ``sweep.csv`` file (by extension)."""
+    """A ``SweepResult`` from a ``sweep.json`` or ``sweep.csv`` file (by extension), or from
+    the directory a sweep wrote them into (its sweep.json, else its sweep.csv)."""
     path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in ("sweep.json", "sweep.csv") if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds no sweep.json or sweep.csv (the files a sweep "
+                                    "writes into its output directory)")
+        path = found[0]
+    elif not path.exists():
+        raise FileNotFoundError(f"no sweep file or directory at {path}")
     if path.suffix.lower() == ".csv":
         return SweepResult.from_csv(path)
     return SweepResult.from_json(path)

@@ -20,6 +20,11 @@ checkpoint, never a half-written one. Only ``keep`` checkpoints are kept.
 Loading reads only arrays and JSON (no pickled code) and checks the number, order and shapes of
 the variables: a checkpoint of another architecture or method fails with a message that names
 the first variable that does not match.
+
+Only a sound state is written: every float variable finite, and every model variable (not the
+loss trackers) within ``max_abs`` (1e12) in absolute value; otherwise ``save`` raises
+``NonFiniteState`` naming the variable, and the previous checkpoint stays the latest. (A
+diverging update can leave weights near 1e30 while the loss is still finite.)
 """
 from __future__ import annotations
 
@@ -33,12 +38,14 @@ import keras
 import numpy as np
 
 from poa_keras.files import atomic_write_text, staged_directory
+from poa_keras.methods.nan_guard import DEFAULT_ADVICE, NonFiniteState
 
 _NAME = re.compile(r"^epoch_(\d{4,})$")
 _WEIGHTS = "state.weights.h5"
 _STATE = "state.json"
 _LATEST = "latest"
 _GROUPS = ("trainer", "optimizer")
+MAX_ABS = 1e12   # larger model weights are a diverged run, not a state to resume from
 
 
 def _variable_groups(trainer):
@@ -88,13 +95,17 @@ class CheckpointManager:
     Args:
         directory: where the checkpoints live (created when the first one is written).
         keep: how many of the newest checkpoints to keep (>= 1).
+        max_abs: the largest absolute value a model variable may hold in a checkpoint.
     """
 
-    def __init__(self, directory, keep=2):
+    def __init__(self, directory, keep=2, max_abs=MAX_ABS):
         if int(keep) < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
+        if not float(max_abs) > 0:
+            raise ValueError(f"max_abs must be > 0, got {max_abs}")
         self.directory = os.fspath(directory)
         self.keep = int(keep)
+        self.max_abs = float(max_abs)
 
     # --------------------------------------------------------------------------- listing
     def checkpoints(self):
@@ -125,20 +136,28 @@ class CheckpointManager:
     def save(self, trainer, epoch, extra=None):
         """Writes the checkpoint after `epoch` finished epochs; returns its path.
 
-        `extra` (a JSON-friendly dict: recipe, history, ...) is stored in state.json."""
+        `extra` (a JSON-friendly dict: recipe, history, ...) is stored in state.json.
+
+        Raises:
+            NonFiniteState: a variable holds NaN/inf, or a model variable exceeds
+                ``max_abs``; nothing is written.
+        """
         os.makedirs(self.directory, exist_ok=True)
         import h5py
 
         name = f"epoch_{int(epoch):04d}"
         final = os.path.join(self.directory, name)
         groups = _variable_groups(trainer)
-        with staged_directory(final) as tmp:
+        trackers = {id(v) for v in trainer.metrics_variables}
+        with staged_directory(final) as tmp:   # a state found unsound is never put in place
             with h5py.File(os.path.join(tmp, _WEIGHTS), "w") as f:
                 for group, variables in groups.items():
                     g = f.create_group(group)
                     for i, v in enumerate(variables):
-                        ds = g.create_dataset(f"{i:05d}", data=np.asarray(
-                            keras.ops.convert_to_numpy(v.value)))
+                        value = np.asarray(keras.ops.convert_to_numpy(v.value))
+                        self._check_value(value, v, group, epoch,
+                                          bounded=group == "trainer" and id(v) not in trackers)
+                        ds = g.create_dataset(f"{i:05d}", data=value)
                         ds.attrs["path"] = v.path
                         ds.attrs["dtype"] = str(v.dtype)
             state = dict(extra or {})
@@ -152,6 +171,25 @@ class CheckpointManager:
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _check_value(self, value, variable, group, epoch, bounded):
+        if not np.issubdtype(value.dtype, np.floating) or value.size == 0:
+            return
+        finite = np.isfinite(value)
+        if finite.all():
+            largest = float(np.max(np.abs(value)))
+            if not bounded or largest <= self.max_abs:
+                return
+            problem = f"reaches |value| = {largest:.3g}, above max_abs={self.max_abs:g}"
+        else:
+            problem = f"holds {int(value.size - finite.sum())} NaN/inf values"
+        kept = self.latest()
+        raise NonFiniteState(
+            f"the training state after epoch {int(epoch)} is not sound: {group} variable "
+            f"{variable.path} {problem}, so the run diverged; checkpoint epoch_{int(epoch):04d} "
+            "was not written. "
+            + (f"The last good checkpoint is {kept}." if kept else
+               "No checkpoint was written before it."))
 
     # -------------------------------------------------------------------------- restoring
     @staticmethod
@@ -209,14 +247,19 @@ class PretrainCheckpoint(keras.callbacks.Callback):
     of an epoch whose loss is not finite (a diverged run keeps its last good checkpoint; see
     ``nan_guard.StopOnNonFiniteLoss``, which stops such a run).
 
+    A state that ``CheckpointManager.save`` refuses (``NonFiniteState``: a weight is NaN, inf
+    or absurdly large) stops training; ``error`` then holds it, for the caller to raise.
+
     Args:
         manager: a CheckpointManager.
         total_epochs: the run's number of epochs (the last one is always saved).
         every_epochs: checkpoint period in epochs.
         extra: a callable (epoch, logs) -> dict stored in state.json (recipe, history).
+        advice: appended to the message of ``error`` (what to do).
     """
 
-    def __init__(self, manager, total_epochs, every_epochs=1, extra=None):
+    def __init__(self, manager, total_epochs, every_epochs=1, extra=None,
+                 advice=DEFAULT_ADVICE):
         super().__init__()
         if int(every_epochs) < 1:
             raise ValueError(f"every_epochs must be >= 1, got {every_epochs}")
@@ -224,13 +267,21 @@ class PretrainCheckpoint(keras.callbacks.Callback):
         self.total_epochs = int(total_epochs)
         self.every_epochs = int(every_epochs)
         self.extra = extra
+        self.advice = advice
         self.last_saved = None
+        self.error = None
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             return  # never save the state of a diverged run
         finished = epoch + 1
-        if finished % self.every_epochs == 0 or finished == self.total_epochs:
+        if self.error is None and (finished % self.every_epochs == 0
+                                   or finished == self.total_epochs):
             extra = self.extra(finished, logs) if self.extra is not None else None
-            self.last_saved = self.manager.save(self.model, finished, extra)
+            try:
+                self.last_saved = self.manager.save(self.model, finished, extra)
+            except NonFiniteState as error:
+                self.error = NonFiniteState(f"{error} {self.advice}" if self.advice else
+                                            str(error))
+                self.model.stop_training = True

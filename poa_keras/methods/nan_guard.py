@@ -4,7 +4,9 @@ last good checkpoint kept").
 ``StopOnNonFiniteLoss`` watches the loss after every batch; at the first NaN or inf it stops
 ``fit`` and keeps a ``NonFiniteLoss`` (``error``) whose message names the step, the epoch and the
 last good checkpoint, for the caller to raise (``poa_keras.pretrain`` does). Checkpoints are not
-its business: ``checkpoint.PretrainCheckpoint`` never saves an epoch whose loss is not finite.
+its business: ``checkpoint.PretrainCheckpoint`` never saves an epoch whose loss is not finite,
+and ``CheckpointManager.save`` refuses a state whose variables are not finite or absurdly large
+(a diverging update can leave weights near 1e30 with a finite loss): ``NonFiniteState``.
 """
 from __future__ import annotations
 
@@ -17,19 +19,30 @@ class NonFiniteLoss(FloatingPointError):
     """Training stopped because the loss became NaN or infinite."""
 
 
+class NonFiniteState(NonFiniteLoss):
+    """The trainer's state (weights, optimizer moments) holds NaN, inf or absurdly large
+    values: it is not written as a checkpoint, and training stops."""
+
+
+DEFAULT_ADVICE = "Lower the learning rate, raise warmup, or check the data for NaN values."
+
+
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Stops training at the first batch whose loss is NaN or infinite.
 
     Args:
         last_checkpoint: a callable returning the newest good checkpoint (a path) or None, for
             the message (e.g. ``CheckpointManager.latest``).
+        advice: the message's last sentence: what to do (``pretrain`` says how to resume
+            from the last good checkpoint with a lower learning rate).
 
     After ``fit``, ``error`` is None or the ``NonFiniteLoss`` to raise.
     """
 
-    def __init__(self, last_checkpoint=None):
+    def __init__(self, last_checkpoint=None, advice=DEFAULT_ADVICE):
         super().__init__()
         self.last_checkpoint = last_checkpoint
+        self.advice = advice
         self.error = None
         self._epoch = 0
 
@@ -51,8 +64,8 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             f"{batch + 1}); training stopped. "
             + (f"The last good checkpoint is {kept}." if kept else
                "No checkpoint was written before it.")
-            + " Lower the learning rate, raise warmup, or check the data for NaN values.")
+            + (f" {self.advice}" if self.advice else ""))
         self.model.stop_training = True
 
 
-__all__ = ["NonFiniteLoss", "StopOnNonFiniteLoss"]
+__all__ = ["DEFAULT_ADVICE", "NonFiniteLoss", "NonFiniteState", "StopOnNonFiniteLoss"]

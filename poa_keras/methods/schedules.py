@@ -52,6 +52,12 @@ DINO_DEFAULTS = dict(
     momentum_teacher=0.996, final_momentum_teacher=1.0, layer_decay=1.0,
     patch_embed_lr_mult=1.0, clip_grad=3.0)
 
+# What `Schedules.from_recipe` reads beside the keys of POA_DEFAULTS: the run's length (no
+# default; epochs may be given as steps_per_epoch x epochs) and the reference's name of
+# `truncate`.
+RUN_KEYS = ("epochs", "steps_per_epoch", "batch_size")
+ALIASES = {"iter_num_scale": "truncate"}
+
 _ROUND_GUARD = 1e-9  # total / truncate that is an integer up to float error counts as one
 
 
