@@ -1,5 +1,6 @@
 """The collapse diagnostics of eval/collapse.py against brute-force numpy / scipy, and the rule
-on the numbers of the one collapse we recorded (benchmarks/results/quality_demo_torch.jsonl)."""
+on the numbers of the one collapse we recorded
+(benchmarks/results/quality_demo_torch_old_dino_baseline.jsonl)."""
 import math
 
 import numpy as np

@@ -23,7 +23,8 @@ The rule (``collapse_verdict``), each condition a reason of its own:
 2. ``spread < relative_spread x reference_spread`` (0.3) when a reference is given: a spread
    far below that of a healthy teacher of the same architecture, data and evaluation (the POA
    teacher of the same seed in quality.py). The threshold is argued from the one collapse we
-   have seen: the old DINO demo baseline (benchmarks/results/quality_demo_torch.jsonl) had a
+   have seen: the old DINO demo baseline
+   (benchmarks/results/quality_demo_torch_old_dino_baseline.jsonl) had a
    full-size spread of 0.0022 against POA's 0.176 (0.013 x), its three subnets 0.003-0.005,
    the untrained initialisation 0.001 (0.006 x); healthy teachers of the demo differ by well
    under 2 x between seeds and recipes, so 0.3 x leaves a wide margin on both sides;
