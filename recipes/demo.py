@@ -1,6 +1,6 @@
 """The CPU demo: POA on the embedded shapes data set (poa_keras.data.synthetic), a small
 elastic ViT (``vit_elastic_demo``: 32 x 32 images, patch 8, widths 48..96, depths 3..6: 16
-subnets), about 10 minutes on 2 CPU cores with the PyTorch backend (jax and tensorflow compile
+subnets), about 6.5-7.5 minutes of training on 2 CPU cores with the PyTorch backend (jax and tensorflow compile
 one program per subnet first: see the README).
 
 The paper's recipe (REFERENCE.md §1) scaled down to a network of 0.7 M parameters and a run of

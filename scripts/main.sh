@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data: POA-pretrain the demo elastic ViT (recipes/demo.py),
 # then sweep every subnet of its teacher (k-NN top-1, parameters, FLOPs, latency), print the
-# table and write the plot. Run scripts/setup.sh first. About 8-10 minutes on 2 CPU cores with the
+# table and write the plot. Run scripts/setup.sh first. 7.7-8.6 minutes on 2 CPU cores with the
 # PyTorch backend (the default here; KERAS_BACKEND=jax or tensorflow work too, and first compile
-# one train step per subnet).
+# one train step per width of the grid).
 #
 #   OUTPUT=runs/demo (default)  OUTPUT/teacher: the elastic teacher preset
 #                               OUTPUT/sweep: sweep.csv, sweep.json, sweep.png
