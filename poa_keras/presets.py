@@ -358,14 +358,7 @@ def load_variables(path, expected_sha256, where):
     import h5py
     import numpy as np
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: weights file {path} is missing")
-    if expected_sha256:
-        actual = sha256_of(path)
-        if actual != expected_sha256:
-            raise ValueError(f"{where}: weights file {path} is corrupted or truncated: its "
-                             f"sha256 is {actual}, expected {expected_sha256}")
+    path = check_weights_file(path, expected_sha256, where)
     arrays = {}
     try:
         with h5py.File(path, "r") as f:
@@ -378,18 +371,25 @@ def load_variables(path, expected_sha256, where):
 
 
 # -- loading weights --------------------------------------------------------------------------
+def check_weights_file(path, expected_sha256, where):
+    """``path`` as a Path, after checking that the file exists and (when a digest is given)
+    matches its sha256; a clear error naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: weights file {path} is missing")
+    if expected_sha256:
+        actual = sha256_of(path)
+        if actual != expected_sha256:
+            raise ValueError(
+                f"{where}: weights file {path} is corrupted or truncated: its sha256 is "
+                f"{actual}, expected {expected_sha256} ({path.stat().st_size} bytes)")
+    return path
+
+
 def load_weights(model, weights_path, expected_sha256, where):
     """``model.load_weights`` of an h5 file after checking that it exists and matches its
     digest; every failure is a clear error naming the file."""
-    weights_path = Path(weights_path)
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{where}: weights file {weights_path} is missing")
-    if expected_sha256:
-        actual = sha256_of(weights_path)
-        if actual != expected_sha256:
-            raise ValueError(
-                f"{where}: weights file {weights_path} is corrupted or truncated: its sha256 is "
-                f"{actual}, expected {expected_sha256} ({weights_path.stat().st_size} bytes)")
+    weights_path = check_weights_file(weights_path, expected_sha256, where)
     try:
         model.load_weights(str(weights_path))
     except Exception as error:  # h5py/Keras say "unable to open", "shape mismatch", ...

@@ -5,7 +5,7 @@ bad values; the pretraining record."""
 import keras
 import numpy as np
 import pytest
-from conftest import to_np
+from conftest import randomize, to_np
 
 from poa_keras import ElasticViT, ImagePreprocessing
 from poa_keras.eval import extract_features, sweep
@@ -24,9 +24,7 @@ def by_hand(images, mean, std):
 @pytest.fixture(scope="module")
 def vit():
     model = ElasticViT.from_config_name("vit_elastic_test", name="prep_vit")
-    rng = np.random.default_rng(3)
-    model.set_weights([rng.normal(0, 0.2, size=tuple(v.shape)).astype("float32")
-                       for v in model.weights])
+    randomize(model, seed=3)
     return model
 
 

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import to_np
+from conftest import randomize, to_np
 
 from poa_keras import Backbone, ElasticViT, ImagePreprocessing, ViTSubnet, presets
 from poa_keras.quantization import quantization_mode, quantize
@@ -13,9 +13,7 @@ from poa_keras.quantization import quantization_mode, quantize
 @pytest.fixture(scope="module")
 def teacher():
     model = ElasticViT.from_config_name("vit_elastic_test", name="teacher")
-    rng = np.random.default_rng(5)
-    model.set_weights([rng.normal(0, 0.2, size=tuple(v.shape)).astype("float32")
-                       for v in model.weights])
+    randomize(model, seed=5)
     return model
 
 
