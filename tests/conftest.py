@@ -46,9 +46,11 @@ def one_torch_thread():
 
 def randomize(model, seed=0):
     """Gives every weight random values of a moderate scale, so that slicing errors show
-    (LayerScale 1e-5, zero biases or zero mask tokens would hide them)."""
+    (LayerScale 1e-5, zero biases or zero mask tokens would hide them). The activation
+    quantizers' calibrated ranges (state, not weights) are left as they are."""
     rng = np.random.default_rng(seed)
-    model.set_weights([rng.normal(0.0, 0.2, size=tuple(v.shape)).astype("float32")
+    model.set_weights([np.asarray(keras.ops.convert_to_numpy(v)) if v.name == "range"
+                       else rng.normal(0.0, 0.2, size=tuple(v.shape)).astype("float32")
                        for v in model.weights])
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 
 import keras
+import numpy as np
 
 from poa_keras import presets
 from poa_keras.elastic.sampler import SubnetSampler
 from poa_keras.elastic.spec import IntactSubnet
 from poa_keras.preprocessing import ImagePreprocessing
 from poa_keras.quantization import FrozenGCQuantize, quantization_mode, quantize
+from poa_keras.quantization.observer import (QuantConfig, activation_quantizers,
+                                             quantization_scope)
 
 
 def layer_decay_multiplier(layer_id, max_layer_id, layer_decay):
@@ -160,6 +163,29 @@ class Backbone(FrozenGCQuantize, keras.Model):
             raise ValueError(f"{self.name} expects {self.in_channels} channels (channels-last), "
                              f"got shape {shape} with {shape[-1]} channels")
         return shape
+
+    # -- fake quantization (SSQL) ----------------------------------------------------------------
+    def quantization(self, quant, training=None):
+        """The ``quantization_scope`` a call with ``quant=`` runs in (every family's ``call``
+        takes ``quant``): None runs in float (also inside an outer scope); a ``QuantConfig``, a
+        (weight_bits, activation_bits) pair or a "W/A" string runs fake-quantized, with the
+        activation ranges of the current batch when training and the calibrated ones otherwise
+        unless ``QuantConfig.ranges`` says which (see ``quantization/observer.py``)."""
+        quant = QuantConfig.coerce(quant)
+        if quant is not None:
+            if quantization_mode(self) is not None:
+                raise ValueError(
+                    f"{self.name} is already quantized ({quantization_mode(self)}): fake "
+                    "quantization (quant=...) needs its float weights; use the float model")
+            quant = quant.resolved(bool(training))
+        return quantization_scope(quant)
+
+    def count_params(self):
+        """The number of weights of the network (trainable and not, e.g. BatchNorm
+        statistics), without the activation quantizers' calibrated ranges (two numbers per
+        quantizer: calibration state, not parameters)."""
+        skip = {id(q.range) for q in activation_quantizers(self)}
+        return int(sum(int(np.prod(v.shape)) for v in self.weights if id(v) not in skip))
 
     # -- the grid ------------------------------------------------------------------------------
     @property

@@ -35,6 +35,7 @@ from poa_keras.elastic.conv import (ElasticBottleneck, ElasticConv2D, ElasticGro
                                     conv_output_size)
 from poa_keras.elastic.layers import HostInitializer, read_weight
 from poa_keras.elastic.spec import ResNetSubnet, block_ids
+from poa_keras.quantization.observer import ActivationQuantizer, current_quant
 
 _STANDARD_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
                     "resnet152": (3, 8, 36, 3)}
@@ -161,8 +162,10 @@ class ElasticResNet(Backbone):
             self.validate_subnet(spec)
 
         policy = self.dtype_policy
+        # SSQL keeps the stem at 8 bits (weights and its output activation)
         self.stem_conv = ElasticConv2D(self.in_channels, self.stem_channels, 7, strides=2,
-                                       padding=3, dtype=policy, name="stem_conv")
+                                       padding=3, weight_bits=8, dtype=policy, name="stem_conv")
+        self.stem_quant = ActivationQuantizer(8, dtype=policy, name="stem_quant")
         self.stem_norm = ElasticGroupNorm(self.stem_channels, self.num_groups,
                                           self.norm_epsilon, dtype=policy, name="stem_norm")
         total = sum(max_depths)
@@ -187,6 +190,7 @@ class ElasticResNet(Backbone):
     def build(self, input_shape=None):
         self.stem_conv.build()
         self.stem_norm.build()
+        self.stem_quant.build()
         for block in self.blocks:
             block.build()
         self.built = True
@@ -396,12 +400,18 @@ class ElasticResNet(Backbone):
         (B, H, W, in_channels) -> (B, H / 4, W / 4, stem_channels) (sizes rounded up). Never
         elastic."""
         x = ops.relu(self.stem_norm(self.stem_conv(images)))
+        if current_quant() is not None:
+            x = self.stem_quant(x)
         # zero padding equals PyTorch's -inf padding here: the input is >= 0 after the ReLU
         x = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
         return ops.max_pool(x, pool_size=3, strides=2, padding="valid")
 
     def call(self, images, subnet=None, training=None, masks=None, return_feature_maps=False,
-             keep=None):
+             keep=None, quant=None):
+        with self.quantization(quant, training):
+            return self._forward(images, subnet, training, masks, return_feature_maps, keep)
+
+    def _forward(self, images, subnet, training, masks, return_feature_maps, keep):
         if masks is not None:
             raise ValueError(f"{self.name}: {type(self).__name__} takes no masks "
                              "(supports_masks=False; use ibot_weight=0)")

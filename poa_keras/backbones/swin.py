@@ -397,7 +397,11 @@ class ElasticSwin(Backbone):
         return shape[1] // self.patch_size, shape[2] // self.patch_size
 
     def call(self, images, subnet=None, masks=None, training=None, return_feature_maps=False,
-             keep=None):
+             keep=None, quant=None):
+        with self.quantization(quant, training):
+            return self._forward(images, subnet, masks, training, return_feature_maps, keep)
+
+    def _forward(self, images, subnet, masks, training, return_feature_maps, keep):
         if masks is not None:
             raise ValueError(f"{self.name} ({type(self).__name__}) takes no masks: it has no "
                              "mask token (the iBOT branch is ViT-only; set ibot_weight=0)")

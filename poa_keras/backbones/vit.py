@@ -430,7 +430,11 @@ class ElasticViT(Backbone):
         return ops.concatenate([pos[:, :1], patch_pos], axis=1)
 
     def call(self, images, subnet=None, masks=None, training=None, return_blocks=False,
-             keep=None):
+             keep=None, quant=None):
+        with self.quantization(quant, training):
+            return self._forward(images, subnet, masks, training, return_blocks, keep)
+
+    def _forward(self, images, subnet, masks, training, return_blocks, keep):
         spec = self.resolve_subnet(subnet)
         if keep is not None and return_blocks:
             raise ValueError("return_blocks needs a static depth: give the subnet, not keep")

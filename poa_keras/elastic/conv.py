@@ -32,6 +32,8 @@ from keras import ops
 from poa_keras.elastic.layers import (ElasticDense, HostInitializer, StochasticDepth,
                                       check_active, check_not_quantized, fold_alpha,
                                       read_weight, skippable)
+from poa_keras.quantization.observer import (ActivationQuantizer, check_policy, current_quant,
+                                             quantize_kernel)
 
 
 def kaiming_normal_fan_out(kernel_size, filters):
@@ -63,11 +65,16 @@ class ElasticConv2D(keras.layers.Layer):
 
     Input (B, H, W, in_channels) -> (B, H', W', filters) with
     H' = floor((H + 2 p - k) / s) + 1; sliced: (B, H, W, active_in) -> (B, H', W', active_out).
+
+    Inside a ``quantization_scope`` the kernel is fake-quantized per output channel at
+    ``weight_bits`` ("auto": the scope's; an int: fixed; None: never). Activations are
+    quantized where the family places an ``ActivationQuantizer`` (after conv-norm-ReLU).
     """
 
     def __init__(self, in_channels, filters, kernel_size, strides=1, padding=0, use_bias=False,
-                 kernel_initializer=None, bias_initializer=None, **kwargs):
+                 kernel_initializer=None, bias_initializer=None, weight_bits="auto", **kwargs):
         super().__init__(**kwargs)
+        self.weight_bits = check_policy(weight_bits, f"{self.name}: weight bits")
         self.in_channels = int(in_channels)
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
@@ -96,11 +103,14 @@ class ElasticConv2D(keras.layers.Layer):
 
     def call(self, x, active_in=None, active_out=None):
         x = _pad(x, self.padding)
-        if active_in is None and active_out is None:
+        quantized = current_quant() is not None and self.weight_bits is not None
+        if active_in is None and active_out is None and not quantized:
             return self.conv(x)
         active_in = self.in_channels if active_in is None else active_in
         active_out = self.filters if active_out is None else active_out
         kernel, bias = self.sliced_weights(active_in, active_out)
+        if quantized:
+            kernel = quantize_kernel(kernel, self.weight_bits, self)
         y = ops.conv(x, ops.cast(kernel, x.dtype), strides=self.strides, padding="valid")
         if bias is not None:
             y = y + ops.cast(bias, y.dtype)
@@ -113,6 +123,7 @@ class ElasticConv2D(keras.layers.Layer):
             strides=self.strides, padding=self.padding, use_bias=self.use_bias,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
+            weight_bits=self.weight_bits,
         )
         return config
 
@@ -250,10 +261,16 @@ class ElasticBottleneck(keras.layers.Layer):
         else:
             self.downsample = self.downsample_norm = None
         self.drop_path = StochasticDepth(self.drop_path_rate, dtype=policy, name="drop_path")
+        # SSQL's placement (REFERENCE.md §5): conv -> norm -> ReLU -> quantizer, except after
+        # the last conv and the shortcut; the block output (after add + ReLU) is quantized.
+        self.quant1 = ActivationQuantizer(dtype=policy, name="quant1")
+        self.quant2 = ActivationQuantizer(dtype=policy, name="quant2")
+        self.quant_out = ActivationQuantizer(dtype=policy, name="quant_out")
 
     def build(self, input_shape=None):
         for layer in (self.conv1, self.norm1, self.conv2, self.norm2, self.conv3, self.norm3,
-                      self.downsample, self.downsample_norm):
+                      self.downsample, self.downsample_norm, self.quant1, self.quant2,
+                      self.quant_out):
             if layer is not None:
                 layer.build()
         self.drop_path.build(None)  # weightless, but Model.quantize wants every layer built
@@ -262,23 +279,28 @@ class ElasticBottleneck(keras.layers.Layer):
         """``keep``: None, or a run-time 0/1 scalar; 0 skips the block (``skippable``; only a
         block whose output has its input's shape can be skipped)."""
         noise = self.drop_path.noise(x, training)
+        quantized = current_quant() is not None
+
+        def quant(quantizer, y):
+            return quantizer(y) if quantized else y
 
         def body(x):
             if active is None:
-                y = ops.relu(self.norm1(self.conv1(x)))
-                y = ops.relu(self.norm2(self.conv2(y)))
+                y = quant(self.quant1, ops.relu(self.norm1(self.conv1(x))))
+                y = quant(self.quant2, ops.relu(self.norm2(self.conv2(y))))
                 y = self.norm3(self.conv3(y))
             else:
-                y = ops.relu(self.norm1(self.conv1(x, active_out=active), active=active))
-                y = ops.relu(self.norm2(self.conv2(y, active_in=active, active_out=active),
-                                        active=active))
+                y = quant(self.quant1, ops.relu(self.norm1(self.conv1(x, active_out=active),
+                                                           active=active)))
+                y = quant(self.quant2, ops.relu(self.norm2(
+                    self.conv2(y, active_in=active, active_out=active), active=active)))
                 y = self.norm3(self.conv3(y, active_in=active))
             shortcut = x
             if self.has_downsample:
                 if self.strides != 1:
                     shortcut = shortcut[:, ::self.strides, ::self.strides, :]
                 shortcut = self.downsample_norm(self.downsample(shortcut))
-            return ops.relu(self.drop_path.apply(y, noise) + shortcut)
+            return quant(self.quant_out, ops.relu(self.drop_path.apply(y, noise) + shortcut))
 
         if keep is not None and self.has_downsample:
             raise ValueError(f"{self.name}: a block with a downsampling shortcut changes the "

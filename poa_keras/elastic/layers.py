@@ -23,6 +23,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from poa_keras.quantization.observer import (ActivationQuantizer, check_policy, current_quant,
+                                             quantize_kernel)
+
 _INIT_STATE = threading.local()
 
 
@@ -141,11 +144,24 @@ class ElasticDense(keras.layers.Layer):
 
     Input (..., in_features) -> output (..., groups * units); sliced:
     (..., active_in) -> (..., groups * active_out).
+
+    Fake quantization (inside a ``quantization_scope``; nothing otherwise): the kernel the
+    forward uses (sliced, alpha folded: what an extracted layer stores) is quantized per output
+    channel at ``weight_bits`` ("auto": the scope's; an int: fixed; None: never), and with
+    ``quantize_input`` the input first goes through an ``ActivationQuantizer`` (per tensor, at
+    ``input_bits``).
     """
 
     def __init__(self, in_features, units, groups=1, use_bias=True,
-                 kernel_initializer=None, bias_initializer=None, **kwargs):
+                 kernel_initializer=None, bias_initializer=None, weight_bits="auto",
+                 quantize_input=False, input_bits="auto", **kwargs):
         super().__init__(**kwargs)
+        self.weight_bits = check_policy(weight_bits, f"{self.name}: weight bits")
+        self.quantize_input = bool(quantize_input)
+        self.input_bits = check_policy(input_bits, f"{self.name}: input bits")
+        self.input_quantizer = (ActivationQuantizer(self.input_bits, dtype=self.dtype_policy,
+                                                    name="input_quantizer")
+                                if self.quantize_input else None)
         self.in_features = int(in_features)
         self.units = int(units)
         self.groups = int(groups)
@@ -164,6 +180,8 @@ class ElasticDense(keras.layers.Layer):
 
     def build(self, input_shape=None):
         self.dense.build((None, self.in_features))
+        if self.input_quantizer is not None:
+            self.input_quantizer.build()
 
     def sliced_weights(self, active_in, active_out, on_host=False):
         """(kernel * alpha, bias) of the sub-layer: kernel (active_in, groups * active_out).
@@ -186,11 +204,17 @@ class ElasticDense(keras.layers.Layer):
         return fold_alpha(kernel, self.in_features, active_in), bias
 
     def call(self, x, active_in=None, active_out=None):
-        if active_in is None and active_out is None:
+        quantized = current_quant() is not None
+        if quantized and self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if not (quantized and self.weight_bits is not None) and (
+                active_in is None and active_out is None):
             return self.dense(x)
         active_in = self.in_features if active_in is None else active_in
         active_out = self.units if active_out is None else active_out
         kernel, bias = self.sliced_weights(active_in, active_out)
+        if quantized:
+            kernel = quantize_kernel(kernel, self.weight_bits, self)
         y = ops.matmul(x, ops.cast(kernel, x.dtype))
         if bias is not None:
             y = y + ops.cast(bias, x.dtype)
@@ -203,6 +227,8 @@ class ElasticDense(keras.layers.Layer):
             use_bias=self.use_bias,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
+            weight_bits=self.weight_bits, quantize_input=self.quantize_input,
+            input_bits=self.input_bits,
         )
         return config
 
@@ -250,13 +276,20 @@ class ElasticPatchEmbed(keras.layers.Layer):
 
     Input (B, H, W, C) -> tokens (B, H/p * W/p, dim) (or the first `active` channels).
     The input channels are never sliced, so alpha is 1 here.
+
+    Inside a ``quantization_scope`` its kernel (per output channel) and its input (per
+    tensor) are fake-quantized at ``bits`` (8 by default: SSQL keeps a network's first layer
+    at 8/8; "auto" follows the scope; None: float).
     """
 
-    def __init__(self, patch_size, dim, in_channels=3, **kwargs):
+    def __init__(self, patch_size, dim, in_channels=3, bits=8, **kwargs):
         super().__init__(**kwargs)
         self.patch_size = int(patch_size)
         self.dim = int(dim)
         self.in_channels = int(in_channels)
+        self.bits = check_policy(bits, f"{self.name}: bits")
+        self.input_quantizer = ActivationQuantizer(self.bits, dtype=self.dtype_policy,
+                                                   name="input_quantizer")
         self.proj = keras.layers.Conv2D(
             self.dim, self.patch_size, strides=self.patch_size, padding="valid",
             kernel_initializer=HostInitializer("glorot_uniform"),
@@ -264,6 +297,7 @@ class ElasticPatchEmbed(keras.layers.Layer):
 
     def build(self, input_shape=None):
         self.proj.build((None, None, None, self.in_channels))
+        self.input_quantizer.build()
 
     def sliced_weights(self, active, on_host=False):
         check_not_quantized(self.proj, self)
@@ -272,10 +306,15 @@ class ElasticPatchEmbed(keras.layers.Layer):
                 read_weight(self.proj.bias, on_host)[:active])
 
     def call(self, x, active=None):
-        if active is None:
+        quantized = current_quant() is not None and self.bits is not None
+        if quantized:
+            x = self.input_quantizer(x)
+        if active is None and not quantized:
             y = self.proj(x)
         else:
-            kernel, bias = self.sliced_weights(active)
+            kernel, bias = self.sliced_weights(self.dim if active is None else active)
+            if quantized:
+                kernel = quantize_kernel(kernel, self.bits, self)
             y = ops.conv(x, ops.cast(kernel, x.dtype), strides=self.patch_size, padding="valid")
             y = y + ops.cast(bias, y.dtype)
         b, h, w, c = ops.shape(y)
@@ -283,7 +322,8 @@ class ElasticPatchEmbed(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(patch_size=self.patch_size, dim=self.dim, in_channels=self.in_channels)
+        config.update(patch_size=self.patch_size, dim=self.dim, in_channels=self.in_channels,
+                      bits=self.bits)
         return config
 
 
@@ -430,9 +470,11 @@ class ElasticAttention(keras.layers.Layer):
         self.qkv_bias = bool(qkv_bias)
         self.proj_bias = bool(proj_bias)
         self.qkv = ElasticDense(dim, dim, groups=3, use_bias=qkv_bias, dtype=self.dtype_policy,
-                                kernel_initializer=trunc_normal(), name="qkv")
+                                kernel_initializer=trunc_normal(), quantize_input=True,
+                                name="qkv")
         self.proj = ElasticDense(dim, dim, use_bias=proj_bias, dtype=self.dtype_policy,
-                                 kernel_initializer=trunc_normal(), name="proj")
+                                 kernel_initializer=trunc_normal(), quantize_input=True,
+                                 name="proj")
 
     def build(self, input_shape=None):
         self.qkv.build()
@@ -476,10 +518,10 @@ class ElasticMLP(keras.layers.Layer):
         self.hidden = int(self.dim * self.mlp_ratio)
         self.fc1 = ElasticDense(self.dim, self.hidden, use_bias=use_bias,
                                 kernel_initializer=trunc_normal(), dtype=self.dtype_policy,
-                                name="fc1")
+                                quantize_input=True, name="fc1")
         self.fc2 = ElasticDense(self.hidden, self.dim, use_bias=use_bias,
                                 kernel_initializer=trunc_normal(), dtype=self.dtype_policy,
-                                name="fc2")
+                                quantize_input=True, name="fc2")
 
     def build(self, input_shape=None):
         self.fc1.build()

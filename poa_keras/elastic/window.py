@@ -48,6 +48,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from poa_keras.quantization.observer import (ActivationQuantizer, current_quant,
+                                             quantize_kernel)
 from poa_keras.elastic.layers import (ElasticDense, ElasticLayerNorm, ElasticMLP,
                                       HostInitializer, StochasticDepth, check_active,
                                       check_not_quantized, fold_alpha, read_weight,
@@ -142,9 +144,11 @@ class ElasticWindowAttention(keras.layers.Layer):
         self.num_heads = self.dim // self.head_dim
         self.scale = self.head_dim ** -0.5
         self.qkv = ElasticDense(dim, dim, groups=3, use_bias=qkv_bias, dtype=self.dtype_policy,
-                                kernel_initializer=trunc_normal(), name="qkv")
+                                kernel_initializer=trunc_normal(), quantize_input=True,
+                                name="qkv")
         self.proj = ElasticDense(dim, dim, use_bias=proj_bias, dtype=self.dtype_policy,
-                                 kernel_initializer=trunc_normal(), name="proj")
+                                 kernel_initializer=trunc_normal(), quantize_input=True,
+                                 name="proj")
 
     def build(self, input_shape=None):
         self.qkv.build()
@@ -291,10 +295,15 @@ class ElasticPatchMerging(keras.layers.Layer):
         self.reduction = keras.layers.Dense(
             2 * self.dim, use_bias=False, kernel_initializer=trunc_normal(),
             dtype=self.dtype_policy, name="reduction")
+        # the reduction is a linear layer like the others: input and kernel fake-quantized
+        # inside a quantization scope
+        self.input_quantizer = ActivationQuantizer(dtype=self.dtype_policy,
+                                                   name="input_quantizer")
 
     def build(self, input_shape=None):
         self.norm.build((None, 4 * self.dim))
         self.reduction.build((None, 4 * self.dim))
+        self.input_quantizer.build()
 
     def sliced_weights(self, active, on_host=False):
         """(gamma (4c,), beta (4c,), kernel * alpha (4c, 2c)) for c active input channels."""
@@ -327,11 +336,15 @@ class ElasticPatchMerging(keras.layers.Layer):
 
     def call(self, x, active=None):
         x = self.merge(x)
-        if active is None:
+        quantized = current_quant() is not None
+        if active is None and not quantized:
             return self.reduction(self.norm(x))
-        gamma, beta, kernel = self.sliced_weights(active)
+        gamma, beta, kernel = self.sliced_weights(self.dim if active is None else active)
         x = ops.layer_normalization(x, gamma, beta, -1, self.norm_epsilon)
         x = ops.cast(x, self.compute_dtype)
+        if quantized:
+            x = self.input_quantizer(x)
+            kernel = quantize_kernel(kernel, "auto", self)
         return ops.matmul(x, ops.cast(kernel, x.dtype))
 
     def get_config(self):

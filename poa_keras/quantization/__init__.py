@@ -1,4 +1,15 @@
-"""Quantization of deployed models (Keras' post-training ``model.quantize``).
+"""Quantization: fake quantization for quantization-aware training and PTQ (SSQL), and Keras'
+post-training int8 ``model.quantize`` for deployment.
+
+Fake quantization (imports nothing above keras; the elastic layers apply it):
+
+* ``fake.py``: the quantizers (symmetric per-channel weights, asymmetric per-tensor
+  activations, straight-through estimator), pure functions on tensors;
+* ``observer.py``: ``QuantConfig`` (the bit-widths of a forward), ``quantization_scope``, the
+  ``ActivationQuantizer`` layer with its calibrated range;
+* ``sampler.py``: ``BitSampler``, the host-side draw of a step's bit-widths.
+
+Keras int8 (below):
 
 * ``QUANTIZE_MODES``: the modes poa_keras checks end to end (export, presets): "int8".
 * ``check_mode(mode)``: the mode checked against QUANTIZE_MODES (a clear error otherwise).
@@ -67,4 +78,15 @@ def quantize(model, mode):
             model.quantize(mode)
 
 
-__all__ = ["FrozenGCQuantize", "QUANTIZE_MODES", "check_mode", "quantization_mode", "quantize"]
+from poa_keras.quantization.fake import (FLOAT_BITS, fake_quant_activation,  # noqa: E402
+                                         fake_quant_weight)
+from poa_keras.quantization.observer import (ActivationQuantizer, QuantConfig,  # noqa: E402
+                                             activation_quantizers, current_quant,
+                                             format_bits_pair, parse_bits_pair,
+                                             quantization_scope)
+from poa_keras.quantization.sampler import BitSampler  # noqa: E402
+
+__all__ = ["ActivationQuantizer", "BitSampler", "FLOAT_BITS", "FrozenGCQuantize",
+           "QUANTIZE_MODES", "QuantConfig", "activation_quantizers", "check_mode",
+           "current_quant", "fake_quant_activation", "fake_quant_weight", "format_bits_pair",
+           "parse_bits_pair", "quantization_mode", "quantization_scope", "quantize"]
