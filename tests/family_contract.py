@@ -8,9 +8,9 @@ trips, int8, export, bfloat16, stochastic depth, the family hooks, one DINO and 
 A new family costs a case here (and its truly family-specific tests in its own file), not a
 copy of the checks.
 
-Non-elastic families (one intact spec; ``extract`` copies) pass the same contract: the tiny
-BatchNorm network ``TinyBNNet`` below stands in for the BatchNorm ResNet and TinyViT to come.
-Its DINO step also checks the BatchNorm statistics against numpy.
+Non-elastic families (one intact spec; ``extract`` copies) pass the same contract: the
+BatchNorm ``ResNet`` and the tiny BatchNorm network ``TinyBNNet`` below (a minimal family of
+one's own). Their DINO steps also check the BatchNorm statistics against numpy.
 """
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ import pytest
 from conftest import SMALL_VIT, forward, randomize, to_np
 from keras import ops
 
-from poa_keras import ElasticResNet, ElasticSwin, ElasticViT, ResNetSubnet, SwinSubnet, ViTSubnet
+from poa_keras import (ElasticResNet, ElasticSwin, ElasticViT, ResNet, ResNetSubnet, SwinSubnet,
+                       ViTSubnet)
 from poa_keras.backbones import NonElasticBackbone
 from poa_keras.backbones.resnet import CONFIGS as RESNET_CONFIGS
+from poa_keras.backbones.resnet_bn import CONFIGS as RESNET_BN_CONFIGS
 from poa_keras.backbones.swin import CONFIGS as SWIN_CONFIGS
 from poa_keras.elastic.layers import StochasticDepth
 from poa_keras.elastic.spec import IntactSubnet
@@ -559,4 +561,100 @@ TINY_BN = FamilyCase(
     train=TrainCase(dino=_bn_dino, check_dino=_bn_check_dino),
 )
 
-CASES = [VIT, SWIN, RESNET, TINY_BN]
+
+# ----- the BatchNorm ResNet (non-elastic) ------------------------------------------------------
+RESNET_BN_TINY = dict(RESNET_BN_CONFIGS["resnet_bn_test"])   # CIFAR stem, 2 BasicBlocks, 8 / 16
+
+
+def _resnet_bn_images():
+    # odd sizes: the stride-2 stage rounds up (17 x 23 -> 9 x 12)
+    return np.random.default_rng(0).uniform(-1, 1, size=(2, 17, 23, 3)).astype("float32")
+
+
+def _resnet_bn_micro(**overrides):
+    keras.utils.set_random_seed(0)
+    return ResNet(**dict(RESNET_BN_TINY, **overrides))
+
+
+def resnet_bn_teacher():
+    """The tiny BatchNorm ResNet with random weights everywhere, BatchNorm statistics
+    included (variances positive), so that a copy that lost any of them shows."""
+    model = _resnet_bn_micro(name="tiny_resnet_bn")
+    randomize(model, seed=1)
+    rng = np.random.default_rng(2)
+    for variable in model.weights:
+        if variable.path.endswith("moving_variance"):
+            variable.assign(rng.uniform(0.5, 2.0, size=tuple(variable.shape)))
+    return model
+
+
+def _resnet_bn_check_outputs(spec, out):
+    assert [out[f"feature_maps/{i}"].shape for i in range(2)] == [(2, 17, 23, 8),
+                                                                 (2, 9, 12, 16)]
+    np.testing.assert_allclose(out["cls"], out["feature_maps/1"].mean((1, 2)), atol=1e-5)
+    assert np.abs(out["cls"]).max() > 0.1   # not a degenerate all-zero output
+
+
+def _resnet_bn_check_preset(directory, teacher, full):
+    import json
+
+    metadata = json.loads((directory / "metadata.json").read_text())
+    assert metadata["class_name"] == "ResNet" and metadata["num_subnets"] == 1
+    assert full.get_config()["cifar_stem"] is True and full.block == "basic"
+
+
+def _cifar_stem_statistics(kernel, views):
+    """Per-channel mean and (biased) variance of the 3 x 3/1 stem conv (padding 1) over a
+    (V, B, H, W, 3) batch, in numpy: what a training-mode BatchNorm normalises with."""
+    x = views.reshape((-1,) + views.shape[2:]).astype(np.float64)
+    b, h, w, _ = x.shape
+    padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    y = sum(padded[:, i:i + h, j:j + w, :] @ kernel[i, j] for i in range(3) for j in range(3))
+    return y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
+
+
+def _resnet_bn_check_dino(trainer, batch, before):
+    """The student's stem BatchNorm ran in training mode on the global views, then on the
+    local ones: two torch-style momentum updates (0.1 of the batch statistics) of its moving
+    statistics, in numpy."""
+    backbone = trainer.backbone
+    start = dict(zip([v.path for v in backbone.weights], before))
+    kernel = start[backbone.stem_conv.conv.kernel.path]
+    mean = start[backbone.stem_norm.moving_mean.path]
+    var = start[backbone.stem_norm.moving_variance.path]
+    assert backbone.bn_momentum == 0.9
+    for views in (batch["global"], batch["local"]):
+        batch_mean, batch_var = _cifar_stem_statistics(kernel, views)
+        mean, var = 0.9 * mean + 0.1 * batch_mean, 0.9 * var + 0.1 * batch_var
+    np.testing.assert_allclose(to_np(backbone.stem_norm.moving_mean), mean, atol=1e-5)
+    np.testing.assert_allclose(to_np(backbone.stem_norm.moving_variance), var, atol=1e-5)
+    trainable = {id(v) for v in trainer.trainable_variables}
+    assert id(backbone.stem_norm.moving_mean) not in trainable
+
+
+def _resnet_bn_dino():
+    keras.utils.set_random_seed(1)
+    backbone = ResNet(name="resnet_bn_student", **dict(RESNET_BN_TINY, image_size=16))
+    trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
+                   recipe=dict(STEP_RECIPE, lr=1e-3, min_lr=1e-3))
+    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
+    rng = np.random.default_rng(0)
+    batch = {"global": rng.normal(size=(2, 4, 16, 16, 3)).astype("float32"),
+             "local": rng.normal(size=(2, 4, 8, 8, 3)).astype("float32")}
+    return trainer, batch
+
+
+RESNET_BN = FamilyCase(
+    name="resnet_bn (non-elastic)", cls=ResNet, teacher="tiny_resnet_bn",
+    images=_resnet_bn_images, specs=lambda teacher: teacher.subnets(),
+    bad_spec=(ResNetSubnet(8, (1, 1)), TypeError, r"expected an IntactSubnet"),
+    micro=_resnet_bn_micro, micro_images=_resnet_bn_images,
+    # the 1 x 1/2 shortcut conv of stage 2 (a Dense layer); Keras 3 has no int8 Conv2D
+    int8=(IntactSubnet(), 1),
+    bf16_spec=IntactSubnet(), drop_path_spec=IntactSubnet(), export_spec=IntactSubnet(),
+    elastic=False, batch_norm=True, call_options={"return_feature_maps": True},
+    check_outputs=_resnet_bn_check_outputs, check_preset=_resnet_bn_check_preset,
+    train=TrainCase(dino=_resnet_bn_dino, check_dino=_resnet_bn_check_dino),
+)
+
+CASES = [VIT, SWIN, RESNET, TINY_BN, RESNET_BN]

@@ -9,8 +9,9 @@ import keras
 import numpy as np
 import pytest
 from conftest import forward, to_np
-from family_contract import (BACKEND, CASES, max_diff, outputs, restart_sampler, same_weights,
-                             tiny_bn_teacher, train_step, unchanged, weights)
+from family_contract import (BACKEND, CASES, max_diff, outputs, restart_sampler,
+                             resnet_bn_teacher, same_weights, tiny_bn_teacher, train_step,
+                             unchanged, weights)
 
 from poa_keras import Backbone
 from poa_keras.elastic import block_boundaries, set_block_boundaries
@@ -20,6 +21,11 @@ from poa_keras.methods import POA
 @pytest.fixture(scope="session")
 def tiny_bn():
     return tiny_bn_teacher()
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_bn():
+    return resnet_bn_teacher()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])

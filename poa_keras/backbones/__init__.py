@@ -1,15 +1,18 @@
-"""Backbone families: the elastic ViT, Swin and ResNet, and the base classes of every family
-(``Backbone``; ``NonElasticBackbone`` for families of one size)."""
+"""Backbone families: the elastic ViT, Swin and ResNet, the BatchNorm ResNet (one size), and
+the base classes of every family (``Backbone``; ``NonElasticBackbone`` for families of one
+size)."""
 from poa_keras.backbones.base import Backbone, NonElasticBackbone
 from poa_keras.backbones.resnet import CONFIGS as RESNET_CONFIGS
 from poa_keras.backbones.resnet import ElasticResNet
+from poa_keras.backbones.resnet_bn import CONFIGS as RESNET_BN_CONFIGS
+from poa_keras.backbones.resnet_bn import ResNet
 from poa_keras.backbones.swin import CONFIGS as SWIN_CONFIGS
 from poa_keras.backbones.swin import ElasticSwin
 from poa_keras.backbones.vit import CONFIGS as VIT_CONFIGS
 from poa_keras.backbones.vit import ElasticViT
 
 BACKBONE_CLASSES = {"ElasticViT": ElasticViT, "ElasticSwin": ElasticSwin,
-                    "ElasticResNet": ElasticResNet}
+                    "ElasticResNet": ElasticResNet, "ResNet": ResNet}
 
 
 def config_names():
@@ -29,5 +32,5 @@ def from_config_name(config_name, **overrides):
 
 
 __all__ = ["BACKBONE_CLASSES", "Backbone", "ElasticResNet", "ElasticSwin", "ElasticViT",
-           "NonElasticBackbone", "RESNET_CONFIGS", "SWIN_CONFIGS", "VIT_CONFIGS", "config_names",
-           "from_config_name"]
+           "NonElasticBackbone", "RESNET_BN_CONFIGS", "RESNET_CONFIGS", "ResNet", "SWIN_CONFIGS",
+           "VIT_CONFIGS", "config_names", "from_config_name"]
