@@ -3,22 +3,29 @@
     from poa_keras.pretrain import load_recipe, pretrain
     result = pretrain("demo", "runs/demo")        # a recipe name, a .py file or a dict
     result.teacher                                # the EMA teacher backbone (an ElasticViT)
+                                                  # (SimSiam/SSQL: the trained backbone)
 
 A recipe is a Python file in recipes/ (shipped as ``poa_keras.recipes``) defining ``RECIPE``, a
 dict with these sections (see recipes/demo.py for a commented example):
 
-* ``method``: "poa" or "dino";
+* ``method``: "poa", "dino" (teacher/student, EMA teacher), "simsiam" or "ssql" (two views, no
+  teacher: methods/simsiam.py, methods/ssql.py);
 * ``backbone``: ``config`` (a named backbone configuration of any family, see
   ``poa_keras.backbones.config_names()``) plus overrides of it;
 * ``head``: arguments of the projection head(s) (``out_dims`` for POA's several heads,
-  ``out_dim`` for one DINOHead);
+  ``out_dim`` for one DINOHead; SimSiam / SSQL: ``projector`` and ``predictor``, dicts of the
+  arguments of ``SimSiamProjector`` and ``SimSiamPredictor``);
 * ``data``: ``source`` = "shapes" (the embedded data set: ``num_images``, ``image_size``,
   ``seed``, ``palette``), "folder" (``path``), or "tfds" (``name``, ``split``, ``data_dir``), and the
   multi-crop settings of ``multicrop_dataset`` (``global_size``, ``local_size``,
   ``num_local``, ``global_scale``, ``local_scale``, ...); ``steps_per_epoch`` when the data
   set size is unknown; ``threads`` (a private tf.data thread pool of that size; default: tf.data's
-  own pools);
-* ``optimizer``: AdamW ``beta_1``, ``beta_2``;
+  own pools). SimSiam / SSQL train on the two global views only (``num_local`` is 0) and their
+  augmentation defaults are SSQL's (``TWO_VIEW_DATA_DEFAULTS``: crop scale (0.2, 1), jitter
+  (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2, flip, blur p 0.5 on both views, no solarisation)
+  where DINO's are the pipeline's;
+* ``optimizer``: ``name`` "adamw" (the default for poa and dino: ``beta_1``, ``beta_2``,
+  ``epsilon``) or "sgd" (the default for simsiam and ssql: ``momentum``, 0.9, ``nesterov``);
 * ``train``: the trainer's recipe (schedules and method keys: ``epochs``, ``batch_size``,
   ``lr``, ..., see ``Schedules.from_recipe``, ``POA_RECIPE``, ``DINO_RECIPE``);
 * ``checkpoint``: ``every_epochs``, ``keep``;
@@ -29,7 +36,8 @@ The data of epoch e is the multi-crop pipeline seeded with (seed, e), so a resum
 exactly the batches the uninterrupted run would have seen. A run directory holds
 ``checkpoints/`` (see methods/checkpoint.py), ``log.csv`` (Keras' CSVLogger, one row per
 epoch), ``recipe.json`` and, at the end, ``teacher/`` (the EMA teacher as a preset, ready for
-``Backbone.from_preset(dir, width=..., depth=...)``). Running ``pretrain`` again on the same
+``Backbone.from_preset(dir, width=..., depth=...)``; SimSiam and SSQL have no EMA teacher: there
+``teacher/`` holds the trained backbone of the encoder). Running ``pretrain`` again on the same
 directory resumes from the latest checkpoint (``resume=True``) with the same step count.
 """
 from __future__ import annotations
@@ -52,7 +60,15 @@ from poa_keras.files import atomic_write_json
 
 RECIPE_SECTIONS = ("name", "description", "method", "backbone", "head", "data", "optimizer",
                    "train", "checkpoint", "seed")
-METHODS = ("poa", "dino")
+METHODS = ("poa", "dino", "simsiam", "ssql")
+TWO_VIEW_METHODS = ("simsiam", "ssql")     # two global views, no teacher, SGD by default
+OPTIMIZERS = {"adamw": ("beta_1", "beta_2", "epsilon"), "sgd": ("momentum", "nesterov")}
+# SSQL's augmentation (REFERENCE.md §5; SimSiam's ImageNet one), the defaults of the two-view
+# methods' data section where the pipeline's own defaults are DINO's: both views alike.
+TWO_VIEW_DATA_DEFAULTS = dict(
+    num_local=0, global_scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8,
+    grayscale_prob=0.2, flip_prob=0.5, blur_prob=(0.5, 0.5, 0.0), blur_sigma=(0.1, 2.0),
+    solarize_prob=(0.0, 0.0, 0.0))
 DATA_SOURCES = ("shapes", "folder", "tfds")
 BAD_IMAGE_CHOICES = ("error", "skip")   # data.on_bad_image (images_from_directory)
 _MULTICROP_KEYS = ("global_size", "local_size", "num_local", "global_scale", "local_scale",
@@ -214,6 +230,20 @@ def _fraction_pair_rule(value, where):
                          f"{value!r}")
 
 
+def _bits_rule(what):
+    """A check of a list of bit-widths to draw from (SSQL: BitSampler's own check)."""
+    def check(value, where):
+        from poa_keras.quantization.sampler import BitSampler
+
+        if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+            raise ValueError(f"{where} must be a list of bit-widths, got {value!r}")
+        try:
+            BitSampler(**{what: value})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
+    return check
+
+
 def _max_tokens_rule(value, where):
     if value is None or value == "all":
         return
@@ -246,7 +276,9 @@ VALUE_RULES = {
         net_select_scale=_number_rule(0, low_open=True, none=True),
         ibot_weight=_NON_NEGATIVE, ibot_start_epoch=_NON_NEGATIVE,
         ibot_mask_probability=_FRACTION, ibot_mask_ratio=_fraction_pair_rule,
-        ibot_max_tokens=_max_tokens_rule, elastic_student=_bool_rule),
+        ibot_max_tokens=_max_tokens_rule, elastic_student=_bool_rule,
+        weight_decay_mode=_choice_rule("l2", "decoupled"),
+        weight_bits=_bits_rule("weight_bits"), activation_bits=_bits_rule("activation_bits")),
     "data": dict(
         source=_choice_rule(*DATA_SOURCES), num_images=_COUNT,
         num_val=_number_rule(0, integer=True), image_size=_COUNT,
@@ -255,14 +287,16 @@ VALUE_RULES = {
         threads=_number_rule(0, integer=True, none=True),   # 0 / None: tf.data's own pools
         on_bad_image=_choice_rule(*BAD_IMAGE_CHOICES),
         global_size=_COUNT, local_size=_COUNT, num_local=_number_rule(0, integer=True)),
-    "optimizer": dict(beta_1=_number_rule(0, 1, high_open=True),
-                      beta_2=_number_rule(0, 1, high_open=True), epsilon=_POSITIVE),
+    "optimizer": dict(name=_choice_rule(*OPTIMIZERS), beta_1=_number_rule(0, 1, high_open=True),
+                      beta_2=_number_rule(0, 1, high_open=True), epsilon=_POSITIVE,
+                      momentum=_number_rule(0, 1, high_open=True), nesterov=_bool_rule),
     "checkpoint": dict(every_epochs=_COUNT, keep=_COUNT, max_abs=_POSITIVE),
 }
 
 
 def method_class(method):
-    """The trainer class of a recipe's ``method`` ("poa" -> POA, "dino" -> DINO)."""
+    """The trainer class of a recipe's ``method`` ("poa" -> POA, "dino" -> DINO, "simsiam" ->
+    SimSiam, "ssql" -> SSQL)."""
     if method not in METHODS:
         raise ValueError(f"recipe method must be one of {list(METHODS)}, got {method!r}"
                          + (_did_you_mean(method, METHODS, quote=True)
@@ -271,9 +305,24 @@ def method_class(method):
         from poa_keras.methods.poa import POA
 
         return POA
+    if method == "simsiam":
+        from poa_keras.methods.simsiam import SimSiam
+
+        return SimSiam
+    if method == "ssql":
+        from poa_keras.methods.ssql import SSQL
+
+        return SSQL
     from poa_keras.methods.dino import DINO
 
     return DINO
+
+
+def optimizer_name(recipe):
+    """The recipe's optimizer: ``optimizer.name``, else "sgd" for SimSiam / SSQL and "adamw"
+    for POA / DINO."""
+    default = "sgd" if recipe.get("method") in TWO_VIEW_METHODS else "adamw"
+    return (recipe.get("optimizer") or {}).get("name", default)
 
 
 def train_keys(method):
@@ -284,7 +333,8 @@ def train_keys(method):
     from poa_keras.methods import schedules
 
     keys = set(method_class(method).recipe_defaults) | set(schedules.RUN_KEYS)
-    keys |= set(schedules.ALIASES)
+    if method not in TWO_VIEW_METHODS:    # POA's truncated schedules
+        keys |= set(schedules.ALIASES)
     return keys - {"steps_per_epoch"}
 
 
@@ -312,11 +362,26 @@ def _init_keys(cls, base):
 
 def head_keys(method, head):
     """The keys of a recipe's ``head`` section: the head's constructor arguments (POA: a
-    MultiProjectionHead, or one DINOHead when ``out_dim`` is given; DINO: a DINOHead)."""
+    MultiProjectionHead, or one DINOHead when ``out_dim`` is given; DINO: a DINOHead;
+    SimSiam / SSQL: "projector" and "predictor", see ``two_view_head_keys``)."""
     from poa_keras.heads.dino import DINOHead, MultiProjectionHead
 
+    if method in TWO_VIEW_METHODS:
+        return set(two_view_head_keys())
     cls = MultiProjectionHead if method == "poa" and "out_dim" not in head else DINOHead
     return _init_keys(cls, cls) | {"name", "dtype"}
+
+
+def two_view_head_keys():
+    """{"projector": its keys, "predictor": its keys}: the sub-sections of a SimSiam / SSQL
+    recipe's ``head`` (the constructor arguments of SimSiamProjector and SimSiamPredictor;
+    ``in_dim`` and ``dim`` follow from the backbone and the projector)."""
+    from poa_keras.heads.simsiam import SimSiamPredictor, SimSiamProjector
+
+    return {"projector": (_init_keys(SimSiamProjector, SimSiamProjector) - {"in_dim"})
+            | {"name", "dtype"},
+            "predictor": (_init_keys(SimSiamPredictor, SimSiamPredictor) - {"dim"})
+            | {"name", "dtype"}}
 
 
 def validate_recipe(recipe):
@@ -347,8 +412,26 @@ def validate_recipe(recipe):
     config = backbone.pop("config")
     _check_keys("backbone", recipe["backbone"], backbone_keys(config) | {"config"})
     _check_keys("head", recipe["head"], head_keys(recipe["method"], recipe["head"]))
+    if recipe["method"] in TWO_VIEW_METHODS:
+        for part, keys in two_view_head_keys().items():
+            section = recipe["head"].get(part) or {}
+            if not isinstance(section, dict):
+                raise ValueError(f"recipe head.{part} must be a dict of the arguments of the "
+                                 f"{part}, got {section!r}")
+            _check_keys(f"head.{part}", section, keys)
+            for key in ("out_dim", "hidden_dim", "num_layers"):
+                if key in section:   # None: the projector's default width
+                    _number_rule(1, integer=True, none=key != "num_layers")(
+                        section[key], f"head.{part}.{key}")
+        num_local = recipe["data"].get("num_local", 0)
+        if num_local != 0:
+            raise ValueError(f"data.num_local={num_local!r}: {recipe['method']} trains on the "
+                             "two global views only; set data.num_local=0 (or leave it out)")
     _check_keys("data", recipe["data"], DATA_KEYS)
-    _check_keys("optimizer", recipe.get("optimizer") or {}, VALUE_RULES["optimizer"])
+    optimizer = recipe.get("optimizer") or {}
+    name = optimizer_name(recipe)
+    _choice_rule(*OPTIMIZERS)(name, "optimizer.name")
+    _check_keys("optimizer", optimizer, ("name",) + OPTIMIZERS[name], label=f"optimizer ({name})")
     _check_keys("checkpoint", recipe.get("checkpoint") or {}, VALUE_RULES["checkpoint"])
     if "steps_per_epoch" in recipe["train"]:
         raise ValueError("train.steps_per_epoch is set from the data: give data.steps_per_epoch "
@@ -466,6 +549,8 @@ def epoch_datasets(recipe, images, steps, start_epoch, epochs):
 
     data, seed = recipe["data"], int(recipe.get("seed", 0))
     kwargs = {k: v for k, v in data.items() if k in _MULTICROP_KEYS}
+    if recipe.get("method") in TWO_VIEW_METHODS:
+        kwargs = dict(TWO_VIEW_DATA_DEFAULTS, **kwargs)
     for key in ("global_scale", "local_scale", "ratio", "color_jitter", "blur_prob",
                 "blur_sigma", "solarize_prob", "mask_ratio"):
         if key in kwargs:
@@ -492,12 +577,11 @@ def epoch_datasets(recipe, images, steps, start_epoch, epochs):
 # ------------------------------------------------------------------------------------ trainer
 
 def build_trainer(recipe, steps):
-    """The compiled trainer of a recipe (student built from its config, teacher = copy)."""
+    """The compiled trainer of a recipe (student built from its config; POA / DINO: teacher =
+    copy; SimSiam / SSQL: projector and predictor from the ``head`` section)."""
     import keras
 
     from poa_keras.backbones import from_config_name
-    from poa_keras.methods.dino import DINO
-    from poa_keras.methods.poa import POA
 
     keras.utils.set_random_seed(int(recipe.get("seed", 0)))
     bcfg = dict(recipe["backbone"])
@@ -507,16 +591,38 @@ def build_trainer(recipe, steps):
     backbone = from_config_name(config, name=bcfg.pop("name", config), **bcfg)
     backbone.preprocessing = data_preprocessing(recipe)   # the teacher preset records it
     train = dict(recipe["train"], steps_per_epoch=int(steps))
-    cls = POA if recipe["method"] == "poa" else DINO
-    trainer = cls(backbone, dict(recipe["head"]), recipe=train)
+    cls = method_class(recipe["method"])
+    head = dict(recipe["head"])
+    if recipe["method"] in TWO_VIEW_METHODS:
+        trainer = cls(backbone, projector=dict(head.get("projector") or {}),
+                      predictor=dict(head.get("predictor") or {}), recipe=train)
+        # the trainer applies the weight decay itself (PyTorch SGD's, weight_decay_mode="l2")
+        # or hands its step value to the optimizer ("decoupled")
+        learning_rate, weight_decay = trainer.learning_rate_at(0), None
+    else:
+        trainer = cls(backbone, head, recipe=train)
+        learning_rate = float(trainer.schedules.at(0)["lr"])
+        weight_decay = float(trainer.schedules.at(0)["weight_decay"])
     opt = dict(recipe.get("optimizer") or {})
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=float(trainer.schedules.at(0)["lr"]),
-        weight_decay=float(trainer.schedules.at(0)["weight_decay"]),
-        beta_1=float(opt.get("beta_1", 0.9)), beta_2=float(opt.get("beta_2", 0.999)),
-        epsilon=float(opt.get("epsilon", 1e-8)))
+    if optimizer_name(recipe) == "sgd":
+        optimizer = keras.optimizers.SGD(
+            learning_rate=learning_rate, weight_decay=weight_decay,
+            momentum=float(opt.get("momentum", 0.9)), nesterov=bool(opt.get("nesterov", False)))
+    else:
+        optimizer = keras.optimizers.AdamW(
+            learning_rate=learning_rate,
+            weight_decay=0.0 if weight_decay is None else weight_decay,   # AdamW refuses None
+            beta_1=float(opt.get("beta_1", 0.9)), beta_2=float(opt.get("beta_2", 0.999)),
+            epsilon=float(opt.get("epsilon", 1e-8)))
     trainer.compile(optimizer=optimizer)
     return trainer
+
+
+def trained_backbone(trainer):
+    """The backbone a run delivers: the EMA teacher (POA, DINO), or the trained backbone of the
+    encoder for methods without a teacher (SimSiam, SSQL)."""
+    teacher = getattr(trainer, "teacher_backbone", None)
+    return trainer.backbone if teacher is None else teacher
 
 
 def data_preprocessing(recipe):
@@ -541,7 +647,10 @@ class PretrainResult:
 
     @property
     def teacher(self):
-        return self.trainer.teacher_backbone
+        """The backbone the run delivers (saved as ``teacher/``): the EMA teacher for POA and
+        DINO; SimSiam and SSQL have no EMA teacher, so there it is the trained backbone of the
+        encoder (``trainer.backbone``)."""
+        return trained_backbone(self.trainer)
 
 
 def compilation_cache_dir(setting, output_dir):
@@ -679,7 +788,8 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         callbacks: extra Keras callbacks.
         epochs: stop after this many epochs of the recipe (the schedules still follow the
             recipe's full length; a later call resumes).
-        save_teacher: write the EMA teacher as a preset into output_dir/teacher at the end.
+        save_teacher: write the EMA teacher (SimSiam / SSQL: the trained backbone) as a
+            preset into output_dir/teacher at the end.
         compilation_cache: JAX's persistent compilation cache ("auto", "user", "run", "off"
             or a directory: ``compilation_cache_dir``); a repeated or resumed run then
             compiles none of the programs it compiled before. Ignored on other backends.
@@ -759,6 +869,6 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
             if error is not None:
                 raise error
     if save_teacher and stop_epoch == total_epochs:
-        trainer.teacher_backbone.save_to_preset(os.path.join(output_dir, "teacher"))
+        trained_backbone(trainer).save_to_preset(os.path.join(output_dir, "teacher"))
     return PretrainResult(trainer=trainer, history=history, output_dir=output_dir,
                           resumed_from=latest, recipe_changes=changes)

@@ -39,7 +39,7 @@ ALLOWED = {
     "export": {"backbones", "eval", "files", "preprocessing", "quantization", "validation",
                "version"},
     "pretrain": {"backbones", "data", "files", "heads", "methods", "preprocessing", "presets",
-                 "recipes", "validation"},
+                 "quantization", "recipes", "validation"},
 }
 TOP = {"cli", "<root>", "recipes", "zoo"}   # may import any room
 

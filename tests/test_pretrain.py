@@ -49,15 +49,22 @@ def state(checkpoint):
 # ------------------------------------------------------------------------------------ recipes
 
 def test_shipped_recipes_load_and_build_their_schedules():
-    assert {"demo", "demo_dino", "poa_vit_l16_in1k", "dino_vit_s16_in1k"} <= set(recipe_names())
+    from poa_keras.methods.simsiam import learning_rate_schedule
+
+    assert {"demo", "demo_dino", "poa_vit_l16_in1k", "dino_vit_s16_in1k", "demo_simsiam",
+            "demo_ssql", "ssql_resnet18_cifar", "ssql_resnet50_in1k"} <= set(recipe_names())
     for name in recipe_names():
         recipe = load_recipe(name)
         steps = recipe["data"].get("steps_per_epoch") or (
             recipe["data"].get("num_images", 1_281_167) // recipe["train"]["batch_size"])
-        defaults = schedules.POA_DEFAULTS if recipe["method"] == "poa" else schedules.DINO_DEFAULTS
-        sched = schedules.Schedules.from_recipe(dict(recipe["train"], steps_per_epoch=steps),
-                                                defaults=defaults)
-        assert sched.total_steps == round(recipe["train"]["epochs"] * steps)
+        if recipe["method"] in ("simsiam", "ssql"):
+            total = len(learning_rate_schedule(recipe["train"], steps_per_epoch=steps))
+        else:
+            defaults = (schedules.POA_DEFAULTS if recipe["method"] == "poa"
+                        else schedules.DINO_DEFAULTS)
+            total = schedules.Schedules.from_recipe(
+                dict(recipe["train"], steps_per_epoch=steps), defaults=defaults).total_steps
+        assert total == round(recipe["train"]["epochs"] * steps), name
 
 
 def test_paper_recipe_matches_the_reference_numbers():
@@ -95,8 +102,8 @@ def test_misspelt_keys_and_bad_values_are_refused_before_anything_is_built(tmp_p
         "train.epoch=2": "unknown recipe key train.epoch (did you mean train.epochs?)",
         "train.warmup_epoch=1": "train.warmup_epoch (did you mean train.warmup_epochs?)",
         "train.momentum_techer=0.9": "(did you mean train.momentum_teacher?)",
-        "optimizer.beta1=0.8": "(did you mean optimizer.beta_1?); valid optimizer keys: "
-                               "['beta_1', 'beta_2', 'epsilon']",
+        "optimizer.beta1=0.8": "(did you mean optimizer.beta_1?); valid optimizer (adamw) "
+                               "keys: ['beta_1', 'beta_2', 'epsilon', 'name']",
         "checkpoint.kep=3": "(did you mean checkpoint.keep?)",
         "data.num_image=9": "(did you mean data.num_images?); valid data keys: [",
         "backbone.embed_dims=32": "(did you mean backbone.embed_dim?)",
