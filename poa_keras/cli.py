@@ -4,8 +4,9 @@ usage: poa-keras <command> [--flags]      (KERAS_BACKEND=jax|tensorflow|torch pi
 
     pretrain  run (or resume) a pretraining recipe: `--recipe=demo` (the default) is POA on the
               embedded shapes data, about 10 minutes on 2 CPU cores
-    sweep     k-NN top-1, parameters, FLOPs and latency of every subnet of a teacher; writes
-              sweep.csv, sweep.json and sweep.png into --output; --budget_* picks the best fit
+    sweep     k-NN top-1, parameters, FLOPs and latency of every subnet of a teacher (with
+              --bits also at every bit-width, PTQ); writes sweep.csv, sweep.json and sweep.png
+              into --output; --budget_* picks the best fit
     extract   write one subnet of a teacher as a standalone preset directory
     finetune  train an ImageClassifier on a subnet (embedded shapes or an image folder), report
               the val accuracy before and after, save the model (.keras)
@@ -111,6 +112,14 @@ flags.DEFINE_float("budget_params", None, "sweep: print the best subnet with at 
 flags.DEFINE_float("budget_flops", None, "sweep: ... at most this many FLOPs per image.")
 flags.DEFINE_float("budget_latency_ms", None, "sweep: ... at most this latency (ms per timed "
                    "batch).")
+flags.DEFINE_string("bits", None, "sweep: also evaluate every subnet fake-quantized (PTQ) at "
+                    "these weight/activation bit pairs, e.g. 32,8/8,5/5,4/4,3/3,2/4 (2..8 bits, "
+                    "32 = float): one row per subnet and pair, with its size in bytes and its "
+                    "BitOPs.")
+flags.DEFINE_float("budget_bytes", None, "sweep (with --bits): ... at most this many bytes of "
+                   "weights at the row's bit-width.")
+flags.DEFINE_integer("calibration_images", 100, "sweep (with --bits): calibrate every subnet "
+                     "on the first this many train images (SSQL: 100).")
 # -- finetune
 flags.DEFINE_float("lr", 1e-3, "finetune: peak learning rate (AdamW).")
 flags.DEFINE_float("weight_decay", 0.05, "finetune: AdamW weight decay.")
@@ -138,7 +147,8 @@ COMMAND_FLAGS = {   # the flags each command reads (`poa-keras COMMAND --help` l
                  "data", "on_bad_image", "verbose", "compilation_cache"),
     "sweep": _MODEL_FLAGS + ("subnets", "k", "temperature", "batch_size", "latency",
                              "latency_batch", "latency_runs", "budget_params", "budget_flops",
-                             "budget_latency_ms") + _DATA_FLAGS + ("output", "verbose"),
+                             "budget_latency_ms", "bits", "budget_bytes",
+                             "calibration_images") + _DATA_FLAGS + ("output", "verbose"),
     "extract": _MODEL_FLAGS + _SIZE_FLAGS + ("output",),
     "finetune": _MODEL_FLAGS + _SIZE_FLAGS + ("epochs", "batch_size", "lr", "weight_decay",
                                               "layer_decay", "pooling") + _DATA_FLAGS
@@ -534,16 +544,44 @@ def _sweep_subnets(backbone):
     return [parse_subnet(backbone, p) for p in parts]
 
 
+def _sweep_bits():
+    """--bits parsed (None without it); a bad pair is an error naming the valid values."""
+    from poa_keras.eval.ptq import parse_bits_list
+
+    if FLAGS.bits is None:
+        return None
+    try:
+        return parse_bits_list(FLAGS.bits)
+    except ValueError as error:
+        raise ValueError(f"--bits={FLAGS.bits}: {error}") from None
+
+
 def cmd_sweep():
     from poa_keras.eval.sweep import format_table, select, sweep
+    from poa_keras.quantization import FLOAT_BITS, format_bits_pair
 
     budgets = {k: v for k, v in (("params", FLAGS.budget_params), ("flops", FLAGS.budget_flops),
-                                 ("latency_ms", FLAGS.budget_latency_ms)) if v is not None}
+                                 ("latency_ms", FLAGS.budget_latency_ms),
+                                 ("bytes", FLAGS.budget_bytes)) if v is not None}
     for key, value in budgets.items():
         if not value > 0:
             raise ValueError(f"--budget_{key}={value} must be > 0")
     if "latency_ms" in budgets and not FLAGS.latency:
         raise ValueError("--budget_latency_ms needs the latency measured (drop --nolatency)")
+    pairs = _sweep_bits()   # checked before the model and the data are made
+    if "bytes" in budgets and pairs is None:
+        raise ValueError("--budget_bytes needs --bits (e.g. --bits=32,8/8,4/4): the size in "
+                         "bytes is a quantized sweep's column")
+    if pairs is not None:
+        if FLAGS.calibration_images < 1:
+            raise ValueError(f"--calibration_images must be >= 1, got "
+                             f"{FLAGS.calibration_images}")
+        if FLAGS.calibration_images > FLAGS.num_train and FLAGS.data is None:
+            raise ValueError(f"--calibration_images={FLAGS.calibration_images} exceeds "
+                             f"--num_train={FLAGS.num_train} (calibration uses the first train "
+                             "images)")
+        if "latency_ms" in budgets and (FLOAT_BITS, FLOAT_BITS) not in pairs:
+            raise ValueError("--budget_latency_ms needs the float rows: add 32 to --bits")
     if FLAGS.output and os.path.exists(FLAGS.output) and not os.path.isdir(FLAGS.output):
         raise ValueError(f"--output={FLAGS.output!r} exists and is not a directory")
     teacher = _load_backbone()
@@ -553,18 +591,26 @@ def cmd_sweep():
     _say(f"sweeping {count} subnets of {teacher.name} ({type(teacher).__name__}) on the "
          f"{__import__('keras').backend.backend()} backend: k-NN k={FLAGS.k}, "
          f"T={FLAGS.temperature}")
+    quantized = {}
+    if pairs is not None:
+        quantized = dict(bits=pairs, num_calibration_images=FLAGS.calibration_images)
+        _say(f"at bit pairs (W/A) {', '.join(format_bits_pair(*p) for p in pairs)}: PTQ, each "
+             f"subnet calibrated on the first {FLAGS.calibration_images} train images")
     result = sweep(teacher, train, val, subnets=specs, ks=(FLAGS.k,),
                    temperature=FLAGS.temperature, batch_size=FLAGS.batch_size or 64,
                    measure_latency=FLAGS.latency, latency_batch=FLAGS.latency_batch,
                    latency_runs=FLAGS.latency_runs, output_dir=FLAGS.output,
-                   progress=FLAGS.verbose != "0", num_classes=len(names))
-    _say(format_table(result, pareto_x="params"))
+                   progress=FLAGS.verbose != "0", num_classes=len(names), **quantized)
+    _say(format_table(result, pareto_x="params" if pairs is None else "bytes"))
     if FLAGS.output:
         _say(f"wrote {os.path.join(FLAGS.output, 'sweep.csv')}, sweep.json and sweep.png")
     if budgets:
-        row, spec = select(result, **budgets)
+        chosen = select(result, **budgets)
+        row, spec = chosen
         wanted = ", ".join(f"{k} <= {v:g}" for k, v in budgets.items())
-        _say(f"best within {wanted}: {spec} ({row['params']:,} parameters, "
+        at = "" if chosen.bits is None else f" at {format_bits_pair(*chosen.bits)} (W/A)"
+        size = "" if row.get("bytes") is None else f"{row['bytes']:,} bytes, "
+        _say(f"best within {wanted}: {spec}{at} ({row['params']:,} parameters, {size}"
              f"{row['flops'] / 1e9:.4g} GFLOPs, top-1 {100 * row['top1']:.1f} %); extract it "
              f"with --subnet={_spec_text(spec).replace(', ', ',')}")
 

@@ -45,7 +45,8 @@ def cli(capsys):
 
 
 def _params(model):
-    return sum(int(np.prod(w.shape)) for w in model.weights)
+    """The weights of the network, without the activation quantizers' calibrated ranges."""
+    return sum(int(np.prod(w.shape)) for w in model.weights if w.name != "range")
 
 
 def test_demo_lists_extracts_and_runs(tmp_path):
@@ -268,6 +269,43 @@ def test_sweep_writes_table_files_and_selects(tmp_path):
     # only the small subnet (32,384 parameters) fits 40,000
     assert "best within params <= 40000: ViTSubnet(width=32, depth=2)" in result.stdout
     assert "--subnet=width=32,depth=2" in result.stdout
+
+
+def test_sweep_bits_flag_rows_budget_and_bad_pairs(cli, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, err = cli("sweep", "--config=vit_elastic_test", "--subnets=small",
+                            "--num_train=20", "--num_val=10", "--nolatency", "--k=5",
+                            "--bits=32,8/8,2/4", "--calibration_images=10",
+                            "--budget_bytes=30000", f"--output={out}", "--verbose=0")
+    assert code == 0, err
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["bits"] for r in rows] == ["32", "8/8", "2/4"]
+    assert int(rows[0]["bytes"]) == 4 * int(rows[0]["params"])
+    assert int(rows[2]["bytes"]) < int(rows[1]["bytes"]) < int(rows[0]["bytes"])
+    assert rows[1]["int8_layers"] == "Dense:8" and rows[1]["float_layers"] == "Conv2D:1"
+    assert "size (MB)" in stdout and "calibrated on the first 10 train images" in stdout
+    # 18,944 bytes at 2/4 is the only row within 30,000
+    assert "best within bytes <= 30000: ViTSubnet(width=32, depth=2) at 2/4 (W/A)" in stdout
+    assert json.loads((out / "sweep.json").read_text())["metadata"]["bits"] == \
+        ["32", "8/8", "2/4"]
+    cases = [
+        (("--bits=4/x",), ["--bits=4/x: malformed bit-width pair '4/x'", "weights in 2..8",
+                           "or 32 for float"]),
+        (("--bits=9/9",), ["weight bit-width in '9/9' 9 is not supported; valid: 2..8"]),
+        (("--bits=8/8,,4/4",), ["empty entry"]),
+        (("--budget_bytes=1000",), ["--budget_bytes needs --bits"]),
+        (("--bits=4/4", "--budget_bytes=0"), ["--budget_bytes=0.0 must be > 0"]),
+        (("--bits=4/4", "--calibration_images=0"), ["--calibration_images must be >= 1"]),
+        (("--bits=4/4", "--num_train=20"), ["--calibration_images=100 exceeds --num_train=20"]),
+    ]
+    for extra, messages in cases:
+        target = tmp_path / "bad"
+        code, _, err = cli("sweep", "--config=vit_elastic_test", *extra, f"--output={target}")
+        assert code == 1 and err.startswith("error: "), (extra, err)
+        for message in messages:
+            assert message in err, (extra, err)
+        assert not target.exists()   # nothing half written
 
 
 def test_finetune_saves_a_model_and_reports_val_accuracy(tmp_path):

@@ -23,7 +23,7 @@ from poa_keras.elastic.spec import ResNetSubnet
 from poa_keras.eval import knn_classify, knn_eval
 from poa_keras.eval.latency import inversions, measure_interleaved, spec_dominates, summarize
 from poa_keras.eval.sweep import (Selection, SweepResult, format_table, load_sweep, pareto,
-                                  print_table, select, sweep)
+                                  plot, print_table, select, sweep)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KS = (5, 20)
@@ -471,6 +471,73 @@ def test_format_table_values_and_front_on_hand_rows():
     assert lines[2].split() == ["32", "2", "small", "0.03238", "0.001106", "3.25", "±", "0.25",
                                 "11.0", "42.5", "*"]   # latency: median ± spread
     assert lines[3].split() == ["64", "4", "21.41", "7.374", "-", "8.5", "-"]   # not on front
+
+
+# ----- quantized rows (a 2-D size x bits sweep; the sweep itself is in test_ptq.py) -------------
+
+# Two subnets x three bit pairs; bytes and BitOPs as a quantized sweep writes them.
+QUANT = [dict(width=32, depth=2, name="small", bits=b, weight_bits=w, activation_bits=a,
+              params=100, bytes=size, bitops=ops, flops=10, top1=top1, top5=0.9)
+         for b, w, a, size, ops, top1 in [("32", 32, 32, 400, 1024, 0.50),
+                                          ("8/8", 8, 8, 120, 64, 0.49),
+                                          ("2/4", 2, 4, 60, 8, 0.20)]] + \
+        [dict(width=64, depth=4, name="large", bits=b, weight_bits=w, activation_bits=a,
+              params=300, bytes=size, bitops=ops, flops=30, top1=top1, top5=0.9)
+         for b, w, a, size, ops, top1 in [("32", 32, 32, 1200, 3072, 0.70),
+                                          ("8/8", 8, 8, 320, 192, 0.69),
+                                          ("2/4", 2, 4, 120, 24, 0.30)]]
+
+
+def _label(row):
+    return f"{row['name']} {row['bits']}"
+
+
+def test_pareto_and_select_by_bytes_on_hand_rows(tmp_path):
+    # bytes: small 2/4 (60), small 8/8 (120, 0.49; large 2/4 ties on bytes but is worse),
+    # large 8/8 (320, 0.69), large 32 (1200, 0.70); small 32 (400, 0.5) loses to large 8/8.
+    assert [_label(r) for r in pareto(QUANT, x="bytes")] == \
+        ["small 2/4", "small 8/8", "large 8/8", "large 32"]
+    # BitOPs: large 2/4 (24, 0.3) is cheaper than small 8/8 (64) and beats small 2/4's 0.2
+    assert [_label(r) for r in pareto(QUANT, x="bitops")] == \
+        ["small 2/4", "large 2/4", "small 8/8", "large 8/8", "large 32"]
+    chosen = select(QUANT, bytes=400)
+    assert _label(chosen.row) == "large 8/8" and chosen.bits == (8, 8) and chosen.spec is None
+    assert select(QUANT, budget_bytes=119).bits == (2, 4)
+    assert select(QUANT, bytes=10_000).bits == (32, 32)
+    assert _label(select(QUANT, bitops=100, params=100).row) == "small 8/8"
+    row, spec = select(QUANT, bytes=400)   # still a (row, spec) pair
+    assert spec is None and row["bits"] == "8/8"
+    assert select(HAND, params=2).bits is None   # a float-only sweep has no bits
+    with pytest.raises(ValueError, match=r"no subnet fits the budget bytes <= 10; the cheapest "
+                                         r"available: bytes 60 \(width=32 depth=2 'small' "
+                                         r"bits=2/4\)"):
+        select(QUANT, bytes=10)
+    with pytest.raises(ValueError, match="same budget"):
+        select(QUANT, bytes=100, budget_bytes=200)
+    with pytest.raises(ValueError, match="'bytes' is not a column of the sweep"):
+        select(HAND, bytes=100)
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        select(QUANT, budget_bytes=-5)
+
+
+def test_table_plot_and_files_of_quantized_rows(tmp_path):
+    result = SweepResult(QUANT, metadata={"spec_fields": ["width", "depth"],
+                                          "bits": ["32", "8/8", "2/4"], "teacher": "t"})
+    lines = result.format_table(pareto_x="bytes").splitlines()
+    assert lines[0].split() == ["width", "depth", "name", "bits", "params", "(M)", "size",
+                                "(MB)", "GBitOPs", "GFLOPs", "top-1", "%", "top-5", "%",
+                                "front"]
+    assert lines[3].split() == ["32", "2", "small", "8/8", "0.0001000", "0.0001200",
+                                "0.00000006400", "0.00000001000", "49.0", "90.0", "*"]
+    assert repr(result) == "SweepResult(6 rows: 2 subnets x 3 bit pairs of t)"
+    assert result.plot(tmp_path / "q.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert plot(result, tmp_path / "p.png", panels="params").read_bytes()[:8] == PNG_SIGNATURE
+    result.to_csv(tmp_path / "q.csv")
+    back = load_sweep(tmp_path / "q.csv")
+    assert back.rows == result.rows   # "32" stays the text of a bit pair
+    assert back.select(bytes=400).bits == (8, 8)
+    # float columns are not spec fields
+    assert back.spec_fields == ["width", "depth"]
 
 
 # ----- argument errors ---------------------------------------------------------------------------

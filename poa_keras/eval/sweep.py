@@ -34,6 +34,24 @@ For every subnet of the teacher's grid (or a chosen subset), `sweep` measures:
   choice depends on differences within the spread;
 * ``name``: the teacher's named size of that spec (e.g. "small"), if any.
 
+**Quantized sweep (PTQ), ``bits=[...]``**: every subnet x every bit pair is a row, e.g.
+``sweep(teacher, train, val, bits=["32", "8/8", "5/5", "4/4", "3/3", "2/4"])`` (SSQL's set,
+``eval.ptq.SSQL_BITS``; "W/A" = weight / activation bits, 2..8, "32" = float). Per subnet the
+EXTRACTED network (what is deployed) is calibrated once (``eval.ptq.calibrate``: min / max of
+every activation quantizer over the first ``num_calibration_images`` TRAIN images, SSQL's
+protocol; the ranges do not depend on the bit-width, so one calibration serves every pair) and
+its quantized forward (one compiled program, the bits as run-time values) gives the bank and
+query features of every pair. Extra columns: ``bits`` ("4/4"; "32" for float),
+``weight_bits``, ``activation_bits``, ``bytes`` (the weights' size at that width) and
+``bitops`` (per image; both by the rules of ``quantization/cost.py``). The "32" row is the
+float sweep's row (the teacher's float forward, its latency); the other rows have no latency
+(fake quantization measures accuracy, not speed), and with no "32" pair nothing is timed. The
+"8/8" rows also report the REAL Keras int8 model (``quantization.quantize(extracted, "int8")``:
+``int8_top1`` / ``int8_top5``, and ``int8_layers`` / ``float_layers``, the layers with a kernel
+that Keras quantized and those it left in float (it has no int8 convolution), counted by
+type). ``pareto(x="bytes")``, ``select(bytes=...)`` (``Selection.bits`` gives the pair) and the
+plot (top-1 against size and BitOPs, a marker per bit pair) work on these rows.
+
 Only the Backbone hooks are used (``subnets``, ``resolve_subnet``, ``named_subnets``,
 ``subnet_params``, ``subnet_flops``, ``feature_dim``, ``extract``, ``compiled_forward``), so every
 family works. Spec fields become row columns through ``dataclasses.asdict``; a tuple field (a
@@ -61,13 +79,24 @@ from poa_keras.eval.features import (FROM_PRESET, INPUT_NORMALIZATIONS, extract_
                                      input_preprocessing, to_backbone_input)
 from poa_keras.eval.knn import knn_classify
 from poa_keras.eval.latency import inversions, measure_interleaved, spec_dominates
+from poa_keras.eval.ptq import (DEFAULT_CALIBRATION_IMAGES, calibrate, check_float_model,
+                                parse_bits_list, ptq_features)
 from poa_keras.files import atomic_write_bytes
+from poa_keras.quantization.cost import quant_cost
+from poa_keras.quantization.fake import FLOAT_BITS
+from poa_keras.quantization.observer import (activation_quantizers, format_bits_pair,
+                                             parse_bits_pair)
 from poa_keras.version import __version__
 from poa_keras.validation import (check_choice, check_int, check_ks, check_labelled_images,
                                   check_positive_number)
 
-#: Cost columns a row has (``pareto`` x-axes and ``select`` budgets).
-COST_COLUMNS = ("params", "flops", "latency_ms", "latency_ms_per_image")
+#: Cost columns a row has (``pareto`` x-axes and ``select`` budgets); ``bytes`` and ``bitops``
+#: in quantized sweeps only.
+COST_COLUMNS = ("params", "flops", "latency_ms", "latency_ms_per_image", "bytes", "bitops")
+#: The columns a quantized sweep adds (besides ``bytes`` / ``bitops``).
+BITS_COLUMNS = ("bits", "weight_bits", "activation_bits")
+INT8_COLUMNS = ("int8_top1", "int8_top5", "int8_layers", "float_layers")
+FLOAT_PAIR = (FLOAT_BITS, FLOAT_BITS)
 CSV_FILE, JSON_FILE, PLOT_FILE = "sweep.csv", "sweep.json", "sweep.png"
 
 
@@ -77,6 +106,13 @@ class Selection(NamedTuple):
     row: dict
     spec: object
 
+    @property
+    def bits(self):
+        """(weight_bits, activation_bits) of the chosen row of a quantized sweep ((32, 32):
+        float), None for a float-only sweep."""
+        bits = self.row.get("bits")
+        return None if bits is None else parse_bits_pair(str(bits))
+
 
 # ----- the sweep -------------------------------------------------------------------------------
 
@@ -84,8 +120,10 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
           batch_size=64, measure_latency=True, latency_batch=32, latency_runs=10,
           latency_warmup=2, latency_max_runs=None, latency_memory_mb=2048, output_dir=None,
           progress=True, num_classes=None,
-          pixel_normalization=FROM_PRESET, knn_batch_size=None):
-    """k-NN accuracy, parameters, FLOPs and latency of every subnet of an elastic teacher.
+          pixel_normalization=FROM_PRESET, knn_batch_size=None, bits=None,
+          num_calibration_images=DEFAULT_CALIBRATION_IMAGES, int8=True):
+    """k-NN accuracy, parameters, FLOPs and latency of every subnet of an elastic teacher
+    (and, with ``bits``, at every bit-width: the 2-D size x bits sweep).
 
     Args:
       teacher: an elastic backbone (``poa_keras.Backbone``), or a preset name or directory,
@@ -120,10 +158,18 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
       pixel_normalization: for uint8 images, as ``extract_features`` ("preset": the
         teacher's ``preprocessing``). FLOPs are counted at the preprocessed size.
       knn_batch_size: ``knn_classify``'s batch_size (similarity rows in memory at a time).
+      bits: None (float only, one row per subnet) or bit pairs, one row per subnet and pair:
+        a list of "W/A" strings or (w, a) pairs, or one comma-separated string, e.g.
+        ``["32", "8/8", "5/5", "4/4", "3/3", "2/4"]`` (weights and activations 2..8; "32":
+        float). See the module docstring.
+      num_calibration_images: with ``bits``: the first this many TRAIN images calibrate every
+        extracted subnet (SSQL: 100); train_data must hold at least as many.
+      int8: with an "8/8" pair: also evaluate the real Keras int8 model of every subnet.
 
     Returns:
-      a ``SweepResult``: ``.rows`` (one JSON-friendly dict per subnet), ``.specs``,
-      ``.metadata``; ``to_csv``, ``to_json``, ``pareto``, ``select``, ``plot``.
+      a ``SweepResult``: ``.rows`` (one JSON-friendly dict per subnet, or per subnet and bit
+      pair), ``.specs`` (the spec of every row), ``.metadata``; ``to_csv``, ``to_json``,
+      ``pareto``, ``select``, ``plot``.
     """
     # Every argument is checked before the first forward pass (the cheap ones before a preset
     # is loaded).
@@ -134,6 +180,14 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
     if train_x.shape[1:] != val_x.shape[1:]:
         raise ValueError(f"train_data and val_data images must have the same (height, width, "
                          f"channels), got {train_x.shape[1:]} and {val_x.shape[1:]}")
+    pairs = None if bits is None else parse_bits_list(bits)
+    if pairs is not None:
+        num_calibration_images = check_int(num_calibration_images, "num_calibration_images",
+                                           minimum=1)
+        if num_calibration_images > train_x.shape[0]:
+            raise ValueError(f"num_calibration_images={num_calibration_images} but train_data "
+                             f"holds {train_x.shape[0]} images (calibration uses the first "
+                             f"num_calibration_images train images)")
     ks = check_ks(ks)
     temperature = check_positive_number(temperature, "temperature")
     batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -157,7 +211,14 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise ValueError(f"output_dir {str(output_dir)!r} exists and is not a directory")
     teacher = _load_teacher(teacher)
+    if pairs is not None:
+        check_float_model(teacher, "a quantized sweep")
+        if not activation_quantizers(teacher):
+            raise ValueError(f"{teacher.name} ({type(teacher).__name__}) has no activation "
+                             "quantizers: it cannot be swept at bit-widths (bits=None)")
     specs = _resolve_subnets(teacher, subnets)
+    with_float = pairs is None or FLOAT_PAIR in pairs
+    measure_latency = bool(measure_latency) and with_float   # latency is a float row's
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +241,8 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
                          latency_runs if measure_latency else None,
                          latency_warmup if measure_latency else None)
     metadata["preprocessing"] = None if preprocessing is None else preprocessing.get_config()
+    if pairs is not None:
+        metadata.update(_bits_metadata(pairs, num_calibration_images, int8))
     result = SweepResult([], specs=[], metadata=metadata)
 
     bar = None
@@ -191,11 +254,13 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
                     pixel_normalization=pixel_normalization)
     for i, spec in enumerate(specs):
         features["subnet"] = spec
-        bank = extract_features(teacher, train_x, **features)
-        queries = extract_features(teacher, val_x, **features)
-        knn = knn_classify(bank, train_y, queries, val_y, num_classes, ks=ks,
-                           temperature=temperature, batch_size=knn_batch_size)
-        del bank, queries
+        knn = None
+        if with_float:
+            bank = extract_features(teacher, train_x, **features)
+            queries = extract_features(teacher, val_x, **features)
+            knn = knn_classify(bank, train_y, queries, val_y, num_classes, ks=ks,
+                               temperature=temperature, batch_size=knn_batch_size)
+            del bank, queries
         row = _spec_columns(spec)
         row.update(
             name=names.get(spec),
@@ -206,19 +271,22 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
             latency_ms_spread=None,
             latency_ms_per_image=None,
             latency_rounds=None,
-            top1=knn[ks[0]]["top1"],
-            top5=knn[ks[0]]["top5"],
         )
-        for k in ks:
-            row[f"top1_k{k}"] = knn[k]["top1"]
-            row[f"top5_k{k}"] = knn[k]["top5"]
-        result.rows.append(row)
-        result.specs.append(spec)
+        if pairs is None:
+            rows = [_with_knn(row, knn, ks)]
+        else:
+            rows = _quantized_rows(teacher, spec, row, knn, pairs, train_x, train_y, val_x,
+                                   val_y, num_classes, ks, temperature, knn_batch_size, step,
+                                   pixel_normalization, num_calibration_images, image_size,
+                                   int8)
+        result.rows.extend(rows)
+        result.specs.extend([spec] * len(rows))
         if output_dir is not None:
             result.to_csv(output_dir / CSV_FILE)
             result.to_json(output_dir / JSON_FILE)
         if bar is not None:
-            bar.update(i + 1, values=[("top1", row["top1"]), ("top5", row["top5"])])
+            last = rows[-1]
+            bar.update(i + 1, values=[("top1", last["top1"]), ("top5", last["top5"])])
     if measure_latency:
         _sweep_latency(teacher, result, latency_input, latency_batch, latency_runs,
                        latency_warmup, latency_max_runs, latency_memory_mb, progress)
@@ -228,6 +296,99 @@ def sweep(teacher, train_data, val_data, subnets=None, ks=(20,), temperature=0.0
     if output_dir is not None:
         result.plot(output_dir / PLOT_FILE)
     return result
+
+
+def _with_knn(row, knn, ks):
+    """``row`` with the k-NN columns of ``knn`` (``knn_classify``'s result) added."""
+    row = dict(row, top1=knn[ks[0]]["top1"], top5=knn[ks[0]]["top5"])
+    for k in ks:
+        row[f"top1_k{k}"] = knn[k]["top1"]
+        row[f"top5_k{k}"] = knn[k]["top5"]
+    return row
+
+
+def _bits_metadata(pairs, num_calibration_images, int8):
+    return {
+        "bits": [format_bits_pair(*p) for p in pairs],
+        "num_calibration_images": int(num_calibration_images),
+        "calibration": "min/max of every activation quantizer over the first "
+                       f"{int(num_calibration_images)} train images, float forward of the "
+                       "extracted subnet; one calibration per subnet for every bit pair",
+        "weight_quantization": "symmetric, per output channel",
+        "activation_quantization": "asymmetric, per tensor, calibrated ranges",
+        "bytes_rule": "quantized kernels at their weight bits / 8 (fixed-8 layers at 8), every "
+                      "other parameter 4 bytes; calibrated ranges and weight scales not counted",
+        "bitops_rule": "sum over quantized conv / linear layers of MACs x weight bits x input "
+                       "activation bits, per image (float: x 32 x 32)",
+        "int8": bool(int8) and (8, 8) in pairs,
+    }
+
+
+def _quantized_rows(teacher, spec, base, knn_float, pairs, train_x, train_y, val_x, val_y,
+                    num_classes, ks, temperature, knn_batch_size, step, pixel_normalization,
+                    num_calibration_images, image_size, int8):
+    """The rows of one subnet, one per bit pair: its extracted network calibrated once, then
+    the PTQ features of every pair through one compiled program."""
+    model = teacher.extract(spec)
+    calibrate(model, train_x, num_images=num_calibration_images,
+              batch_size=min(step, num_calibration_images),
+              pixel_normalization=pixel_normalization)
+    cost = quant_cost(model, image_size=image_size)
+    features = dict(batch_size=step, normalize=True, pixel_normalization=pixel_normalization,
+                    image_size=image_size)
+    rows = []
+    for w, a in pairs:
+        if (w, a) == FLOAT_PAIR:
+            knn = knn_float   # the float sweep's own numbers (the teacher's float forward)
+        else:
+            bank = ptq_features(model, train_x, (w, a), **features)
+            queries = ptq_features(model, val_x, (w, a), **features)
+            knn = knn_classify(bank, train_y, queries, val_y, num_classes, ks=ks,
+                               temperature=temperature, batch_size=knn_batch_size)
+            del bank, queries
+        row = _spec_columns(spec)
+        row.update(name=base["name"], bits=format_bits_pair(w, a), weight_bits=int(w),
+                   activation_bits=int(a), params=base["params"], bytes=cost.bytes(w, a),
+                   bitops=cost.bitops(w, a))
+        row.update({k: v for k, v in base.items() if k not in row})
+        row = _with_knn(row, knn, ks)
+        row.update(dict.fromkeys(INT8_COLUMNS))
+        rows.append(row)
+    if int8 and (8, 8) in pairs:
+        int8_columns = _keras_int8(model, train_x, train_y, val_x, val_y, num_classes, ks,
+                                   temperature, knn_batch_size, step, pixel_normalization)
+        rows[pairs.index((8, 8))].update(int8_columns)
+    return rows
+
+
+def _keras_int8(model, train_x, train_y, val_x, val_y, num_classes, ks, temperature,
+                knn_batch_size, step, pixel_normalization):
+    """The real Keras int8 model of an extracted subnet (quantized in place): its k-NN
+    top-1 / top-5 and which layers with a kernel Keras quantized or left float, by type."""
+    from poa_keras.quantization import quantize
+
+    quantize(model, "int8")
+    features = dict(batch_size=step, normalize=True, pixel_normalization=pixel_normalization)
+    bank = extract_features(model, train_x, **features)
+    queries = extract_features(model, val_x, **features)
+    knn = knn_classify(bank, train_y, queries, val_y, num_classes, ks=ks[:1],
+                       temperature=temperature, batch_size=knn_batch_size)
+    quantized, left = {}, {}
+    for layer in model._flatten_layers(include_self=False):
+        if any(True for _ in layer._flatten_layers(include_self=False)):
+            continue   # a container: its leaves are counted
+        kind = type(layer).__name__
+        if getattr(layer, "quantization_mode", None) is not None:
+            quantized[kind] = quantized.get(kind, 0) + 1
+        elif any(v.name == "kernel" for v in layer.weights):
+            left[kind] = left.get(kind, 0) + 1
+    return {"int8_top1": knn[ks[0]]["top1"], "int8_top5": knn[ks[0]]["top5"],
+            "int8_layers": _count_text(quantized), "float_layers": _count_text(left)}
+
+
+def _count_text(counts):
+    """{"Dense": 16, "Conv2D": 1} -> "Conv2D:1 Dense:16" ("" when empty)."""
+    return " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))
 
 
 def _is_teacher_like(teacher):
@@ -302,7 +463,7 @@ def _sweep_latency(teacher, result, batch, latency_batch, runs, warmup, max_runs
     from keras import ops
 
     x = ops.convert_to_tensor(batch)
-    specs = list(result.specs)
+    specs = list(dict.fromkeys(result.specs))   # a quantized sweep has a row per bit pair
     groups, current, size = [], [], 0.0
     for spec in specs:   # float32 parameter megabytes, packed in order
         mb = 4.0 * teacher.subnet_params(spec) / 2 ** 20
@@ -330,7 +491,9 @@ def _sweep_latency(teacher, result, batch, latency_batch, runs, warmup, max_runs
         del calls, models
     # across groups (large teachers) an inversion is reported, not re-measured
     remaining = list(dict.fromkeys(remaining + inversions(stats, spec_dominates)))
-    for row, spec in zip(result.rows, specs):
+    for row, spec in zip(result.rows, result.specs):
+        if row.get("bits") not in (None, str(FLOAT_BITS)):
+            continue   # latency is the float network's (fake quantization is not faster)
         st = stats[spec]
         row.update(latency_ms=1000.0 * st.median, latency_ms_spread=1000.0 * st.spread,
                    latency_ms_per_image=1000.0 * st.median / latency_batch,
@@ -398,7 +561,9 @@ class SweepResult:
     Attributes:
       rows: list of dicts with the spec fields, ``name``, ``params``, ``flops``,
         ``feature_dim``, ``latency_ms``, ``latency_ms_per_image``, ``top1``, ``top5`` (at the
-        first k) and ``top1_k{k}`` / ``top5_k{k}`` for every k; accuracies are fractions.
+        first k) and ``top1_k{k}`` / ``top5_k{k}`` for every k; accuracies are fractions. A
+        quantized sweep has one row per subnet and bit pair, with ``bits``, ``weight_bits``,
+        ``activation_bits``, ``bytes``, ``bitops`` and the ``int8_*`` columns too.
       specs: the spec of every row (rebuilt from the spec fields when loaded from a file whose
         spec class is known), or None.
       metadata: how the sweep was run (teacher, ks, temperature, image size, latency batch...).
@@ -415,8 +580,12 @@ class SweepResult:
         return len(self.rows)
 
     def __repr__(self):
-        return (f"SweepResult({len(self.rows)} subnets of "
-                f"{self.metadata.get('teacher', 'a teacher')})")
+        teacher = self.metadata.get('teacher', 'a teacher')
+        if self.metadata.get("bits"):
+            subnets = len(self.rows) // max(1, len(self.metadata["bits"]))
+            return (f"SweepResult({len(self.rows)} rows: {subnets} subnets x "
+                    f"{len(self.metadata['bits'])} bit pairs of {teacher})")
+        return f"SweepResult({len(self.rows)} subnets of {teacher})"
 
     @property
     def spec_fields(self):
@@ -453,9 +622,10 @@ class SweepResult:
     def from_csv(cls, path):
         """Reads a ``to_csv`` file: integers, floats, "" -> None, "3-4-6-3" -> [3, 4, 6, 3]."""
         with open(path, newline="") as f:
-            # A name stays text even where it looks like a number.
-            rows = [{k: (v or None) if k == "name" else _parse_cell(v) for k, v in r.items()}
-                    for r in csv.DictReader(f)]
+            # A name (and a bit pair: "32" is float, not a number) stays text even where it
+            # looks like a number.
+            rows = [{k: (v or None) if k in _TEXT_COLUMNS else _parse_cell(v)
+                     for k, v in r.items()} for r in csv.DictReader(f)]
         return cls(rows, specs=None, metadata={})
 
     # -- analysis -------------------------------------------------------------------------------
@@ -464,12 +634,13 @@ class SweepResult:
         return pareto(self.rows, x=x, y=y)
 
     def select(self, params=None, flops=None, latency_ms=None, latency_ms_per_image=None,
-               metric="top1"):
+               metric="top1", bytes=None, bitops=None, budget_bytes=None):
         """See the module-level ``select``; returns ``Selection(row, spec)``."""
         return select(self, params=params, flops=flops, latency_ms=latency_ms,
-                      latency_ms_per_image=latency_ms_per_image, metric=metric)
+                      latency_ms_per_image=latency_ms_per_image, metric=metric, bytes=bytes,
+                      bitops=bitops, budget_bytes=budget_bytes)
 
-    def plot(self, path, y="top1", panels=("params", "flops")):
+    def plot(self, path, y="top1", panels=None):
         """See the module-level ``plot``."""
         return plot(self, path, y=y, panels=panels)
 
@@ -496,6 +667,7 @@ def _csv_cell(v):
     return v
 
 
+_TEXT_COLUMNS = ("name", "bits", "int8_layers", "float_layers")
 _INT = re.compile(r"^-?\d+$")
 _INT_LIST = re.compile(r"^\d+(-\d+)+$")
 
@@ -515,7 +687,7 @@ def _parse_cell(text):
 
 def _guess_spec_fields(rows):
     known = set(COST_COLUMNS) | {"name", "feature_dim", "top1", "top5", "latency_ms_spread",
-                                 "latency_rounds"}
+                                 "latency_rounds"} | set(BITS_COLUMNS) | set(INT8_COLUMNS)
     if not rows:
         return []
     return [c for c in rows[0] if c not in known and not re.match(r"^top[15]_k\d+$", c)]
@@ -579,18 +751,22 @@ def pareto(rows, x="params", y="top1"):
 
 
 def select(result_or_rows, params=None, flops=None, latency_ms=None, latency_ms_per_image=None,
-           metric="top1"):
-    """The most accurate subnet within every given budget.
+           metric="top1", bytes=None, bitops=None, budget_bytes=None):
+    """The most accurate subnet (and, in a quantized sweep, bit pair) within every given
+    budget.
 
     Args:
       result_or_rows: a ``SweepResult`` or a list of row dicts.
       params, flops, latency_ms, latency_ms_per_image: budgets (cost <= budget); give at least
         one. ``flops`` is per image at the sweep's image size, ``latency_ms`` per timed batch.
+      bytes, bitops: budgets on a quantized sweep's model size (bytes of the weights at the
+        row's bit-width) and BitOPs per image; ``budget_bytes`` is another name for ``bytes``.
       metric: the accuracy column to maximise ("top1", "top5", "top1_k20", ...).
 
     Returns:
-      ``Selection(row, spec)``; ``spec`` is None when only rows were given. Ties in `metric`
-      go to the fewer parameters, then the fewer FLOPs, then the earlier row.
+      ``Selection(row, spec)``; ``spec`` is None when only rows were given; ``.bits`` is the
+      row's (weight_bits, activation_bits) in a quantized sweep. Ties in `metric` go to the
+      fewer parameters, then the fewer FLOPs, then the fewer bytes, then the earlier row.
 
     Raises:
       ValueError: no budget given; a budget that is not a positive number; a latency budget on
@@ -600,12 +776,18 @@ def select(result_or_rows, params=None, flops=None, latency_ms=None, latency_ms_
     rows, specs = _rows_of(result_or_rows)
     if not rows:
         raise ValueError("the sweep has no rows to select from")
+    if budget_bytes is not None:
+        if bytes is not None and bytes != budget_bytes:
+            raise ValueError(f"bytes={bytes!r} and budget_bytes={budget_bytes!r} are the same "
+                             "budget: give one")
+        bytes = budget_bytes
     budgets = {k: v for k, v in (("params", params), ("flops", flops), ("latency_ms", latency_ms),
-                                 ("latency_ms_per_image", latency_ms_per_image))
+                                 ("latency_ms_per_image", latency_ms_per_image),
+                                 ("bytes", bytes), ("bitops", bitops))
                if v is not None}
     if not budgets:
-        raise ValueError("give at least one budget: params=, flops=, latency_ms= or "
-                         "latency_ms_per_image=")
+        raise ValueError("give at least one budget: params=, flops=, latency_ms=, "
+                         "latency_ms_per_image=, bytes= or bitops=")
     for key, value in budgets.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
                 not math.isfinite(value) or value <= 0:
@@ -625,7 +807,8 @@ def select(result_or_rows, params=None, flops=None, latency_ms=None, latency_ms_
         raise ValueError(f"no subnet fits the budget {wanted}; the cheapest available: "
                          + "; ".join(cheapest))
     best = max(fits, key=lambda i: (rows[i][metric], -(rows[i].get("params") or 0),
-                                    -(rows[i].get("flops") or 0), -i))
+                                    -(rows[i].get("flops") or 0), -(rows[i].get("bytes") or 0),
+                                    -i))
     _warn_latency_noise(rows, best, budgets, metric)
     return Selection(rows[best], None if specs is None else specs[best])
 
@@ -682,6 +865,8 @@ def _row_label(row, spec_fields=None):
     parts = [f"{f}={_csv_cell(row.get(f))}" for f in fields]
     if row.get("name"):
         parts.append(repr(str(row["name"])))
+    if row.get("bits") is not None:
+        parts.append(f"bits={row['bits']}")
     return " ".join(parts)
 
 
@@ -701,7 +886,8 @@ def format_table(rows, spec_fields=None, pareto_x=None):
     Columns: the spec fields, name, params (M), GFLOPs, latency ms (when measured: the median
     ± the interquartile range of the interleaved rounds), top-1 % and
     top-5 % (the sweep's first k); with ``pareto_x`` ("params", "flops", ...) a "front" column
-    marks the Pareto-optimal rows with "*".
+    marks the Pareto-optimal rows with "*". A quantized sweep adds bits, size (MB: bytes /
+    1e6), GBitOPs and, where measured, the Keras int8 model's top-1.
     """
     if isinstance(rows, SweepResult):
         spec_fields = spec_fields or rows.spec_fields
@@ -712,33 +898,51 @@ def format_table(rows, spec_fields=None, pareto_x=None):
     if pareto_x is not None:
         on_front = {id(r) for r in pareto(rows, x=pareto_x)}
     with_latency = any(r.get("latency_ms") is not None for r in rows)
+    with_bits = any(r.get("bits") is not None for r in rows)
+    with_int8 = any(r.get("int8_top1") is not None for r in rows)
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
-    header = spec_fields + ["name", "params (M)", "GFLOPs"]
+    def scaled(r, key, scale):
+        return "-" if r.get(key) is None else _sig(r[key] * scale)
+
+    header = spec_fields + ["name"] + (["bits"] if with_bits else []) + ["params (M)"]
+    if with_bits:
+        header += ["size (MB)", "GBitOPs"]
+    header.append("GFLOPs")
     if with_latency:
         header.append("latency ms")
     header += ["top-1 %", "top-5 %"]
+    if with_int8:
+        header.append("int8 top-1 %")
     if pareto_x is not None:
         header.append("front")
     table = [header]
     for r in rows:
         line = [_csv_cell(r.get(f)) for f in spec_fields]
         line = ["-" if c == "" else str(c) for c in line]
-        line += [r.get("name") or "",
-                 "-" if r.get("params") is None else _sig(r["params"] / 1e6),
-                 "-" if r.get("flops") is None else _sig(r["flops"] / 1e9)]
+        line.append(r.get("name") or "")
+        if with_bits:
+            line.append("-" if r.get("bits") is None else str(r["bits"]))
+        line.append(scaled(r, "params", 1e-6))
+        if with_bits:
+            line += [scaled(r, "bytes", 1e-6), scaled(r, "bitops", 1e-9)]
+        line.append(scaled(r, "flops", 1e-9))
         if with_latency:
             line.append("-" if r.get("latency_ms") is None else _sig(r["latency_ms"], 3) + (
                 "" if r.get("latency_ms_spread") is None
                 else " ± " + _sig(r["latency_ms_spread"], 2)))
         line += [pct(r.get("top1")), pct(r.get("top5"))]
+        if with_int8:
+            line.append(pct(r.get("int8_top1")) if r.get("int8_top1") is not None else "")
         if pareto_x is not None:
             line.append("*" if id(r) in on_front else "")
         table.append(line)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     left = set(range(len(spec_fields))) | {len(spec_fields)}   # spec and name: text, left
+    if with_bits:
+        left.add(len(spec_fields) + 1)
     out = []
     for n, line in enumerate(table):
         cells = [c.ljust(w) if i in left else c.rjust(w)
@@ -756,13 +960,20 @@ def print_table(result, **kwargs):
 
 _AXIS_LABELS = {"params": ("parameters (M)", 1e-6), "flops": ("GFLOPs per image", 1e-9),
                 "latency_ms": ("latency (ms per batch)", 1.0),
-                "latency_ms_per_image": ("latency (ms per image)", 1.0)}
+                "latency_ms_per_image": ("latency (ms per image)", 1.0),
+                "bytes": ("model size (MB of weights)", 1e-6),
+                "bitops": ("GBitOPs per image", 1e-9)}
+_PAIR_MARKERS = "o^sDvP*Xph"
+_PAIR_COLOURS = ("C0", "C1", "C2", "C4", "C5", "C6", "C8", "C9", "C7")   # C3: the front
 
 
-def plot(result, path, y="top1", panels=("params", "flops")):
-    """Accuracy against cost, one panel per cost (default parameters and FLOPs): every subnet a
-    point (coloured by its first spec field), the Pareto front a line, the named sizes marked
-    and labelled. Written as PNG, atomically (matplotlib's Agg canvas; pyplot is not used, so
+def plot(result, path, y="top1", panels=None):
+    """Accuracy against cost, one panel per cost (default parameters and FLOPs; a quantized
+    sweep: size in bytes and BitOPs): every subnet a point (coloured by its first spec field),
+    the Pareto front a line, the named sizes marked and labelled. In a quantized sweep every
+    bit pair has its own colour and marker, a thin grey line joins the pairs of one subnet
+    (how it degrades as the bits shrink) and the Pareto front over all (subnet, pair) rows is
+    the red line. Written as PNG, atomically (matplotlib's Agg canvas; pyplot is not used, so
     no global backend is switched). Returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -770,6 +981,9 @@ def plot(result, path, y="top1", panels=("params", "flops")):
     rows, _ = _rows_of(result)
     if not rows:
         raise ValueError("the sweep has no rows to plot")
+    quantized = any(r.get("bits") is not None for r in rows)
+    if panels is None:
+        panels = ("bytes", "bitops") if quantized else ("params", "flops")
     panels = [panels] if isinstance(panels, str) else list(panels)
     if not panels:
         raise ValueError("panels must name at least one cost column")
@@ -791,7 +1005,9 @@ def plot(result, path, y="top1", panels=("params", "flops")):
         pts = [r for r in rows if r.get(x) is not None and r.get(y) is not None]
         xs = np.array([r[x] * scale for r in pts], float)
         ys = np.array([100.0 * r[y] for r in pts], float)
-        if colour_field is not None:
+        if quantized:
+            _plot_bit_pairs(ax, pts, x, y, scale, fields)
+        elif colour_field is not None:
             values = [r[colour_field] for r in pts]
             sc = ax.scatter(xs, ys, c=values, cmap="viridis", s=28, zorder=2, label="subnets")
             levels = sorted(set(values))
@@ -803,10 +1019,14 @@ def plot(result, path, y="top1", panels=("params", "flops")):
         ax.plot([r[x] * scale for r in front], [100.0 * r[y] for r in front], "-", color="C3",
                 lw=1.5, zorder=3, label="Pareto front")
         named = [r for r in pts if r.get("name")]
+        if quantized:   # one label per named subnet, at its first (widest) bit pair
+            first = str(pts[0].get("bits")) if pts else None
+            named = [r for r in named if str(r.get("bits")) == first]
         if named:
-            ax.scatter([r[x] * scale for r in named], [100.0 * r[y] for r in named], marker="*",
-                       s=180, facecolor="none", edgecolor="black", lw=1.2, zorder=4,
-                       label="named sizes")
+            if not quantized:   # (a quantized sweep's pair markers stay visible)
+                ax.scatter([r[x] * scale for r in named], [100.0 * r[y] for r in named],
+                           marker="*", s=180, facecolor="none", edgecolor="black", lw=1.2,
+                           zorder=4, label="named sizes")
             middle = 0.5 * (xs.min() + xs.max())
             for r in named:   # labels point inwards, so that none leaves the panel
                 right = r[x] * scale > middle
@@ -821,6 +1041,10 @@ def plot(result, path, y="top1", panels=("params", "flops")):
         ax.margins(0.08)
         ax.legend(loc="best", fontsize=8)
     title = f"{len(rows)} subnets of {meta.get('teacher', 'the teacher')}"
+    if quantized:
+        pairs = list(dict.fromkeys(str(r.get("bits")) for r in rows))
+        title = (f"{len(rows) // max(1, len(pairs))} subnets x {len(pairs)} bit-widths (W/A) "
+                 f"of {meta.get('teacher', 'the teacher')}")
     if meta.get("num_val"):
         title += f" (k-NN: {meta.get('num_train')} bank / {meta['num_val']} query images)"
     fig.suptitle(title, fontsize=11)
@@ -828,6 +1052,25 @@ def plot(result, path, y="top1", panels=("params", "flops")):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _plot_bit_pairs(ax, pts, x, y, scale, fields):
+    """A quantized sweep's points: a colour and marker per bit pair (legend in the sweep's
+    order), the pairs of one subnet joined by a thin grey line."""
+    by_subnet = {}
+    for r in pts:
+        by_subnet.setdefault(tuple(_csv_cell(r.get(f)) for f in fields), []).append(r)
+    for group in by_subnet.values():
+        group = sorted(group, key=lambda r: r[x])
+        ax.plot([r[x] * scale for r in group], [100.0 * r[y] for r in group], "-",
+                color="0.75", lw=0.8, zorder=1)
+    pairs = list(dict.fromkeys(str(r.get("bits")) for r in pts))
+    for i, pair in enumerate(pairs):
+        mine = [r for r in pts if str(r.get("bits")) == pair]
+        ax.scatter([r[x] * scale for r in mine], [100.0 * r[y] for r in mine], s=34, zorder=2,
+                   marker=_PAIR_MARKERS[i % len(_PAIR_MARKERS)],
+                   color=_PAIR_COLOURS[i % len(_PAIR_COLOURS)],
+                   label="float (32)" if pair == str(FLOAT_BITS) else f"W{pair.replace('/', ' A')}")
 
 
 def load_sweep(path):
