@@ -82,6 +82,21 @@ iBOT branch), ``width``, ``depth`` (the elastic student's subnet), ``teacher_tem
 Layer-wise lr decay (0.9), the patch-embed lr multiplier (0.2) and weight decay on ndim > 1
 variables only: see methods/teacher_student.py (shared with DINO).
 
+POA x SSQL (``quant_weight_bits`` set; off by default): one run trains every (size, bit-width)
+pair. With probability ``quant_probability`` a step's elastic student runs fake-quantized
+(``quantization/``: weights per output channel, activations per tensor with the current
+batch's min / max, straight-through estimator) at bit-widths drawn uniformly from
+``quant_weight_bits`` x ``quant_activation_bits`` (a ``BitSampler``); the teacher and the
+intact student stay float, so the quantized student learns from float targets as in SSQL. A
+quantized step runs the intact size with probability ``quant_intact_probability`` (the
+intact student is never quantized, so without this the full size would never learn to be
+quantized), otherwise the sampler's subnet. The bit-widths are run-time values
+(``step_choices``: ``weight_bits``, ``activation_bits``; 32 = float on the other steps), so the
+run compiles exactly the programs of the same run without quantization (the intact size's
+program is the widest width's, which the grid has already). Logs ``weight_bits`` and
+``activation_bits`` (32 on float steps). The bit draws' state is part of the checkpointed
+sampler state.
+
 ``elastic_student=False`` switches the elastic branch off and changes nothing else (the same
 heads, targets, KoLeo, iBOT and schedules): the ablation that isolates what the elastic student
 buys (benchmarks/quality.py). Then ``λ`` is not used: the intact student's terms get weight 1
@@ -96,6 +111,7 @@ import types
 from typing import NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from poa_keras.data.masking import mask_upper_bound
@@ -107,6 +123,7 @@ from poa_keras.losses.ibot import (ibot_masked_token_loss, masked_sinkhorn_knopp
 from poa_keras.methods import schedules as schedules_lib
 from poa_keras.methods.teacher_student import (METHOD_DEFAULTS, TeacherStudentTrainer,
                                                flatten_views, split_views, unflatten_views)
+from poa_keras.quantization import FLOAT_BITS, BitSampler, QuantConfig
 
 POA_RECIPE = dict(
     schedules_lib.POA_DEFAULTS, **dict(METHOD_DEFAULTS, centering="sinkhorn"),
@@ -121,6 +138,12 @@ POA_RECIPE = dict(
     ibot_mask_probability=0.5,   # the masks' settings (multicrop_dataset's mask_probability,
     ibot_mask_ratio=(0.1, 0.5),  # mask_ratio): they size the masked-token buffer
     ibot_max_tokens=None,    # None: mask_upper_bound(...); an int; or "all" (2B * N)
+    # POA x SSQL (off by default): the elastic student also runs fake-quantized
+    quant_weight_bits=None,        # None: off; else the weight bit choices, e.g. (2, ..., 8)
+    quant_activation_bits=(4, 5, 6, 7, 8),   # the activation bit choices (SSQL's 4..8)
+    quant_probability=0.5,         # share of steps whose elastic student is quantized
+    quant_intact_probability=0.25,   # share of quantized steps that run the intact size
+    quant_seed=1,                  # seed of the bit draws
 )
 
 
@@ -193,24 +216,66 @@ class POA(TeacherStudentTrainer):
         sampler = backbone.sampler(seed=int(self.recipe["sampler_seed"]),
                                    net_select_scale=self.recipe["net_select_scale"]) \
             if elastic else None
-        self._host = types.SimpleNamespace(sampler=sampler, subnet=None)
+        self._host = types.SimpleNamespace(sampler=sampler, subnet=None, bits=None,
+                                           bit_sampler=self._bit_sampler(elastic))
         if runtime_depth is None:
             runtime_depth = keras.backend.backend() in ("jax", "tensorflow")
         self.runtime_depth = bool(runtime_depth) and elastic and backbone.has_elastic_depth()
 
     # ------------------------------------------------------------------------------ sampling
+    def _bit_sampler(self, elastic):
+        """POA x SSQL's bit draws (None when quantization is off)."""
+        weight_bits = self.recipe["quant_weight_bits"]
+        if weight_bits is None:
+            return None
+        if not elastic:
+            raise ValueError("quant_weight_bits quantizes the elastic student: it needs "
+                             "elastic_student=True")
+        for key in ("quant_probability", "quant_intact_probability"):
+            value = self.recipe[key]
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{key}={value!r} must lie in [0, 1]")
+        bits = BitSampler(weight_bits, self.recipe["quant_activation_bits"],
+                          seed=int(self.recipe["quant_seed"]),
+                          float_probability=1.0 - float(self.recipe["quant_probability"]))
+        bits.intact_rng = np.random.default_rng(int(self.recipe["quant_seed"]) + 1)
+        return bits
+
     @property
     def sampler(self):
         return self._host.sampler
 
+    @property
+    def quantized_elastic(self):
+        """Whether the elastic student runs fake-quantized on some steps (POA x SSQL)."""
+        return self._host.bit_sampler is not None
+
     def get_sampler_state(self):
         """The subnet sampler's state (JSON-friendly), for checkpoints (None without the
-        elastic student)."""
-        return None if self._host.sampler is None else self._host.sampler.get_state()
+        elastic student); with POA x SSQL also the bit draws'."""
+        if self._host.sampler is None:
+            return None
+        state = self._host.sampler.get_state()
+        bits = self._host.bit_sampler
+        if bits is not None:
+            state = dict(subnets=state, bits=bits.get_state(),
+                         intact_rng=bits.intact_rng.bit_generator.state)
+        return state
 
     def set_sampler_state(self, state):
-        if self._host.sampler is not None and state is not None:
-            self._host.sampler.set_state(state)
+        if self._host.sampler is None or state is None:
+            return
+        bits = self._host.bit_sampler
+        if (bits is not None) != ("bits" in state):
+            raise ValueError("the checkpoint's sampler state "
+                             + ("has no" if bits is not None else "has")
+                             + " bit draws, but this POA run quantizes its elastic student "
+                             + ("(quant_weight_bits set)" if bits is not None else "never"))
+        if bits is not None:
+            bits.set_state(state["bits"])
+            bits.intact_rng.bit_generator.state = state["intact_rng"]
+            state = state["subnets"]
+        self._host.sampler.set_state(state)
 
     @staticmethod
     def plan_subnet(plan):
@@ -245,21 +310,43 @@ class POA(TeacherStudentTrainer):
         elastic student."""
         return None if self._host.sampler is None else self._host.sampler.next()
 
+    def next_bits(self):
+        """POA x SSQL: the (weight_bits, activation_bits) of the next step's elastic student
+        ((32, 32): float), and whether it runs the intact size. (None, False) when off."""
+        bits = self._host.bit_sampler
+        if bits is None:
+            return None, False
+        drawn = bits.next()
+        # always one draw, so the stream does not depend on the branch
+        intact = bits.intact_rng.random() < float(self.recipe["quant_intact_probability"])
+        return drawn, intact and drawn != (FLOAT_BITS, FLOAT_BITS)
+
     def next_plan(self):
-        subnet = self.next_subnet()
-        self._host.subnet = subnet
+        bits, intact = self.next_bits()
+        subnet = self.backbone.full_subnet if intact else self.next_subnet()
+        self._host.subnet, self._host.bits = subnet, bits
         return self.plan_for(subnet, ibot=self.ibot_active(self._current_step()))
 
     def step_choices(self):
-        """With ``runtime_depth``: ``block_keep``, the drawn subnet's block mask."""
-        if not self.runtime_depth:
-            return {}
-        return {"block_keep": self.backbone.block_keep(self._host.subnet)}
+        """With ``runtime_depth``: ``block_keep``, the drawn subnet's block mask; with POA x
+        SSQL: ``weight_bits`` and ``activation_bits`` (32: a float step)."""
+        choices = {}
+        if self.runtime_depth:
+            choices["block_keep"] = self.backbone.block_keep(self._host.subnet)
+        if self._host.bits is not None:
+            choices["weight_bits"] = np.float32(self._host.bits[0])
+            choices["activation_bits"] = np.float32(self._host.bits[1])
+        return choices
 
     def host_logs(self):
-        """The drawn subnet's size (``width``, ``depth``, ...: ``subnet_log_values``)."""
+        """The drawn subnet's size (``width``, ``depth``, ...: ``subnet_log_values``), and with
+        POA x SSQL its bit-widths."""
         subnet = self._host.subnet
-        return {} if subnet is None else self.backbone.subnet_log_values(subnet)
+        logs = {} if subnet is None else dict(self.backbone.subnet_log_values(subnet))
+        if self._host.bits is not None:
+            logs.update(weight_bits=float(self._host.bits[0]),
+                        activation_bits=float(self._host.bits[1]))
+        return logs
 
     def step_hyperparameters(self, step):
         # lambda_ie, koleo_weight and ibot_weight are step values (program arguments), read
@@ -294,11 +381,14 @@ class POA(TeacherStudentTrainer):
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def _student(self, g_flat, l_flat, n_local, subnet, training, masks=None,
-                 token_index=None, keep=None):
+                 token_index=None, keep=None, quant=None):
         """(cls of the global views (2B, w), per head logits (2 + v, B, K), per head logits of
-        the gathered masked patch tokens (U, K) or None). ``keep``: a run-time block mask."""
+        the gathered masked patch tokens (U, K) or None). ``keep``: a run-time block mask;
+        ``quant``: the backbone's fake quantization (a QuantConfig) or None."""
         width = None if subnet is None else self.backbone.head_active_in(subnet)
         depth = {} if keep is None else {"keep": keep}
+        if quant is not None:
+            depth["quant"] = quant
         g_out = self.backbone(g_flat, subnet=subnet, masks=masks, training=training, **depth)
         g_cls = g_out["cls"]
         logits = [[unflatten_views(x, 2)] for x in self._heads(g_cls, width)]
@@ -387,8 +477,12 @@ class POA(TeacherStudentTrainer):
                                                          training, masks, token_index)
         if self.elastic:
             keep = self.step_values["block_keep"] if self.runtime_depth else None
+            quant = None
+            if self.quantized_elastic:
+                quant = QuantConfig(self.step_values["weight_bits"],
+                                    self.step_values["activation_bits"], ranges="batch")
             elastic_cls, elastic, elastic_patch = self._student(
-                g_flat, l_flat, n_local, subnet, training, masks, token_index, keep)
+                g_flat, l_flat, n_local, subnet, training, masks, token_index, keep, quant)
             w_i, w_e = lam, 1.0 - lam
         else:   # the ablation: the intact student alone, with weight 1
             elastic_cls, elastic, elastic_patch = None, [None] * len(intact), None
