@@ -399,7 +399,13 @@ class _Mirror:
         params = dict(module.named_parameters())
         self.entries = [(v.path, name, kind) for v, name, kind in entries]
         covered = {id(v) for v, _, _ in entries}
-        missing = [v.path for v in keras_layer.weights if id(v) not in covered]
+        from poa_keras.quantization import activation_quantizers
+
+        # the activation quantizers' calibrated ranges are state of PTQ, unused in float
+        # training: nothing to mirror
+        ranges = {id(q.range) for q in activation_quantizers(keras_layer)}
+        missing = [v.path for v in keras_layer.weights
+                   if id(v) not in covered and id(v) not in ranges]
         if missing or len(covered) != len(entries) or set(params) != {n for _, n, _ in entries}:
             raise ValueError(f"the reference does not mirror {keras_layer.name}: Keras "
                              f"variables not mapped {missing}; torch parameters "

@@ -125,9 +125,13 @@ def build(method):
 
 
 def keras_state(trainer):
-    student = {v.path: np_(v) for v in trainer.backbone.weights + trainer.head.weights}
+    """The trained weights (not the activation quantizers' calibrated ranges, PTQ state that
+    float training never touches and the reference does not have)."""
+    student = {v.path: np_(v) for v in trainer.backbone.weights + trainer.head.weights
+               if v.name != "range"}
     teacher = {v.path: np_(v) for v in
-               trainer.teacher_backbone.weights + trainer.teacher_head.weights}
+               trainer.teacher_backbone.weights + trainer.teacher_head.weights
+               if v.name != "range"}
     centers = [np_(trainer.center)] if isinstance(trainer, DINO) else \
         [np_(c) for c in trainer.centers]
     return student, teacher, centers
