@@ -284,7 +284,10 @@ def test_quantized_elastic_forward_equals_quantized_extracted(family, request):
     images = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype("float32")
     spec = teacher.subnets()[0]
     sub = teacher.extract(spec)
-    for bits in ((4, 4), (2, 4), (8, 8)):
+    # eager JAX compiles every op of a new forward (a minute for the Swin under load): the
+    # three pairs on the ViT, one on the others (the quantizers are the same code)
+    pairs = ((4, 4), (2, 4), (8, 8)) if family == "small_vit" else ((3, 4),)
+    for bits in pairs:
         quant = QuantConfig(*bits, ranges="batch")
         elastic = _outputs(teacher, images, subnet=spec, quant=quant)
         extracted = _outputs(sub, images, quant=quant)
