@@ -8,7 +8,8 @@ Two pairs, each built from the demo recipes (same backbone, heads, batch):
   64 px views). SSQL runs the encoder twice per step (float and quantized), so about 2x;
 * ``poa_ssql`` / ``poa``: recipes/demo_poa_ssql.py vs demo.py (``vit_elastic_demo``, 2 global
   + 2 local crops), every step at the same pinned subnet (the middle of the grid) so both
-  arms do the same work; POA x SSQL's elastic student is quantized at random bits.
+  arms do the same work; POA x SSQL's elastic student is quantized at random bits on half of
+  the steps (its quantized steps at the intact size are switched off here).
 
 The two arms of a pair are timed in alternation (step of A, step of B, ...) after one warm-up
 step each, so a drift of the machine hits both; the medians and their ratio are printed as
@@ -51,11 +52,14 @@ def _views(recipe, batch, rng):
 
 
 def _pin_subnet(trainer):
-    """POA: every step at the grid's middle subnet (the same work in both arms)."""
+    """POA: every step at the grid's middle subnet (the same work in both arms; POA x SSQL's
+    quantized steps at the intact size are switched off for the timing)."""
     if hasattr(trainer, "next_subnet") and getattr(trainer, "elastic", False):
         grid = trainer.backbone.subnets()
         middle = grid[len(grid) // 2]
         trainer.next_subnet = lambda: middle
+        if "quant_intact_probability" in trainer.recipe:
+            trainer.recipe["quant_intact_probability"] = 0.0
 
 
 def pair(name_a, name_b, steps, batch):
