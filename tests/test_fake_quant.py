@@ -279,6 +279,10 @@ def _outputs(model, images, **kwargs):
 
 @pytest.mark.parametrize("family", ["small_vit", "tiny_swin", "tiny_resnet"])
 def test_quantized_elastic_forward_equals_quantized_extracted(family, request):
+    if family == "tiny_swin" and BACKEND == "jax":
+        pytest.skip("eager JAX compiles every op of a Swin forward (44 s in CI); the Swin's "
+                    "quantized layers are the ViT's elastic layers, checked here on jax, and "
+                    "this Swin check runs on tensorflow and torch")
     teacher = request.getfixturevalue(family)
     size = teacher.image_size
     images = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype("float32")
