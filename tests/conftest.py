@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -17,6 +21,29 @@ SMALL_VIT = dict(image_size=32, patch_size=8, embed_dim=96, depth=6, head_dim=16
 
 def to_np(x):
     return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def pretrain_killed_at_step(recipe, run_dir, step, prelude=""):
+    """Runs ``pretrain(recipe, run_dir)`` in a subprocess of this backend and SIGKILLs it after
+    its ``host_step`` reaches ``step`` (a hard crash: no ``finally``, no atexit); ``prelude``
+    is Python run first (e.g. thread settings). Fails unless the process died of the kill."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import keras
+        from poa_keras.pretrain import pretrain
+        {prelude}
+        class Kill(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if self.model.host_step == {step}:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        pretrain({recipe!r}, sys.argv[1], verbose=0, callbacks=[Kill()])
+        print("not killed")
+    """).format(prelude=prelude, step=int(step), recipe=recipe)
+    proc = subprocess.run([sys.executable, "-c", script, str(run_dir)], capture_output=True,
+                          text=True, timeout=600,
+                          env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()))
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
 
 
 def forward(model, images, subnet=None, training=False, **options):

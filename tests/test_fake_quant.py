@@ -6,7 +6,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import randomize, to_np
+from conftest import to_np
 from keras import ops
 
 from poa_keras.elastic.layers import ElasticDense, ElasticPatchEmbed

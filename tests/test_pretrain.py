@@ -3,16 +3,14 @@ methods/checkpoint.py), on a tiny POA run: a 16 x 16 elastic ViT with one elasti
 2 epochs of 2 steps."""
 import json
 import os
-import signal
-import subprocess
 import sys
-import textwrap
 
 import h5py
 import keras
 import numpy as np
 import pytest
 
+from conftest import pretrain_killed_at_step
 from poa_keras.methods import schedules
 from poa_keras.methods.checkpoint import CheckpointManager
 from poa_keras.methods.nan_guard import NonFiniteLoss
@@ -191,22 +189,7 @@ def test_run_writes_checkpoints_log_and_teacher(straight):
 def test_sigkill_then_resume_equals_the_uninterrupted_run(straight, tmp_path):
     out, _ = straight
     run = tmp_path / "killed"
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        import keras
-        from poa_keras.pretrain import pretrain
-
-        class Kill(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                if self.model.host_step == 3:   # mid-epoch 2, after checkpoint 1
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-        pretrain({TINY!r}, sys.argv[1], verbose=0, callbacks=[Kill()])
-        print("not killed")
-    """)
-    proc = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True,
-                          text=True, env=dict(os.environ, KERAS_BACKEND=BACKEND), timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    pretrain_killed_at_step(TINY, run, step=3)   # mid-epoch 2, after checkpoint 1
     manager = CheckpointManager(run / "checkpoints")
     assert [os.path.basename(p) for p in manager.checkpoints()] == ["epoch_0001"]
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".epoch")]

@@ -7,15 +7,11 @@ restored from a snapshot before each experiment); the fresh trainer of the resum
 its program from a JAX compilation cache of this module."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import keras
 import numpy as np
 import pytest
-from conftest import to_np
+from conftest import pretrain_killed_at_step, to_np
 
 from poa_keras.elastic.layers import HostInitializer
 from poa_keras.heads.simsiam import SimSiamPredictor, SimSiamProjector
@@ -575,25 +571,8 @@ def test_ssql_run_killed_then_resumed_equals_the_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(to_np(a), to_np(b))
 
     run = tmp_path / "killed"
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        import keras
-        import torch
-        from poa_keras.pretrain import pretrain
-
-        torch.set_num_threads(1)   # as this module's process: the same arithmetic
-
-        class Kill(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                if self.model.host_step == 3:   # mid-epoch 2, after checkpoint 1
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-        pretrain({TINY!r}, sys.argv[1], verbose=0, callbacks=[Kill()])
-        print("not killed")
-    """)
-    proc = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True,
-                          text=True, env=dict(os.environ, KERAS_BACKEND=BACKEND), timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    # mid-epoch 2, after checkpoint 1; one torch thread as this module's process (same arithmetic)
+    pretrain_killed_at_step(TINY, run, step=3, prelude="import torch; torch.set_num_threads(1)")
     manager = CheckpointManager(run / "checkpoints")
     assert [os.path.basename(p) for p in manager.checkpoints()] == ["epoch_0001"]
     a, b = arrays(tmp_path / "straight" / "checkpoints" / "epoch_0001"), arrays(manager.latest())

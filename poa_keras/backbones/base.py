@@ -164,6 +164,34 @@ class Backbone(FrozenGCQuantize, keras.Model):
                              f"got shape {shape} with {shape[-1]} channels")
         return shape
 
+    def _check_image_sizes(self, images, multiple=None, hint=""):
+        """Rank, channels and sizes: with ``multiple`` (a patch size) the height and width must
+        be static multiples of it and the token grid ``(H / multiple, W / multiple)`` is
+        returned; without, any size of at least 1 passes (convolutional stems) and None is
+        returned. ``hint`` ends the not-a-multiple message."""
+        shape = self._check_rank_and_channels(images)
+        for what, size in (("height", shape[1]), ("width", shape[2])):
+            if multiple is None:
+                if size is not None and size < 1:
+                    raise ValueError(f"image {what} {size} must be at least 1; got shape {shape}")
+                continue
+            if size is None:
+                raise ValueError(f"{self.name} needs a static image {what}; got shape {shape}")
+            if size % multiple:
+                raise ValueError(f"image {what} {size} is not a multiple of the patch size "
+                                 f"{multiple}{hint}")
+        if multiple is None:
+            return None
+        return shape[1] // multiple, shape[2] // multiple
+
+    @staticmethod
+    def _flops_total(terms, breakdown):
+        """FLOPs as every family reports them: the total, or with ``breakdown`` the integer
+        terms plus ``total``."""
+        terms = {name: int(value) for name, value in terms.items()}
+        total = sum(terms.values())
+        return dict(terms, total=total) if breakdown else total
+
     # -- fake quantization (SSQL) ----------------------------------------------------------------
     def quantization(self, quant, training=None):
         """The ``quantization_scope`` a call with ``quant=`` runs in (every family's ``call``

@@ -69,6 +69,23 @@ _BLOCK = re.compile(r"^stage(\d+)_block(\d+)$")
 _STEM_PARTS = ("stem_conv", "stem_norm")
 
 
+def resnet_layer_id(path, depths, stem_parts, name):
+    """The ResNet families' layer id of a variable path: 0 for a part in ``stem_parts``,
+    ``sum(depths[:s]) + j + 1`` under ``stage{s+1}_block{j}``, ``sum(depths)`` otherwise."""
+    parts = str(path).split("/")
+    if any(part in stem_parts for part in parts):
+        return 0
+    for part in parts:
+        match = _BLOCK.match(part)
+        if match:
+            stage, block = int(match.group(1)) - 1, int(match.group(2))
+            if not (0 <= stage < len(depths) and block < depths[stage]):
+                raise ValueError(f"{path}: no block {block} in stage {stage + 1} of "
+                                 f"{name} (depths {tuple(depths)})")
+            return sum(depths[:stage]) + block + 1
+    return sum(depths)
+
+
 @keras.saving.register_keras_serializable(package="poa_keras")
 class ElasticResNet(Backbone):
     """Bottleneck ResNet with GroupNorm, an elastic mid width and elastic stage depths.
@@ -296,18 +313,7 @@ class ElasticResNet(Backbone):
         """Layer id of a variable (the reference's ``get_resnet_lr_decay_rate``): 0 = stem,
         ``sum(max_depths[:s]) + j + 1`` = block j of stage s (its shortcut included),
         ``sum(max_depths)`` for anything else (there is nothing else in the backbone)."""
-        parts = str(path).split("/")
-        if any(part in _STEM_PARTS for part in parts):
-            return 0
-        for part in parts:
-            match = _BLOCK.match(part)
-            if match:
-                stage, block = int(match.group(1)) - 1, int(match.group(2))
-                if not (0 <= stage < self.num_stages and block < self.max_depths[stage]):
-                    raise ValueError(f"{path}: no block {block} in stage {stage + 1} of "
-                                     f"{self.name} (depths {self.max_depths})")
-                return sum(self.max_depths[:stage]) + block + 1
-        return sum(self.max_depths)
+        return resnet_layer_id(path, self.max_depths, _STEM_PARTS, self.name)
 
     @property
     def max_layer_id(self):
@@ -382,18 +388,11 @@ class ElasticResNet(Backbone):
             in_ch = out
         if not include_norms:
             del terms["norms"]
-        terms = {k: int(v) for k, v in terms.items()}
-        total = sum(terms.values())
-        if breakdown:
-            return dict(terms, total=total)
-        return total
+        return self._flops_total(terms, breakdown)
 
     # -- forward -------------------------------------------------------------------------------
     def _check_images(self, images):
-        shape = self._check_rank_and_channels(images)
-        for what, size in (("height", shape[1]), ("width", shape[2])):
-            if size is not None and size < 1:
-                raise ValueError(f"image {what} {size} must be at least 1; got shape {shape}")
+        self._check_image_sizes(images)
 
     def stem(self, images):
         """7 x 7/2 conv (padding 3) -> GroupNorm -> ReLU -> 3 x 3/2 max pool (padding 1):

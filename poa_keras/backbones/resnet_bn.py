@@ -37,13 +37,13 @@ output (after the add and the ReLU) is quantized; the stem conv has fixed 8-bit 
 """
 from __future__ import annotations
 
-import re
 
 import keras
 import numpy as np
 from keras import ops
 
 from poa_keras.backbones.base import NonElasticBackbone
+from poa_keras.backbones.resnet import resnet_layer_id
 from poa_keras.elastic.conv import ElasticConv2D, conv_output_size, kaiming_normal_fan_out
 from poa_keras.elastic.layers import ElasticDense, HostInitializer, StochasticDepth
 from poa_keras.quantization.observer import ActivationQuantizer, current_quant
@@ -76,7 +76,6 @@ CONFIGS = {
                            widths=(16, 32, 64, 128), zero_init_residual=True),
 }
 
-_BLOCK = re.compile(r"^stage(\d+)_block(\d+)$")
 _STEM_PARTS = ("stem_conv", "stem_norm", "stem_quant")
 
 
@@ -407,18 +406,7 @@ class ResNet(NonElasticBackbone):
     def layer_id(self, path):
         """Layer id of a variable for layer-wise lr decay (``ElasticResNet``'s rule): 0 = the
         stem, ``sum(depths[:s]) + j + 1`` = block j of stage s (its shortcut included)."""
-        parts = str(path).split("/")
-        if any(part in _STEM_PARTS for part in parts):
-            return 0
-        for part in parts:
-            match = _BLOCK.match(part)
-            if match:
-                stage, block = int(match.group(1)) - 1, int(match.group(2))
-                if not (0 <= stage < self.num_stages and block < self.depths[stage]):
-                    raise ValueError(f"{path}: no block {block} in stage {stage + 1} of "
-                                     f"{self.name} (depths {self.depths})")
-                return sum(self.depths[:stage]) + block + 1
-        return sum(self.depths)
+        return resnet_layer_id(path, self.depths, _STEM_PARTS, self.name)
 
     @property
     def max_layer_id(self):
@@ -518,18 +506,11 @@ class ResNet(NonElasticBackbone):
             del terms["conv3"]
         if not include_norms:
             del terms["norms"]
-        terms = {name: int(v) for name, v in terms.items()}
-        total = sum(terms.values())
-        if breakdown:
-            return dict(terms, total=total)
-        return total
+        return self._flops_total(terms, breakdown)
 
     # -- forward -------------------------------------------------------------------------------
     def _check_images(self, images):
-        shape = self._check_rank_and_channels(images)
-        for what, size in (("height", shape[1]), ("width", shape[2])):
-            if size is not None and size < 1:
-                raise ValueError(f"image {what} {size} must be at least 1; got shape {shape}")
+        self._check_image_sizes(images)
 
     def stem(self, images, training=None):
         """conv -> BatchNorm -> ReLU -> [8-bit quantizer] (-> 3 x 3/2 max pool, padding 1):

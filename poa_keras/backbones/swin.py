@@ -376,25 +376,15 @@ class ElasticSwin(Backbone):
                 norms += merged * 4 * c
         if include_norms:
             terms["norms"] = 7 * norms
-        terms = {k: int(v) for k, v in terms.items()}
-        total = sum(terms.values())
-        if breakdown:
-            return dict(terms, total=total)
-        return total
+        return self._flops_total(terms, breakdown)
 
     # -- forward -------------------------------------------------------------------------------
     def _check_images(self, images):
-        shape = self._check_rank_and_channels(images)
-        for what, size in (("height", shape[1]), ("width", shape[2])):
-            if size is None:
-                raise ValueError(f"{self.name} needs a static image {what}; got shape {shape}")
-            if size % self.patch_size:
-                raise ValueError(
-                    f"image {what} {size} is not a multiple of the patch size "
-                    f"{self.patch_size}: {self.name} takes any height and width that are "
-                    f"multiples of {self.patch_size} (maps that do not fit the window "
-                    f"{self.window_size} are padded)")
-        return shape[1] // self.patch_size, shape[2] // self.patch_size
+        return self._check_image_sizes(
+            images, self.patch_size,
+            hint=f": {self.name} takes any height and width that are multiples of "
+                 f"{self.patch_size} (maps that do not fit the window {self.window_size} are "
+                 "padded)")
 
     def call(self, images, subnet=None, masks=None, training=None, return_feature_maps=False,
              keep=None, quant=None):

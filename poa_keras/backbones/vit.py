@@ -396,22 +396,11 @@ class ElasticViT(Backbone):
         }
         if include_norms:
             terms["norms"] = 7 * n * w * (2 * d + 1)
-        terms = {k: int(v) for k, v in terms.items()}
-        total = sum(terms.values())
-        if breakdown:
-            return dict(terms, total=total)
-        return total
+        return self._flops_total(terms, breakdown)
 
     # -- forward -------------------------------------------------------------------------------
     def _check_images(self, images):
-        shape = self._check_rank_and_channels(images)
-        for what, size in (("height", shape[1]), ("width", shape[2])):
-            if size is None:
-                raise ValueError(f"{self.name} needs a static image {what}; got shape {shape}")
-            if size % self.patch_size:
-                raise ValueError(f"image {what} {size} is not a multiple of the patch size "
-                                 f"{self.patch_size}")
-        return shape[1] // self.patch_size, shape[2] // self.patch_size
+        return self._check_image_sizes(images, self.patch_size)
 
     def _position_embedding(self, grid_h, grid_w, width):
         pos = self.pos_embed if width == self.embed_dim else self.pos_embed[..., :width]

@@ -309,6 +309,21 @@ def _labels_and_classes(train_labels, val_labels, num_classes):
     return train_y, val_y, check_int(num_classes, "num_classes", minimum=1)
 
 
+def _prepare_ptq(model, train_images, train_labels, val_labels, bits, subnet, num_classes,
+                 calibrate_first, num_calibration_images, batch_size, pixel_normalization):
+    """What the PTQ evaluations share: checks, the bit pairs, the subnet, the labels, and (with
+    ``calibrate_first``) one calibration on the first TRAIN images for every pair."""
+    check_float_model(model)
+    pairs = parse_bits_list(bits)
+    labels = _labels_and_classes(train_labels, val_labels, num_classes)
+    spec = model.resolve_subnet(subnet)
+    if calibrate_first:
+        calibrate(model, train_images, subnet=spec, num_images=num_calibration_images,
+                  batch_size=min(batch_size, num_calibration_images),
+                  pixel_normalization=pixel_normalization)
+    return pairs, spec, labels
+
+
 def ptq_knn_eval(model, train_images, train_labels, val_images, val_labels, bits=SSQL_BITS,
                  subnet=None, num_classes=None, ks=(20,), temperature=0.07, batch_size=64,
                  calibrate_first=True, num_calibration_images=DEFAULT_CALIBRATION_IMAGES,
@@ -322,14 +337,9 @@ def ptq_knn_eval(model, train_images, train_labels, val_images, val_labels, bits
     Returns:
       {"W/A": knn_classify result} for every pair, e.g. result["4/4"][20]["top1"].
     """
-    check_float_model(model)
-    pairs = parse_bits_list(bits)
-    train_y, val_y, num_classes = _labels_and_classes(train_labels, val_labels, num_classes)
-    spec = model.resolve_subnet(subnet)
-    if calibrate_first:
-        calibrate(model, train_images, subnet=spec, num_images=num_calibration_images,
-                  batch_size=min(batch_size, num_calibration_images),
-                  pixel_normalization=pixel_normalization)
+    pairs, spec, (train_y, val_y, num_classes) = _prepare_ptq(
+        model, train_images, train_labels, val_labels, bits, subnet, num_classes,
+        calibrate_first, num_calibration_images, batch_size, pixel_normalization)
     kwargs = dict(subnet=spec, batch_size=batch_size, normalize=True,
                   pixel_normalization=pixel_normalization)
     results = {}
@@ -356,14 +366,9 @@ def ptq_linear_probe(model, train_images, train_labels, val_images, val_labels, 
     Returns:
       {"W/A": train_linear_classifier result} for every pair of ``bits`` (one pair or a list).
     """
-    check_float_model(model)
-    pairs = parse_bits_list(bits)
-    train_y, val_y, num_classes = _labels_and_classes(train_labels, val_labels, num_classes)
-    spec = model.resolve_subnet(subnet)
-    if calibrate_first:
-        calibrate(model, train_images, subnet=spec, num_images=num_calibration_images,
-                  batch_size=min(feature_batch_size, num_calibration_images),
-                  pixel_normalization=pixel_normalization)
+    pairs, spec, (train_y, val_y, num_classes) = _prepare_ptq(
+        model, train_images, train_labels, val_labels, bits, subnet, num_classes,
+        calibrate_first, num_calibration_images, feature_batch_size, pixel_normalization)
     kwargs = dict(subnet=spec, batch_size=feature_batch_size, normalize=False,
                   pixel_normalization=pixel_normalization)
     results = {}
