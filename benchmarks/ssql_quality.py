@@ -66,7 +66,7 @@ FLAGS = flags.FLAGS
 
 
 def arm_recipe(arm, seed):
-    from poa_keras.pretrain import apply_override, load_recipe, steps_per_epoch
+    from poa_keras.pretrain import apply_override, load_recipe
 
     recipe = load_recipe(RECIPES[arm], list(FLAGS.override))
     recipe["data"].setdefault("seed", int(recipe.get("seed", 0)))

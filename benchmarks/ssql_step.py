@@ -37,7 +37,19 @@ def _trainer(name, batch, steps):
 
     recipe = load_recipe(name, [f"train.batch_size={batch}"])
     keras.utils.set_random_seed(0)
-    return build_trainer(recipe, steps), recipe
+    teacher = None
+    if recipe.get("distill"):   # MAE-Lite: a teacher of the teacher recipe's architecture
+        from poa_keras.backbones import from_config_name
+
+        source = recipe.pop("distill")
+        if source.get("teacher"):
+            from poa_keras import Backbone
+
+            teacher = Backbone.from_preset(source["teacher"])
+        else:
+            config = dict(load_recipe(source["teacher_recipe"])["backbone"])
+            teacher = from_config_name(config.pop("config"), **config)
+    return build_trainer(recipe, steps, teacher=teacher), recipe
 
 
 def _views(recipe, batch, rng):
@@ -84,6 +96,7 @@ def pair(name_a, name_b, steps, batch):
     record = {"record": "step", "backend": keras.backend.backend(), "batch": batch,
               "steps": steps, "median_s": {k: round(v, 4) for k, v in medians.items()},
               "ratio": round(medians[name_a] / medians[name_b], 3),
+              "images_per_s": {k: round(batch / v, 1) for k, v in medians.items()},
               "compilations": {name: trainer.num_compilations for name, trainer, _ in arms}}
     print(json.dumps(record), flush=True)
 

@@ -15,6 +15,10 @@ Images: uint8 images (0..255) go through the backbone's ``preprocessing`` (the r
 preset: resized to the input size if needed, normalised as in training) inside ``call``, so
 ``fit`` / ``predict`` take raw images; float images are taken as already preprocessed.
 
+MAE-Lite's fine-tuning head (REFERENCE.md §3): ``pooling="avg_norm"``, the mean of the patch
+tokens followed by a LayerNorm (``fc_norm``, epsilon 1e-6, saved with the head).
+poa_keras/finetune.py runs the whole recipe (checkpoints, resume, augmentation).
+
 Layer-wise lr decay (BEiT / MAE / MAE-Lite fine-tuning, REFERENCE.md §3: layer decay 0.85):
 ``layer_decay_optimizer`` wraps any optimizer in ``poa_keras.optimizers.LRMultiplierOptimizer``
 (Keras 3 optimizers have no parameter groups; see that module for when its rule equals a
@@ -36,7 +40,8 @@ from poa_keras.optimizers import LRMultiplierOptimizer
 from poa_keras.quantization import FrozenGCQuantize, quantization_mode
 from poa_keras.validation import check_multiplier
 
-POOLINGS = ("cls", "avg")
+POOLINGS = ("cls", "avg", "avg_norm")
+FC_NORM_EPSILON = 1e-6   # MAE-Lite's LayerNorm(eps=1e-6)
 _HALF_DTYPES = ("float16", "bfloat16")
 
 
@@ -49,9 +54,12 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
             ``pooled``, and ``patch_tokens`` for ViTs).
         num_classes: number of output logits (int >= 1).
         pooling: ``"cls"``: the head reads the ``cls`` output; ``"avg"``: the mean of the
-            ``patch_tokens`` (MAE-Lite's "global pooling"; the tokens are final-normed). A
-            backbone without that output (no cls token, no patch tokens: ResNet, Swin) uses its
-            ``pooled`` output for either choice.
+            ``patch_tokens`` (MAE-Lite's "global pooling"; the tokens are final-normed);
+            ``"avg_norm"``: that mean, then a LayerNorm of its own (``fc_norm``, MAE-Lite's
+            fine-tuning head; unlike MAE-Lite, whose encoder drops its final norm when it
+            pools, the backbone's final norm stays). A backbone without that output (no cls
+            token, no patch tokens: ResNet, Swin) uses its ``pooled`` output for any choice
+            (``"avg_norm"``: then normed).
         dropout: dropout rate on the pooled features before the head, in [0, 1).
         subnet: None (the backbone as it is), or a spec / tuple / size name: the classifier
             runs ``backbone(x, subnet=subnet)`` (weights sliced at run time). To deploy or
@@ -66,7 +74,9 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
     head computes in float32, so the logits are float32.
 
     The head is ``Dense(num_classes)`` with truncated-normal (std 0.02) kernel and zero bias
-    (timm's classifier initialisation), named ``head``. The classifier is compiled at
+    (timm's classifier initialisation), named ``head``; with ``pooling="avg_norm"`` a
+    ``LayerNorm`` (epsilon 1e-6, gain 1, bias 0) named ``fc_norm`` comes before it. Both
+    compute in float32 under a mixed policy. The classifier is compiled at
     construction with ``compile()``'s defaults (keras-hub's convention), so ``fit`` works
     right away; ``compile`` again to choose otherwise.
     """
@@ -105,6 +115,9 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
         self.dropout_layer = (keras.layers.Dropout(self.dropout, dtype=self.dtype_policy,
                                                    name="dropout")
                               if self.dropout > 0 else None)
+        self.fc_norm = (keras.layers.LayerNormalization(epsilon=FC_NORM_EPSILON,
+                                                        dtype=head_dtype, name="fc_norm")
+                        if pooling == "avg_norm" else None)
         self.head = keras.layers.Dense(
             self.num_classes, dtype=head_dtype, name="head",
             kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
@@ -115,6 +128,8 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
     def build(self, input_shape=None):
         # Built at construction (in this layer's name scope: head paths "<name>/head/..."), so
         # that weights exist for loading and for an optimizer before the first call.
+        if self.fc_norm is not None and not self.fc_norm.built:
+            self.fc_norm.build((None, self._feature_dim))
         if not self.head.built:
             self.head.build((None, self._feature_dim))
         self.built = True
@@ -144,14 +159,18 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
         if not isinstance(outputs, dict):
             raise TypeError(f"the backbone must return a dict of outputs, got "
                             f"{type(outputs).__name__}")
-        if self.pooling == "avg" and "patch_tokens" in outputs:
+        if self.pooling != "cls" and "patch_tokens" in outputs:
             tokens = outputs["patch_tokens"]
-            return ops.mean(ops.cast(tokens, self.head.compute_dtype), axis=1)
-        key = "cls" if "cls" in outputs else "pooled"
-        if key not in outputs:
-            raise ValueError(f"the backbone's outputs have neither 'cls' nor 'pooled' (got "
-                             f"{sorted(outputs)})")
-        return outputs[key]
+            features = ops.mean(ops.cast(tokens, self.head.compute_dtype), axis=1)
+        else:
+            key = "cls" if "cls" in outputs else "pooled"
+            if key not in outputs:
+                raise ValueError(f"the backbone's outputs have neither 'cls' nor 'pooled' (got "
+                                 f"{sorted(outputs)})")
+            features = outputs[key]
+        if self.fc_norm is not None:
+            features = self.fc_norm(ops.cast(features, self.fc_norm.compute_dtype))
+        return features
 
     @property
     def preprocessing(self):

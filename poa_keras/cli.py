@@ -7,9 +7,15 @@ usage: poa-keras <command> [--flags]      (KERAS_BACKEND=jax|tensorflow|torch pi
     sweep     k-NN top-1, parameters, FLOPs and latency of every subnet of a teacher (with
               --bits also at every bit-width, PTQ); writes sweep.csv, sweep.json and sweep.png
               into --output; --budget_* picks the best fit
+    analyze   layer-wise analysis (MAE-Lite): linear CKA between the layers of a model, or of
+              two models or subnets (--preset_b / --subnet_b), on the same images; attention
+              distance and entropy per layer and head (ViT); writes analysis.json, cka.png and
+              attention_*.png into --output
     extract   write one subnet of a teacher as a standalone preset directory
     finetune  train an ImageClassifier on a subnet (embedded shapes or an image folder), report
-              the val accuracy before and after, save the model (.keras)
+              the val accuracy before and after, save the model (.keras); with --recipe, run
+              (or resume) a fine-tuning recipe: `--recipe=demo_finetune` fine-tunes the demo
+              teacher, MAE-Lite's recipe scaled down
     export    write one subnet (optionally int8) as deployable artefacts (preset, SavedModel,
               ONNX, LiteRT, torch .pt2 as the backend allows) with sizes, checks and the int8
               accuracy change
@@ -45,7 +51,8 @@ import warnings
 
 from absl import app, flags, logging
 
-COMMANDS = ("pretrain", "sweep", "extract", "finetune", "export", "info", "subnets", "demo")
+COMMANDS = ("pretrain", "sweep", "analyze", "extract", "finetune", "export", "info", "subnets",
+            "demo")
 
 FLAGS = flags.FLAGS
 # -- the model
@@ -62,15 +69,17 @@ flags.DEFINE_string("subnet", None, "The size: a named size (e.g. small), or spe
                     "the intact network.")
 flags.DEFINE_integer("width", None, "Subnet width (instead of --subnet).")
 flags.DEFINE_integer("depth", None, "Subnet depth (ViT: blocks; Swin: stage-3 blocks).")
-flags.DEFINE_string("output", None, "Where to write: a directory (sweep, extract, finetune, "
-                    "export, pretrain; optional for sweep and demo).")
+flags.DEFINE_string("output", None, "Where to write: a directory (sweep, analyze, extract, "
+                    "finetune, export, pretrain; optional for sweep and demo).")
 flags.DEFINE_integer("batch_size", None, "Images per batch (demo: 4, sweep: 64 per feature "
-                     "pass, finetune: 32 per step).")
+                     "pass, analyze: 64 per forward pass and CKA minibatch, finetune: 32 per "
+                     "step).")
 flags.DEFINE_integer("seed", 0, "Random seed (data, initialisation).")
 # -- data (sweep, finetune, export)
 flags.DEFINE_string("data", None, "pretrain: an image folder to train on; sweep / finetune / "
                     "export: an image folder with one sub-folder per class (split into train "
-                    "and val by --val_fraction). Default: the embedded shapes data.")
+                    "and val by --val_fraction); analyze: any image folder (labels unused). "
+                    "Default: the embedded shapes data.")
 flags.DEFINE_integer("num_train", 512, "sweep / finetune / export: shapes images of the train "
                      "split (the k-NN bank).")
 flags.DEFINE_integer("num_val", 256, "sweep / finetune / export: shapes images of the val "
@@ -82,16 +91,22 @@ flags.DEFINE_enum("on_bad_image", "error", ["error", "skip"], "--data folders: e
                   "it (error), or is left out (skip, with a count).")
 # -- pretrain
 flags.DEFINE_string("recipe", "demo", "pretrain: a shipped recipe name (demo, demo_dino, "
-                    "poa_vit_l16_in1k, dino_vit_s16_in1k) or a .py file defining RECIPE.")
-flags.DEFINE_multi_string("override", [], "pretrain: section.key=value changes of the recipe, "
-                          "e.g. --override=train.epochs=1 (repeatable; values are Python "
-                          "literals).")
-flags.DEFINE_integer("epochs", None, "pretrain: stop after this many epochs (the schedules keep "
-                     "the recipe's length; run again to resume). finetune: epochs (default 3).")
-flags.DEFINE_string("compilation_cache", "auto", "pretrain (JAX): the persistent compilation "
+                    "poa_vit_l16_in1k, dino_vit_s16_in1k) or a .py file defining RECIPE. "
+                    "finetune: a fine-tuning recipe (demo_finetune, finetune_mae_tiny_in1k) or "
+                    "a .py file defining FINETUNE_RECIPE; without it, finetune runs from its "
+                    "flags. Each command refuses the other's recipes.")
+flags.DEFINE_multi_string("override", [], "pretrain / finetune --recipe: section.key=value "
+                          "changes of the recipe, e.g. --override=train.epochs=1 (repeatable; "
+                          "values are Python literals).")
+flags.DEFINE_integer("epochs", None, "pretrain, finetune --recipe: stop after this many epochs "
+                     "(the schedules keep the recipe's length; run again to resume). finetune "
+                     "without a recipe: epochs (default 3).")
+flags.DEFINE_string("compilation_cache", "auto", "pretrain / finetune --recipe (JAX): the "
+                    "persistent compilation "
                     "cache: auto (the one JAX already uses, else user), user (in the Keras "
                     "cache), run (in --output), off, or a directory.")
-flags.DEFINE_bool("resume", True, "pretrain: resume from the latest checkpoint in --output.")
+flags.DEFINE_bool("resume", True, "pretrain, finetune --recipe: resume from the latest "
+                  "checkpoint in --output.")
 flags.DEFINE_list("allow_recipe_change", [], "pretrain: recipe keys a resumed run may change, "
                   "e.g. train.lr,train.epochs (the schedules, train.epochs and the checkpoint "
                   "settings; give the new values with --override). Any other change is "
@@ -118,14 +133,26 @@ flags.DEFINE_string("bits", None, "sweep: also evaluate every subnet fake-quanti
                     "BitOPs.")
 flags.DEFINE_float("budget_bytes", None, "sweep (with --bits): ... at most this many bytes of "
                    "weights at the row's bit-width.")
+# -- analyze
+flags.DEFINE_string("preset_b", None, "analyze: a second model (registered preset name or preset "
+                    "directory) to compare with the first on the same images (CKA between the "
+                    "layers of the two).")
+flags.DEFINE_string("subnet_b", None, "analyze: the size of the second model (as --subnet); "
+                    "without --preset_b, a second subnet of the first model.")
+flags.DEFINE_integer("num_images", 256, "analyze: images to analyse (the first of --data, or "
+                     "shapes images; at least 4).")
+flags.DEFINE_enum("attention", "auto", ["auto", "yes", "no"], "analyze: the attention distance "
+                  "and entropy: auto = for the models that have global attention (ViT), yes = "
+                  "required (an error for other families), no = CKA only.")
 flags.DEFINE_integer("calibration_images", 100, "sweep (with --bits): calibrate every subnet "
                      "on the first this many train images (SSQL: 100).")
 # -- finetune
 flags.DEFINE_float("lr", 1e-3, "finetune: peak learning rate (AdamW).")
 flags.DEFINE_float("weight_decay", 0.05, "finetune: AdamW weight decay.")
 flags.DEFINE_float("layer_decay", 1.0, "finetune: layer-wise lr decay (ViT, e.g. 0.75; 1 = off).")
-flags.DEFINE_enum("pooling", "cls", ["cls", "avg"], "finetune: the head reads the cls token or "
-                  "the mean patch token (ViT; others use their pooled output).")
+flags.DEFINE_enum("pooling", "cls", ["cls", "avg", "avg_norm"], "finetune: the head reads the "
+                  "cls token, the mean patch token, or that mean through a LayerNorm (avg_norm: "
+                  "MAE-Lite's fc_norm) (ViT; others use their pooled output).")
 # -- export
 flags.DEFINE_enum("quantize", "none", ["none", "int8"], "export: quantize a copy with "
                   "model.quantize('int8') before exporting it.")
@@ -149,8 +176,12 @@ COMMAND_FLAGS = {   # the flags each command reads (`poa-keras COMMAND --help` l
                              "latency_batch", "latency_runs", "budget_params", "budget_flops",
                              "budget_latency_ms", "bits", "budget_bytes",
                              "calibration_images") + _DATA_FLAGS + ("output", "verbose"),
+    "analyze": _MODEL_FLAGS + _SIZE_FLAGS + ("preset_b", "subnet_b", "num_images", "batch_size",
+                                             "attention", "data", "image_size", "on_bad_image",
+                                             "output", "verbose"),
     "extract": _MODEL_FLAGS + _SIZE_FLAGS + ("output",),
-    "finetune": _MODEL_FLAGS + _SIZE_FLAGS + ("epochs", "batch_size", "lr", "weight_decay",
+    "finetune": ("recipe", "override", "resume", "compilation_cache") + _MODEL_FLAGS
+    + _SIZE_FLAGS + ("epochs", "batch_size", "lr", "weight_decay",
                                               "layer_decay", "pooling") + _DATA_FLAGS
     + ("output", "verbose"),
     "export": _MODEL_FLAGS + _SIZE_FLAGS + ("quantize", "formats", "export_batch_size",
@@ -236,16 +267,18 @@ def _say(message):
 
 # ----- the model and its size --------------------------------------------------------------
 
-def _load_backbone():
+def _load_backbone(preset=None):
+    """The model of --config, else of --preset; ``preset``: that preset instead (analyze's
+    --preset_b)."""
     from poa_keras import Backbone, presets
     from poa_keras.backbones import from_config_name
     from poa_keras.files import recover_directory
-    if FLAGS.config:
+    if FLAGS.config and preset is None:
         import keras
 
         keras.utils.set_random_seed(FLAGS.seed)   # the same random weights for the same seed
         return from_config_name(FLAGS.config)
-    source = FLAGS.preset
+    source = FLAGS.preset if preset is None else preset
     load = FLAGS.weights != "no"
     recover_directory(source)   # a save killed between its two renames left the old one aside
     if FLAGS.weights == "auto" and not os.path.isdir(source):
@@ -615,7 +648,133 @@ def cmd_sweep():
              f"with --subnet={_spec_text(spec).replace(', ', ',')}")
 
 
+def _analysis_images(image_size):
+    """--num_images uint8 images: the first ones of --data (a folder of images, labels
+    ignored) or shapes images."""
+    import numpy as np
+
+    if FLAGS.data:
+        if not os.path.isdir(FLAGS.data):
+            raise ValueError(f"--data={FLAGS.data!r} is not a directory of images")
+        from poa_keras.data import images_from_directory
+
+        dataset = images_from_directory(FLAGS.data, image_size=image_size,
+                                        on_bad_image=FLAGS.on_bad_image,
+                                        progress=FLAGS.verbose != "0")
+        images = list(dataset.take(FLAGS.num_images).as_numpy_iterator())
+        if len(images) < 4:
+            raise ValueError(f"--data={FLAGS.data!r} holds {len(images)} images; the analysis "
+                             "needs at least 4")
+        _say(f"data: {len(images)} images of {FLAGS.data} at {image_size} px")
+        return np.stack(images)
+    from poa_keras.data import make_shapes
+
+    images, _, _ = make_shapes(FLAGS.num_images, image_size=image_size, seed=FLAGS.seed)
+    _say(f"data: {len(images)} images of the embedded shapes at {image_size} px")
+    return images
+
+
+def cmd_analyze():
+    from poa_keras.eval.analysis import analyze, check_same_input_size, save_analysis
+
+    output = _require_output("analyze")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output={output!r} exists and is not a directory")
+    if FLAGS.num_images < 4:
+        raise ValueError(f"--num_images must be >= 4 (the CKA's minibatches need at least 4 "
+                         f"images), got {FLAGS.num_images}")
+    batch = 64 if FLAGS.batch_size is None else FLAGS.batch_size
+    if batch < 4:
+        raise ValueError(f"--batch_size must be >= 4 for the CKA's unbiased HSIC, got {batch}")
+    model_a = _load_backbone()
+    spec_a = _subnet(model_a)
+    model_b = _load_backbone(FLAGS.preset_b) if FLAGS.preset_b else (
+        model_a if FLAGS.subnet_b else None)
+    spec_b = parse_subnet(model_b, FLAGS.subnet_b) if FLAGS.subnet_b else None
+    if model_b is not None:
+        check_same_input_size(model_a, model_b)   # before any data is made
+    images = _analysis_images(_image_size(model_a))
+    names = [f"{m.name}" + ("" if s is None else f" {s}")
+             for m, s in ((model_a, spec_a), (model_b, spec_b)) if m is not None]
+    _say(f"analysing {' vs '.join(names)} on the {__import__('keras').backend.backend()} "
+         f"backend")
+    result = analyze(model_a, images, model_b=model_b, subnet_a=spec_a, subnet_b=spec_b,
+                     batch_size=batch, attention={"auto": "auto", "yes": True,
+                                                  "no": False}[FLAGS.attention],
+                     verbose=int(FLAGS.verbose != "0"))
+    other = result["model_b"] or result["model_a"]
+    count = len(result["batch_sizes"])
+    _say(f"linear CKA: {len(result['model_a']['layers'])} x {len(other['layers'])} layers, "
+         f"{result['num_images']} images in {count} minibatch{'es' * (count > 1)}")
+    for role, stats in result["attention"].items():
+        name = result[f"model_{role}"]["name"]
+        if stats is None:
+            continue
+        if "refused" in stats:
+            _say(f"attention: none ({stats['refused']})")
+            continue
+        means = " ".join(f"{sum(d) / len(d):.1f}" for d in stats["distance_px"])
+        _say(f"attention distance of {name} (px, mean over heads, per block): {means}")
+    paths = save_analysis(result, output)
+    _say(f"wrote {', '.join(os.path.basename(p) for p in paths)} into {output}")
+
+
+# The flags of the flag-based finetune, and the recipe key that replaces each with --recipe.
+_FINETUNE_FLAG_KEYS = {"preset": "model.preset", "config": "model.config",
+                       "weights": "model.load_weights", "subnet": "model.subnet",
+                       "width": "model.subnet", "depth": "model.subnet",
+                       "batch_size": "train.batch_size", "lr": "train.lr",
+                       "weight_decay": "train.weight_decay", "layer_decay": "train.layer_decay",
+                       "pooling": "classifier.pooling", "num_train": "data.num_images",
+                       "num_val": "data.num_val", "image_size": "data.image_size",
+                       "val_fraction": "data.val_fraction", "seed": "seed"}
+
+
+def _finetune_recipe():
+    """``finetune --recipe``: runs (or resumes) a fine-tuning recipe (poa_keras/finetune.py)."""
+    import keras
+
+    from poa_keras.finetune import finetune, load_finetune_recipe
+    from poa_keras.methods.nan_guard import NonFiniteLoss
+
+    given = [name for name in _FINETUNE_FLAG_KEYS if FLAGS[name].present]
+    if given:
+        hints = ", ".join(f"--{n} -> --override={_FINETUNE_FLAG_KEYS[n]}=..." for n in given)
+        raise ValueError(f"with --recipe, the recipe sets the model, data and training: give "
+                         f"{hints}")
+    overrides = list(FLAGS.override)
+    if FLAGS.data:
+        overrides += ["data.source=folder", f"data.path={FLAGS.data}"]
+    if FLAGS["on_bad_image"].present:
+        overrides += [f"data.on_bad_image={FLAGS.on_bad_image!r}"]
+    recipe = load_finetune_recipe(FLAGS.recipe, overrides)
+    output = FLAGS.output or os.path.join("runs", recipe.get("name") or "finetune")
+    model = recipe["model"].get("preset") or recipe["model"].get("config")
+    _say(f"fine-tuning recipe {recipe.get('name', FLAGS.recipe)!r} ({model}) on the "
+         f"{keras.backend.backend()} backend into {output}")
+    start = time.perf_counter()
+    try:
+        result = finetune(recipe, output, resume=FLAGS.resume, epochs=FLAGS.epochs,
+                          compilation_cache=FLAGS.compilation_cache, verbose=int(FLAGS.verbose))
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if result.resumed_from:
+        _say(f"resumed from {result.resumed_from}")
+    if result.history:
+        last = result.history[-1]
+        _say(f"epoch {int(last['epoch'])}/{recipe['train']['epochs']}: loss {last['loss']:.4f}")
+    _say(f"held-out top-1: {100 * result.top1:.2f} % ({len(result.class_names)} classes); "
+         f"{time.perf_counter() - start:.0f} s")
+    if result.preset_dir:
+        _say(f"classifier preset: {result.preset_dir}  (ImageClassifier.from_preset"
+             f"({result.preset_dir!r})); result.json")
+    return 0
+
+
 def cmd_finetune():
+    if FLAGS["recipe"].present:
+        return _finetune_recipe()
     import keras
 
     from poa_keras.classifier import ImageClassifier
@@ -784,7 +943,7 @@ def run():
         sys.stdout.write(command_help(help_for or None))
         sys.exit(0)
     warnings.formatwarning = _format_warning
-    if any(a in ("pretrain", "sweep", "finetune", "export") for a in sys.argv[1:2]):
+    if any(a in ("pretrain", "sweep", "analyze", "finetune", "export") for a in sys.argv[1:2]):
         _import_tensorflow_quietly()
     main_module = sys.modules.get("__main__")
     if main_module is not None and not main_module.__doc__:

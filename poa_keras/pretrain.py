@@ -6,7 +6,9 @@
                                                   # (SimSiam/SSQL: the trained backbone)
 
 A recipe is a Python file in recipes/ (shipped as ``poa_keras.recipes``) defining ``RECIPE``, a
-dict with these sections (see recipes/demo.py for a commented example):
+dict with these sections (see recipes/demo.py for a commented example; fine-tuning recipes
+define ``FINETUNE_RECIPE`` and run with poa_keras/finetune.py, and each runner refuses the other
+kind):
 
 * ``method``: "poa", "dino" (teacher/student, EMA teacher), "simsiam" or "ssql" (two views, no
   teacher: methods/simsiam.py, methods/ssql.py);
@@ -59,8 +61,8 @@ import numpy as np
 from poa_keras.files import atomic_write_json
 
 RECIPE_SECTIONS = ("name", "description", "method", "backbone", "head", "data", "optimizer",
-                   "train", "checkpoint", "seed")
-METHODS = ("poa", "dino", "simsiam", "ssql")
+                   "train", "checkpoint", "seed", "distill")
+METHODS = ("poa", "dino", "simsiam", "ssql", "mae")
 TWO_VIEW_METHODS = ("simsiam", "ssql")     # two global views, no teacher, SGD by default
 OPTIMIZERS = {"adamw": ("beta_1", "beta_2", "epsilon"), "sgd": ("momentum", "nesterov")}
 # SSQL's augmentation (REFERENCE.md §5; SimSiam's ImageNet one), the defaults of the two-view
@@ -69,9 +71,20 @@ TWO_VIEW_DATA_DEFAULTS = dict(
     num_local=0, global_scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8,
     grayscale_prob=0.2, flip_prob=0.5, blur_prob=(0.5, 0.5, 0.0), blur_sigma=(0.1, 2.0),
     solarize_prob=(0.0, 0.0, 0.0))
+# MAE's augmentation (REFERENCE.md §3, MAE-Lite): ONE view, RandomResizedCrop (0.08, 1) and a
+# flip, nothing photometric.
+MAE_DATA_DEFAULTS = dict(
+    num_global=1, num_local=0, global_scale=(0.08, 1.0), flip_prob=0.5,
+    color_jitter=(0.0, 0.0, 0.0, 0.0), jitter_prob=0.0, grayscale_prob=0.0,
+    blur_prob=(0.0, 0.0, 0.0), solarize_prob=(0.0, 0.0, 0.0))
+# The ``distill`` section of an MAE recipe (MAE-Lite's attention distillation): the frozen
+# teacher, a preset (``teacher``: a name or a directory) or a recipe trained first into
+# <output_dir>/distill_teacher (``teacher_recipe``: a name or a .py file); the loss weight and
+# blocks are train keys (distill_weight, distill_blocks, teacher_blocks).
+DISTILL_KEYS = ("teacher", "teacher_recipe")
 DATA_SOURCES = ("shapes", "folder", "tfds")
 BAD_IMAGE_CHOICES = ("error", "skip")   # data.on_bad_image (images_from_directory)
-_MULTICROP_KEYS = ("global_size", "local_size", "num_local", "global_scale", "local_scale",
+_MULTICROP_KEYS = ("global_size", "local_size", "num_global", "num_local", "global_scale", "local_scale",
                    "normalize", "shuffle_buffer", "ratio", "supersample", "flip_prob",
                    "color_jitter", "jitter_prob", "grayscale_prob", "blur_prob", "blur_sigma",
                    "solarize_prob", "masks", "mask_patch_size", "mask_probability", "mask_ratio")
@@ -84,7 +97,15 @@ DATA_KEYS = ("source", "num_images", "num_val", "image_size", "seed", "palette",
 
 # ------------------------------------------------------------------------------------ recipes
 
-def _recipes_dir():
+# A recipe file defines one dict, whose name says the kind of recipe: pretraining recipes (this
+# module) define RECIPE, fine-tuning recipes (poa_keras/finetune.py) FINETUNE_RECIPE. Each kind
+# is refused by the other runner, with a message naming the command that runs it.
+RECIPE_VARIABLES = {"pretrain": "RECIPE", "finetune": "FINETUNE_RECIPE"}
+_RECIPE_RUNNERS = {"pretrain": "poa-keras pretrain --recipe=... (poa_keras.pretrain.pretrain)",
+                   "finetune": "poa-keras finetune --recipe=... (poa_keras.finetune.finetune)"}
+
+
+def recipes_dir():
     """The shipped recipes: the installed ``poa_keras.recipes`` package, or the top-level
     recipes/ folder of a source checkout (where ``python -m poa_keras.cli`` imports the package
     from the checkout, which has no poa_keras/recipes)."""
@@ -97,40 +118,88 @@ def _recipes_dir():
                             "recipes")
 
 
-def recipe_names():
-    """Names of the recipes shipped in ``poa_keras.recipes``."""
-    return sorted(m.name for m in pkgutil.iter_modules([_recipes_dir()])
-                  if not m.name.startswith("_"))
+def recipe_kind(path):
+    """The kind of the recipe file at ``path`` ("pretrain" or "finetune"), read from the name of
+    the dict it assigns at the top level (``RECIPE_VARIABLES``) without running it; None when it
+    assigns neither."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+        names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return next((kind for kind, variable in RECIPE_VARIABLES.items() if variable in names), None)
 
 
-def _recipe_from_file(path):
+def recipe_names(kind="pretrain"):
+    """Names of the recipes of one kind ("pretrain" or "finetune") shipped in
+    ``poa_keras.recipes``."""
+    directory = recipes_dir()
+    return sorted(m.name for m in pkgutil.iter_modules([directory])
+                  if not m.name.startswith("_")
+                  and recipe_kind(os.path.join(directory, f"{m.name}.py")) == kind)
+
+
+def wrong_kind_message(what, kind):
+    """The error text for ``what`` (a recipe name or file), a recipe of the other kind than
+    ``kind``, the kind the caller runs: which kind it is and the command that runs it."""
+    other = next(k for k in RECIPE_VARIABLES if k != kind)
+    label = {"pretrain": "pretraining", "finetune": "fine-tuning"}
+    return (f"{what} is a {label[other]} recipe (it defines {RECIPE_VARIABLES[other]}), not a "
+            f"{label[kind]} one: run it with {_RECIPE_RUNNERS[other]}")
+
+
+def recipe_from_file(path, kind="pretrain"):
+    """The recipe dict a .py file defines (a deep copy): ``RECIPE_VARIABLES[kind]``; a file of
+    the other kind is a ValueError naming the command that runs it."""
+    variable = RECIPE_VARIABLES[kind]
+    found = recipe_kind(path)
+    if found is not None and found != kind:
+        raise ValueError(wrong_kind_message(f"recipe file {path}", kind))
     spec = importlib.util.spec_from_file_location(
         f"_poa_keras_recipe_{os.path.splitext(os.path.basename(path))[0]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not isinstance(getattr(module, "RECIPE", None), dict):
-        raise ValueError(f"recipe file {path} must define a dict named RECIPE")
-    return copy.deepcopy(module.RECIPE)
+    if not isinstance(getattr(module, variable, None), dict):
+        raise ValueError(f"recipe file {path} must define a dict named {variable}")
+    return copy.deepcopy(getattr(module, variable))
+
+
+def shipped_recipe(name, kind="pretrain"):
+    """The shipped recipe ``name`` of a kind (its ``name`` set); an unknown name, or one of the
+    other kind, is a ValueError listing the shipped recipes of this kind."""
+    names = recipe_names(kind)
+    if name not in names:
+        if name in recipe_names(next(k for k in RECIPE_VARIABLES if k != kind)):
+            raise ValueError(wrong_kind_message(f"recipe {name!r}", kind)
+                             + f"; shipped recipes of this kind: {names}")
+        raise ValueError(f"unknown recipe {name!r}{_did_you_mean(name, names, quote=True)}; "
+                         f"shipped recipes: {names} (or give a path to a .py file defining "
+                         f"{RECIPE_VARIABLES[kind]})")
+    result = recipe_from_file(os.path.join(recipes_dir(), f"{name}.py"), kind)
+    result.setdefault("name", name)
+    return result
 
 
 def load_recipe(recipe, overrides=()):
     """A recipe dict from a shipped recipe name, a path to a .py file defining RECIPE, or a
     dict; then ``overrides`` ("section.key=value" strings, values parsed as Python literals)
-    are applied. Returns a deep copy."""
+    are applied. Returns a deep copy. A fine-tuning recipe (a name, a file defining
+    FINETUNE_RECIPE, a dict with a ``model`` section) is refused, naming the command that runs
+    it."""
     if isinstance(recipe, dict):
         result = copy.deepcopy(recipe)
+        if "model" in result and "method" not in result:
+            raise ValueError(wrong_kind_message("this recipe dict (a 'model' section, no "
+                                                "'method')", "pretrain"))
     elif isinstance(recipe, (str, os.PathLike)) and os.fspath(recipe).endswith(".py"):
         path = os.fspath(recipe)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"recipe file {path} does not exist")
-        result = _recipe_from_file(path)
+        result = recipe_from_file(path)
     elif isinstance(recipe, str):
-        names = recipe_names()
-        if recipe not in names:
-            raise ValueError(f"unknown recipe {recipe!r}; shipped recipes: {names} "
-                             "(or give a path to a .py file defining RECIPE)")
-        result = _recipe_from_file(os.path.join(_recipes_dir(), f"{recipe}.py"))
-        result.setdefault("name", recipe)
+        result = shipped_recipe(recipe)
     else:
         raise TypeError(f"recipe must be a name, a .py path or a dict, got {type(recipe).__name__}")
     for item in overrides or ():
@@ -139,8 +208,9 @@ def load_recipe(recipe, overrides=()):
     return result
 
 
-def apply_override(recipe, item):
-    """Applies one "section.key=value" (or "key=value" for top-level keys) in place."""
+def apply_override(recipe, item, sections=RECIPE_SECTIONS):
+    """Applies one "section.key=value" (or "key=value" for top-level keys) in place;
+    ``sections``: the recipe's valid sections and top-level keys."""
     if "=" not in item:
         raise ValueError(f"an override must look like section.key=value, got {item!r}")
     key, raw = item.split("=", 1)
@@ -149,10 +219,10 @@ def apply_override(recipe, item):
     except (ValueError, SyntaxError):
         value = raw  # a bare string such as a path
     parts = key.strip().split(".")
-    if parts[0] not in RECIPE_SECTIONS:
+    if parts[0] not in sections:
         raise ValueError(f"override {item!r}: unknown recipe section {parts[0]!r}"
-                         f"{_did_you_mean(parts[0], RECIPE_SECTIONS)}; sections: "
-                         f"{list(RECIPE_SECTIONS)}")
+                         f"{_did_you_mean(parts[0], sections)}; sections: "
+                         f"{list(sections)}")
     target = recipe
     for part in parts[:-1]:
         target = target.setdefault(part, {})
@@ -250,6 +320,12 @@ def _max_tokens_rule(value, where):
     _number_rule(1, integer=True)(value, where)
 
 
+# The checks above under public names, for the other recipe runner (poa_keras/finetune.py):
+# one wording of every recipe error.
+did_you_mean, check_keys = _did_you_mean, _check_keys
+number_rule, choice_rule, bool_rule, fraction_pair_rule = (
+    _number_rule, _choice_rule, _bool_rule, _fraction_pair_rule)
+
 _POSITIVE = _number_rule(0, low_open=True)
 _NON_NEGATIVE = _number_rule(0)
 _FRACTION = _number_rule(0, 1)
@@ -278,7 +354,10 @@ VALUE_RULES = {
         ibot_mask_probability=_FRACTION, ibot_mask_ratio=_fraction_pair_rule,
         ibot_max_tokens=_max_tokens_rule, elastic_student=_bool_rule,
         weight_decay_mode=_choice_rule("l2", "decoupled"),
-        weight_bits=_bits_rule("weight_bits"), activation_bits=_bits_rule("activation_bits")),
+        weight_bits=_bits_rule("weight_bits"), activation_bits=_bits_rule("activation_bits"),
+        mask_ratio=_number_rule(0, 1, low_open=True, high_open=True),
+        norm_pix_loss=_bool_rule, mask_seed=_number_rule(0, integer=True),
+        distill_weight=_NON_NEGATIVE),
     "data": dict(
         source=_choice_rule(*DATA_SOURCES), num_images=_COUNT,
         num_val=_number_rule(0, integer=True), image_size=_COUNT,
@@ -286,7 +365,8 @@ VALUE_RULES = {
                                                                          none=True),
         threads=_number_rule(0, integer=True, none=True),   # 0 / None: tf.data's own pools
         on_bad_image=_choice_rule(*BAD_IMAGE_CHOICES),
-        global_size=_COUNT, local_size=_COUNT, num_local=_number_rule(0, integer=True)),
+        global_size=_COUNT, local_size=_COUNT, num_local=_number_rule(0, integer=True),
+        num_global=_choice_rule(1, 2)),
     "optimizer": dict(name=_choice_rule(*OPTIMIZERS), beta_1=_number_rule(0, 1, high_open=True),
                       beta_2=_number_rule(0, 1, high_open=True), epsilon=_POSITIVE,
                       momentum=_number_rule(0, 1, high_open=True), nesterov=_bool_rule),
@@ -313,6 +393,10 @@ def method_class(method):
         from poa_keras.methods.ssql import SSQL
 
         return SSQL
+    if method == "mae":
+        from poa_keras.methods.mae import MAE
+
+        return MAE
     from poa_keras.methods.dino import DINO
 
     return DINO
@@ -333,7 +417,7 @@ def train_keys(method):
     from poa_keras.methods import schedules
 
     keys = set(method_class(method).recipe_defaults) | set(schedules.RUN_KEYS)
-    if method not in TWO_VIEW_METHODS:    # POA's truncated schedules
+    if method not in TWO_VIEW_METHODS + ("mae",):    # POA's truncated schedules
         keys |= set(schedules.ALIASES)
     return keys - {"steps_per_epoch"}
 
@@ -368,6 +452,11 @@ def head_keys(method, head):
 
     if method in TWO_VIEW_METHODS:
         return set(two_view_head_keys())
+    if method == "mae":   # the decoder's arguments; in_dim, patch_size, in_channels: the encoder's
+        from poa_keras.heads.mae import MAEDecoder
+
+        return (_init_keys(MAEDecoder, MAEDecoder) - {"in_dim", "patch_size", "in_channels"}) \
+            | {"name", "dtype"}
     cls = MultiProjectionHead if method == "poa" and "out_dim" not in head else DINOHead
     return _init_keys(cls, cls) | {"name", "dtype"}
 
@@ -427,6 +516,11 @@ def validate_recipe(recipe):
         if num_local != 0:
             raise ValueError(f"data.num_local={num_local!r}: {recipe['method']} trains on the "
                              "two global views only; set data.num_local=0 (or leave it out)")
+    if recipe["method"] == "mae":
+        _check_mae_sections(recipe)
+    elif recipe.get("distill") is not None:
+        raise ValueError(f"recipe section 'distill' belongs to method 'mae' (MAE-Lite's "
+                         f"attention distillation), not {recipe['method']!r}")
     _check_keys("data", recipe["data"], DATA_KEYS)
     optimizer = recipe.get("optimizer") or {}
     name = optimizer_name(recipe)
@@ -463,10 +557,42 @@ def validate_recipe(recipe):
     return recipe
 
 
+def _check_mae_sections(recipe):
+    """An MAE recipe: one view, no local crops, a ViT encoder, and a ``distill`` section
+    naming exactly one teacher source."""
+    for key, valid in (("num_local", (0,)), ("num_global", (1, 2))):
+        value = recipe["data"].get(key, valid[0])
+        if value not in valid:
+            raise ValueError(f"data.{key}={value!r}: MAE trains on one view of each image "
+                             f"(its first global view); valid: {list(valid)}")
+    from poa_keras.backbones import BACKBONE_CLASSES, config_names
+
+    family = BACKBONE_CLASSES[config_names()[recipe["backbone"]["config"]]].family
+    if family != "ViT":
+        raise ValueError(f"method 'mae' trains a ViT encoder; backbone.config="
+                         f"{recipe['backbone']['config']!r} is a {family} configuration")
+    distill = recipe.get("distill")
+    if distill is None:
+        return
+    if not isinstance(distill, dict):
+        raise ValueError(f"recipe section 'distill' must be a dict, got {distill!r}")
+    _check_keys("distill", distill, DISTILL_KEYS)
+    given = [k for k in DISTILL_KEYS if distill.get(k)]
+    if len(given) != 1:
+        raise ValueError(f"recipe distill section needs exactly one of {list(DISTILL_KEYS)} "
+                         f"(a teacher preset, or a recipe that trains it), got {distill!r}")
+
+
 # --------------------------------------------------------------------------------------- data
 
 def _epoch_seed(seed, epoch):
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0] >> 1)
+
+
+def epoch_seed(seed, epoch):
+    """The seed of epoch ``epoch``'s data of a run seeded with ``seed`` (a non-negative int): a
+    resumed run rebuilds exactly the batches the uninterrupted run saw."""
+    return _epoch_seed(seed, epoch)
 
 
 def _known_size(ds, where):
@@ -476,6 +602,62 @@ def _known_size(ds, where):
     if n == 0:
         raise ValueError(f"{where} holds no images")
     return n if n > 0 else None
+
+
+known_size = _known_size   # public name, for poa_keras/finetune.py
+
+
+def folder_images(path, data, with_labels=False, progress=False, where="data.path"):
+    """``images_from_directory`` of a recipe's image folder ``path`` (``where`` names the recipe
+    key in messages): a missing folder is a FileNotFoundError; every file is decoded once first
+    and a bad one stops here, naming it, or is left out with ``data.on_bad_image="skip"``.
+    Returns the dataset (``with_labels``: of (image, label) pairs, and the class names) and its
+    size."""
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"{where}={path!r} is not a directory (recipe {where}, or --data "
+                                "on the command line)")
+    from poa_keras.data.multicrop import images_from_directory
+
+    found = images_from_directory(path, with_labels=with_labels,
+                                  on_bad_image=data.get("on_bad_image", "error"),
+                                  progress=progress)
+    ds = found[0] if with_labels else found
+    size = _known_size(ds, f"{where}={path!r}")
+    return (found[0], found[1], size) if with_labels else (ds, size)
+
+
+def tfds_images(data, split, with_info=False):
+    """``tfds.load`` of a recipe's TFDS data set (``data.name``, ``data.data_dir``) at ``split``
+    and its size (with_info: and the data set's info); a missing package is an ImportError
+    naming the extra to install."""
+    if not data.get("name"):
+        raise ValueError('data.source="tfds" needs data.name, a TFDS data set name (e.g. '
+                         'data.name=imagenette)')
+    try:
+        import tensorflow_datasets as tfds  # only for source="tfds"
+    except ImportError as error:
+        raise ImportError('data.source="tfds" needs the tensorflow-datasets package: pip '
+                          'install "poa_keras[tfds]" (or tensorflow-datasets)') from error
+
+    ds, info = tfds.load(data["name"], split=split, data_dir=data.get("data_dir"),
+                         with_info=True)
+    size = _known_size(ds, f"TFDS {data['name']!r} split {split!r}")
+    return (ds, size, info) if with_info else (ds, size)
+
+
+def limit_threads(ds, threads):
+    """``ds`` on a private tf.data thread pool of ``threads`` threads (None / 0: tf.data's own
+    pools). A small pool keeps the augmentations from competing with the train step for the
+    cores of a small CPU machine (measured on 2 cores with PyTorch: 10 s per step of the demo
+    with tf.data's default pools, 7 s with one thread)."""
+    if not threads:
+        return ds
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = int(threads)
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
 
 
 def training_images(data, seed, progress=False):
@@ -493,26 +675,8 @@ def training_images(data, seed, progress=False):
                              "image (the shapes are split stratified by class)")
         return images, len(images)
     if source == "folder":
-        path = data.get("path")
-        if not path or not os.path.isdir(path):
-            raise FileNotFoundError(f"data path {path!r} is not a directory (recipe data.path, "
-                                    "or --data on the command line)")
-        from poa_keras.data.multicrop import images_from_directory
-
-        ds = images_from_directory(path, on_bad_image=data.get("on_bad_image", "error"),
-                                   progress=progress)
-        return ds, _known_size(ds, f"data.path={path!r}")
-    if not data.get("name"):
-        raise ValueError('data.source="tfds" needs data.name, a TFDS data set name (e.g. '
-                         'data.name=imagenette)')
-    try:
-        import tensorflow_datasets as tfds  # only for source="tfds"
-    except ImportError as error:
-        raise ImportError('data.source="tfds" needs the tensorflow-datasets package: pip '
-                          'install "poa_keras[tfds]" (or tensorflow-datasets)') from error
-
-    ds = tfds.load(data["name"], split=data.get("split", "train"), data_dir=data.get("data_dir"))
-    return ds, _known_size(ds, f"TFDS {data['name']!r} split {data.get('split', 'train')!r}")
+        return folder_images(data.get("path"), data, progress=progress)
+    return tfds_images(data, data.get("split", "train"))
 
 
 def shapes_split(data, seed=0):
@@ -551,6 +715,8 @@ def epoch_datasets(recipe, images, steps, start_epoch, epochs):
     kwargs = {k: v for k, v in data.items() if k in _MULTICROP_KEYS}
     if recipe.get("method") in TWO_VIEW_METHODS:
         kwargs = dict(TWO_VIEW_DATA_DEFAULTS, **kwargs)
+    elif recipe.get("method") == "mae":
+        kwargs = dict(MAE_DATA_DEFAULTS, **kwargs)
     for key in ("global_scale", "local_scale", "ratio", "color_jitter", "blur_prob",
                 "blur_sigma", "solarize_prob", "mask_ratio"):
         if key in kwargs:
@@ -561,24 +727,15 @@ def epoch_datasets(recipe, images, steps, start_epoch, epochs):
                                seed=_epoch_seed(seed, epoch), repeat=True,
                                image_key=data.get("image_key", "image"), **kwargs).take(steps)
         stream = ds if stream is None else stream.concatenate(ds)
-    if data.get("threads"):
-        # A small private thread pool keeps the augmentations from competing with the train
-        # step for the cores of a small CPU machine (measured on 2 cores with PyTorch: 10 s per
-        # step of the demo with tf.data's default pools, 7 s with one thread).
-        import tensorflow as tf
-
-        options = tf.data.Options()
-        options.threading.private_threadpool_size = int(data["threads"])
-        options.threading.max_intra_op_parallelism = 1
-        stream = stream.with_options(options)
-    return stream
+    return limit_threads(stream, data.get("threads"))
 
 
 # ------------------------------------------------------------------------------------ trainer
 
-def build_trainer(recipe, steps):
+def build_trainer(recipe, steps, teacher=None):
     """The compiled trainer of a recipe (student built from its config; POA / DINO: teacher =
-    copy; SimSiam / SSQL: projector and predictor from the ``head`` section)."""
+    copy; SimSiam / SSQL: projector and predictor from the ``head`` section; MAE: the decoder
+    from the ``head`` section, and ``teacher``, the frozen distillation teacher, if any)."""
     import keras
 
     from poa_keras.backbones import from_config_name
@@ -599,6 +756,10 @@ def build_trainer(recipe, steps):
         # the trainer applies the weight decay itself (PyTorch SGD's, weight_decay_mode="l2")
         # or hands its step value to the optimizer ("decoupled")
         learning_rate, weight_decay = trainer.learning_rate_at(0), None
+    elif recipe["method"] == "mae":
+        trainer = cls(backbone, decoder=head, recipe=train, teacher=teacher)
+        values = trainer.step_hyperparameters(0)
+        learning_rate, weight_decay = values["learning_rate"], values["weight_decay"]
     else:
         trainer = cls(backbone, head, recipe=train)
         learning_rate = float(trainer.schedules.at(0)["lr"])
@@ -616,6 +777,28 @@ def build_trainer(recipe, steps):
             epsilon=float(opt.get("epsilon", 1e-8)))
     trainer.compile(optimizer=optimizer)
     return trainer
+
+
+def distillation_teacher(recipe, output_dir, verbose="auto"):
+    """The frozen teacher of an MAE recipe's ``distill`` section (None without one): the preset
+    ``distill.teacher``, or the result of ``distill.teacher_recipe``, which is run (or resumed,
+    or found finished) in ``<output_dir>/distill_teacher`` first."""
+    distill = recipe.get("distill")
+    if not distill:
+        return None
+    from poa_keras.backbones import Backbone
+
+    if distill.get("teacher"):
+        return Backbone.from_preset(distill["teacher"])
+    run_dir = os.path.join(os.fspath(output_dir), "distill_teacher")
+    teacher_dir = os.path.join(run_dir, "teacher")
+    if not os.path.isdir(teacher_dir):
+        teacher_recipe = load_recipe(distill["teacher_recipe"])
+        if teacher_recipe.get("distill"):
+            raise ValueError(f"distill.teacher_recipe={distill['teacher_recipe']!r} distills "
+                             "from a teacher itself; give a recipe that trains without one")
+        pretrain(teacher_recipe, run_dir, verbose=verbose)
+    return Backbone.from_preset(teacher_dir)
 
 
 def trained_backbone(trainer):
@@ -773,6 +956,61 @@ def _check_resume(output_dir, saved_recipe, recipe, allowed, epochs_done):
     return changes
 
 
+def open_checkpoints(output_dir, checkpointing, resume):
+    """(CheckpointManager of ``<output_dir>/checkpoints`` with a recipe's ``checkpoint``
+    settings, its latest checkpoint or None). A directory that holds checkpoints is refused
+    (FileExistsError) unless ``resume``."""
+    from poa_keras.methods.checkpoint import MAX_ABS, CheckpointManager
+
+    manager = CheckpointManager(os.path.join(output_dir, "checkpoints"),
+                                keep=int(checkpointing.get("keep", 2)),
+                                max_abs=float(checkpointing.get("max_abs", MAX_ABS)))
+    latest = manager.latest()
+    if latest is not None and not resume:
+        raise FileExistsError(f"{output_dir} already holds checkpoints ({latest}); pass "
+                              "resume=True (the CLI's --resume) or use another directory")
+    return manager, latest
+
+
+def fit_epochs(model, data, *, output_dir, manager, steps, start_epoch, stop_epoch, history,
+               state, every_epochs=1, advice=None, verbose="auto", callbacks=(),
+               **fit_kwargs):
+    """``model.fit`` over epochs [start_epoch, stop_epoch) of a recipe run, with its
+    checkpoints, NaN stop and log; shared by the pretraining and fine-tuning runners.
+
+    ``data`` yields ``steps`` batches per epoch (one stream for all the epochs). After every
+    epoch its logs are appended to ``history`` (a list, changed in place: "epoch" is 1-based),
+    then a checkpoint is written every ``every_epochs`` epochs and after ``stop_epoch``
+    (``PretrainCheckpoint``; its state.json holds ``state`` and the history) and
+    ``<output_dir>/log.csv`` gets a row. A NaN loss or an unsound state stops the run: the
+    ``NonFiniteLoss`` / ``NonFiniteState`` is raised with ``advice`` (what to do), the last
+    good checkpoint kept. ``fit_kwargs`` go to ``fit`` (e.g. ``validation_data``)."""
+    import keras
+
+    from poa_keras.methods.checkpoint import PretrainCheckpoint
+    from poa_keras.methods.nan_guard import StopOnNonFiniteLoss
+
+    def record(epoch, logs):
+        history.append(dict({k: float(v) for k, v in (logs or {}).items()}, epoch=epoch + 1))
+
+    def extra(finished, logs):
+        return dict(state, history=history)
+
+    saver = PretrainCheckpoint(manager, total_epochs=stop_epoch, every_epochs=int(every_epochs),
+                               extra=extra, advice=advice)
+    guard = StopOnNonFiniteLoss(last_checkpoint=manager.latest, advice=advice)
+    own = [keras.callbacks.LambdaCallback(on_epoch_end=record), guard, saver,
+           keras.callbacks.CSVLogger(os.path.join(output_dir, "log.csv"),
+                                     append=start_epoch > 0)]
+    # shuffle=False: the pipelines shuffle (seeded per epoch); Keras would ignore the flag for
+    # a dataset, with a warning
+    model.fit(data, epochs=stop_epoch, initial_epoch=start_epoch, steps_per_epoch=steps,
+              verbose=verbose, shuffle=False, callbacks=own + list(callbacks), **fit_kwargs)
+    for error in (guard.error, saver.error):
+        if error is not None:
+            raise error
+
+
 def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", callbacks=(),
              epochs=None, save_teacher=True, compilation_cache="auto", allow_recipe_change=()):
     """Runs (or resumes) a recipe; returns a PretrainResult.
@@ -802,22 +1040,11 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         NonFiniteLoss: the loss became NaN/inf, or (``NonFiniteState``) the weights did; the
             run stopped and the last good checkpoint is kept (the message names it).
     """
-    import keras
-
-    from poa_keras.methods.checkpoint import CheckpointManager, PretrainCheckpoint
-    from poa_keras.methods.nan_guard import StopOnNonFiniteLoss
-
     recipe = load_recipe(recipe, overrides)
     allowed = check_allowed_changes(allow_recipe_change)
     output_dir = os.fspath(output_dir)
     checkpointing = recipe.get("checkpoint") or {}
-    manager = CheckpointManager(os.path.join(output_dir, "checkpoints"),
-                                keep=int(checkpointing.get("keep", 2)),
-                                max_abs=float(checkpointing.get("max_abs", 1e12)))
-    latest = manager.latest()
-    if latest is not None and not resume:
-        raise FileExistsError(f"{output_dir} already holds checkpoints ({latest}); pass "
-                              "resume=True (the CLI's --resume) or use another directory")
+    manager, latest = open_checkpoints(output_dir, checkpointing, resume)
     changes = {}
     if latest is not None:   # checked before the data and the model are made
         saved = manager.read_state(latest)
@@ -828,7 +1055,8 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
     images, num_images = training_images(recipe["data"], int(recipe.get("seed", 0)),
                                          progress=verbose not in (0, "0"))
     steps = steps_per_epoch(recipe, num_images)
-    trainer = build_trainer(recipe, steps)
+    teacher = distillation_teacher(recipe, output_dir, verbose)
+    trainer = build_trainer(recipe, steps, teacher=teacher)
     total_epochs = int(recipe["train"]["epochs"])
 
     history, start_epoch = [], 0
@@ -841,33 +1069,16 @@ def pretrain(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
     atomic_write_json(os.path.join(output_dir, "recipe.json"), recipe, indent=1, default=list)
 
     stop_epoch = total_epochs if epochs is None else min(total_epochs, start_epoch + int(epochs))
-
-    def record(epoch, logs):
-        history.append(dict({k: float(v) for k, v in (logs or {}).items()}, epoch=epoch + 1))
-
-    def extra(finished, logs):
-        return {"recipe": recipe, "history": history}
-
     advice = ("Lower the learning rate or raise the warmup, and resume from the last good "
               "checkpoint with the change allowed: pretrain(..., overrides=['train.lr=...'], "
               "allow_recipe_change=['train.lr']) (the CLI's --override=train.lr=... "
               "--allow_recipe_change=train.lr); or check the data for NaN values.")
-    saver = PretrainCheckpoint(manager, total_epochs=stop_epoch,
-                               every_epochs=int(checkpointing.get("every_epochs", 1)),
-                               extra=extra, advice=advice)
-    guard = StopOnNonFiniteLoss(last_checkpoint=manager.latest, advice=advice)
     if start_epoch < stop_epoch:
         data = epoch_datasets(recipe, images, steps, start_epoch, stop_epoch)
-        all_callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=record), guard, saver,
-                         keras.callbacks.CSVLogger(os.path.join(output_dir, "log.csv"),
-                                                   append=start_epoch > 0)]
-        # shuffle=False: the multi-crop pipeline shuffles (seeded per epoch); Keras would
-        # ignore the flag for a dataset, with a warning
-        trainer.fit(data, epochs=stop_epoch, initial_epoch=start_epoch, steps_per_epoch=steps,
-                    verbose=verbose, shuffle=False, callbacks=all_callbacks + list(callbacks))
-        for error in (guard.error, saver.error):
-            if error is not None:
-                raise error
+        fit_epochs(trainer, data, output_dir=output_dir, manager=manager, steps=steps,
+                   start_epoch=start_epoch, stop_epoch=stop_epoch, history=history,
+                   state={"recipe": recipe}, every_epochs=checkpointing.get("every_epochs", 1),
+                   advice=advice, verbose=verbose, callbacks=callbacks)
     if save_teacher and stop_epoch == total_epochs:
         trained_backbone(trainer).save_to_preset(os.path.join(output_dir, "teacher"))
     return PretrainResult(trainer=trainer, history=history, output_dir=output_dir,

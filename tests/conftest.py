@@ -23,27 +23,47 @@ def to_np(x):
     return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
 
 
-def pretrain_killed_at_step(recipe, run_dir, step, prelude=""):
-    """Runs ``pretrain(recipe, run_dir)`` in a subprocess of this backend and SIGKILLs it after
-    its ``host_step`` reaches ``step`` (a hard crash: no ``finally``, no atexit); ``prelude``
-    is Python run first (e.g. thread settings). Fails unless the process died of the kill."""
+def _run_killed(runner, recipe, run_dir, step, prelude, counter):
+    """Runs ``runner(recipe, run_dir)`` ("module.function") in a subprocess of this backend and
+    SIGKILLs it when the expression ``counter`` (in a callback: ``self.model``, and
+    ``self.batches``, the batches this process ran) reaches ``step`` after a batch."""
+    module, function = runner.rsplit(".", 1)
     script = textwrap.dedent("""
         import os, signal, sys
         import keras
-        from poa_keras.pretrain import pretrain
+        from {module} import {function}
         {prelude}
         class Kill(keras.callbacks.Callback):
+            batches = 0
+
             def on_train_batch_end(self, batch, logs=None):
-                if self.model.host_step == {step}:
+                self.batches += 1
+                if {counter} == {step}:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        pretrain({recipe!r}, sys.argv[1], verbose=0, callbacks=[Kill()])
+        {function}({recipe!r}, sys.argv[1], verbose=0, callbacks=[Kill()])
         print("not killed")
-    """).format(prelude=prelude, step=int(step), recipe=recipe)
+    """).format(module=module, function=function, prelude=prelude, counter=counter,
+                step=int(step), recipe=recipe)
     proc = subprocess.run([sys.executable, "-c", script, str(run_dir)], capture_output=True,
                           text=True, timeout=600,
                           env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()))
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+
+
+def pretrain_killed_at_step(recipe, run_dir, step, prelude=""):
+    """Runs ``pretrain(recipe, run_dir)`` in a subprocess of this backend and SIGKILLs it after
+    its ``host_step`` reaches ``step`` (a hard crash: no ``finally``, no atexit); ``prelude``
+    is Python run first (e.g. thread settings). Fails unless the process died of the kill."""
+    _run_killed("poa_keras.pretrain.pretrain", recipe, run_dir, step, prelude,
+                counter="self.model.host_step")
+
+
+def finetune_killed_at_step(recipe, run_dir, step, prelude=""):
+    """``pretrain_killed_at_step`` for ``finetune(recipe, run_dir)`` (poa_keras/finetune.py):
+    killed after its ``step``-th train step (a fresh run: the optimizer's step count)."""
+    _run_killed("poa_keras.finetune.finetune", recipe, run_dir, step, prelude,
+                counter="self.batches")
 
 
 def forward(model, images, subnet=None, training=False, **options):

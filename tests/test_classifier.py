@@ -375,7 +375,8 @@ def small_backbone():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(pooling="max"), ValueError, r"pooling must be one of \('cls', 'avg'\), got 'max'"),
+    (dict(pooling="max"), ValueError,
+     r"pooling must be one of \('cls', 'avg', 'avg_norm'\), got 'max'"),
     (dict(num_classes=0), ValueError, "num_classes must be >= 1, got 0"),
     (dict(num_classes=2.5), TypeError, "num_classes must be an int, got 2.5"),
     (dict(num_classes=True), TypeError, "num_classes must be an int, got True"),

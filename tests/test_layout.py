@@ -40,6 +40,8 @@ ALLOWED = {
                "version"},
     "pretrain": {"backbones", "data", "files", "heads", "methods", "preprocessing", "presets",
                  "quantization", "recipes", "validation"},
+    "finetune": {"backbones", "classifier", "data", "files", "methods", "preprocessing",
+                 "presets", "pretrain", "validation"},
 }
 TOP = {"cli", "<root>", "recipes", "zoo"}   # may import any room
 

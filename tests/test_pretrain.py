@@ -89,7 +89,7 @@ def test_recipe_overrides_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"train.epochs must be a positive integer, got 0.5"):
         load_recipe("demo", ["train.epochs=0.5"])
     with pytest.raises(ValueError, match="method must be one of"):
-        load_recipe(dict(TINY, method="mae"))
+        load_recipe(dict(TINY, method="mea"))
     path = tmp_path / "mine.py"
     path.write_text("RECIPE = " + repr(TINY))
     assert load_recipe(str(path))["backbone"]["embed_dim"] == 32

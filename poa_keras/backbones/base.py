@@ -328,6 +328,21 @@ class Backbone(FrozenGCQuantize, keras.Model):
     def subnet_from_kwargs(self, **kwargs):
         raise NotImplementedError
 
+    # -- looking inside (eval/analysis.py) -------------------------------------------------------
+    def layer_representations(self, images, subnet=None):
+        """{layer name: (B, ...) tensor}, in the order of depth: what the layer-wise analysis
+        (CKA) compares. Every family answers (its docstring says which tensors); the
+        intermediate tensors are computed only when asked."""
+        raise NotImplementedError(f"{type(self).__name__} does not give layer representations")
+
+    def attention_logits(self, images, subnet=None, blocks="all"):
+        """[(B, heads, T, T)] pre-softmax attention logits (q kᵀ / sqrt(head_dim)) of the
+        chosen blocks, for the attention analysis and distillation. Only families with global
+        token attention answer; the others refuse with the reason."""
+        raise ValueError(f"{self.name} ({type(self).__name__}, the {self.family} family) has "
+                         "no global attention maps; attention logits exist for the ViT family "
+                         "(ElasticViT) only")
+
     def feature_dim(self, subnet=None):
         """Channels of the ``cls`` / ``pooled`` features of a subnet (None: the intact net)."""
         raise NotImplementedError

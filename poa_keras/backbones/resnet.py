@@ -433,6 +433,28 @@ class ElasticResNet(Backbone):
             out["feature_maps"] = maps
         return out
 
+    def layer_representations(self, images, subnet=None):
+        """The tensors the layer-wise analysis (``eval/analysis.py``, CKA) compares, in depth
+        order, run in inference mode and in float (outside any fake quantization):
+        ``{"stem": (B, H / 4, W / 4, stem_channels)}``, the stem's output (after its max pool),
+        then ``{"stage_{s}_block_{j}": (B, H_s, W_s, C_s)}``, the output map of every block the
+        subnet runs (j: the block's index in the intact stage, so a subnet's names say which
+        blocks it kept; the last one's mean is the ``pooled`` feature). The same computation
+        as the call; the default call is unchanged."""
+        with self.quantization(None, False):
+            spec = self.resolve_subnet(subnet)
+            self._check_images(images)
+            active = None if spec is None or spec.width == self.max_width else spec.width
+            x = self.stem(images)
+            found = {"stem": x}
+            for s, ids in enumerate(self.run_block_ids(spec, None)):
+                stage_active = None if active is None else active * 2 ** s
+                for j, _ in ids:
+                    x = self.blocks[self.stage_offsets[s] + j](x, active=stage_active,
+                                                               training=False)
+                    found[f"stage_{s}_block_{j}"] = x
+            return found
+
     # -- extraction ----------------------------------------------------------------------------
     def extract(self, subnet):
         """A new ElasticResNet of exactly this size (mid width and stage depths), alpha folded

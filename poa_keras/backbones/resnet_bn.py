@@ -549,6 +549,24 @@ class ResNet(NonElasticBackbone):
             out["feature_maps"] = maps
         return out
 
+    def layer_representations(self, images, subnet=None):
+        """The tensors the layer-wise analysis (``eval/analysis.py``, CKA) compares, in depth
+        order, in inference mode (BatchNorm with its moving statistics) and in float (outside
+        any fake quantization): ``{"stem": ...}``, the stem's output (after its max pool, if
+        any), then ``{"stage_{s}_block_{j}": (B, H_s, W_s, C_s)}``, every block's output map
+        (s, j from 0; the last one's mean is the ``pooled`` feature). ``subnet``: None or the
+        intact spec. The same computation as the call; the default call is unchanged."""
+        with self.quantization(None, False):
+            self.resolve_subnet(subnet)
+            self._check_images(images)
+            x = self.stem(images, training=False)
+            found = {"stem": x}
+            for s, depth in enumerate(self.depths):
+                for j in range(depth):
+                    x = self.blocks[self.stage_offsets[s] + j](x, training=False)
+                    found[f"stage_{s}_block_{j}"] = x
+            return found
+
     # -- configuration -------------------------------------------------------------------------
     def get_config(self):
         config = super().get_config()

@@ -421,6 +421,33 @@ class ElasticSwin(Backbone):
             out["feature_maps"] = maps
         return out
 
+    def layer_representations(self, images, subnet=None):
+        """The tensors the layer-wise analysis (``eval/analysis.py``, CKA) compares, in depth
+        order, run in inference mode and in float (outside any fake quantization):
+        ``{"stage_{s}_block_{j}": (B, H_s, W_s, C_s)}``, the output tokens of every block the
+        subnet runs (j: the block's index in the intact stage, so a subnet's names say which
+        blocks it kept), then ``"norm"``: the final-norm tokens (``norm_3``; their mean is the
+        ``pooled`` feature). The same computation as the call; the default call is unchanged."""
+        with self.quantization(None, False):
+            spec = self.resolve_subnet(subnet)
+            grid_h, grid_w = self._check_images(images)
+            elastic = spec is not None and spec.width != self.embed_dim
+            width = spec.width if elastic else self.embed_dim
+            active = width if elastic else None
+            x = self.patch_embed(images, active=active)
+            x = self.patch_norm(ops.reshape(x, (-1, grid_h, grid_w, width)), active=active)
+            found = {}
+            last = self.num_stages - 1
+            for s, stage in enumerate(self.stages):
+                active = self.stage_width(s, width) if elastic else None
+                for j, _ in self.run_block_ids(spec, None)[s]:
+                    x = stage[j](x, active=active, training=False)
+                    found[f"stage_{s}_block_{j}"] = x
+                if s < last:
+                    x = self.downsamples[s](x, active=active)
+            found["norm"] = self.norms[last](x, active=active)
+            return found
+
     # -- extraction ----------------------------------------------------------------------------
     def extract(self, subnet):
         """A new ElasticSwin of exactly this size, alpha folded into its kernels.

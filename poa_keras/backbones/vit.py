@@ -18,6 +18,7 @@ from keras import ops
 from poa_keras.backbones.base import Backbone, layer_decay_multiplier
 from poa_keras.elastic.layers import (ElasticBlock, ElasticLayerNorm, ElasticPatchEmbed,
                                       HostInitializer)
+from poa_keras.elastic.position import sincos_position_embedding  # noqa: F401 (public here too)
 from poa_keras.elastic.spec import ViTSubnet, block_ids, grid_values, selection_weights
 
 
@@ -46,6 +47,10 @@ def pos_embed_scale(size_out: int, size_in: int, rule: str = "size") -> float:
     if rule == "dino":
         return size_in / (size_out + DINO_INTERPOLATE_OFFSET)
     raise ValueError(f"pos_embed_resize must be one of {POS_EMBED_RESIZE_RULES}, got {rule!r}")
+
+
+#: The position embeddings an ElasticViT can have (``pos_embed``).
+POS_EMBED_KINDS = ("learned", "sincos")
 
 
 @functools.lru_cache(maxsize=64)
@@ -141,6 +146,24 @@ CONFIGS.update({
         image_size=32, patch_size=8, embed_dim=96, depth=6, head_dim=16, min_width=48,
         min_depth=3, layer_scale_init=1e-5, use_mask_token=True, net_select_scale=3,
         named_subnets={"small": (48, 3), "base": (96, 3), "large": (96, 6)}),
+    # MAE encoders (REFERENCE.md §3): fixed 2-D sin-cos position embedding, no LayerScale, no
+    # mask token (MAE drops the masked patches). MAE-Lite's ViT-Tiny has 12 heads of 16
+    # (5,486,592 trainable parameters; with its fixed table 5,524,416 as the paper counts).
+    "mae_vit_tiny16": dict(image_size=224, patch_size=16, embed_dim=192, depth=12, head_dim=16,
+                           pos_embed="sincos"),
+    "mae_vit_small16": dict(image_size=224, patch_size=16, embed_dim=384, depth=12,
+                            head_dim=32, pos_embed="sincos"),
+    "mae_vit_base16": dict(image_size=224, patch_size=16, embed_dim=768, depth=12, head_dim=64,
+                           pos_embed="sincos"),
+    "mae_vit_large16": dict(image_size=224, patch_size=16, embed_dim=1024, depth=24,
+                            head_dim=64, pos_embed="sincos"),
+    # The CPU demos of MAE (recipes/demo_mae*.py): 32 x 32 images, patch 4 (64 patches, 16
+    # visible at 0.75). The student: width 64 (4 heads of 16), 4 blocks; the distillation
+    # teacher: width 128 (8 heads), 4 blocks.
+    "vit_mae_demo": dict(image_size=32, patch_size=4, embed_dim=64, depth=4, head_dim=16,
+                         pos_embed="sincos"),
+    "vit_mae_demo_wide": dict(image_size=32, patch_size=4, embed_dim=128, depth=4, head_dim=16,
+                              pos_embed="sincos"),
 })
 del _size, _w, _d, _h, _p
 
@@ -171,6 +194,11 @@ class ElasticViT(Backbone):
             4 x 4 -> 2 x 2). Recorded in presets; recipes that
             claim a paper's settings use "dino", and so must a model converted from those
             checkpoints to reproduce them at every size.
+        pos_embed: "learned" (a trained table at ``image_size``'s grid, resized by
+            ``pos_embed_resize`` for other sizes) or "sincos" (MAE's fixed 2-D sin-cos
+            embedding, ``sincos_position_embedding``: no weight; regenerated for every grid
+            size and, in a subnet, at the active width, so that an extracted subnet computes
+            the very same table). Recorded in presets.
 
     Call: ``model(images, subnet=None, masks=None, training=None, keep=None)`` with images
     (B, H, W, C) and optional boolean masks (B, H/p * W/p); ``keep``: a run-time block mask
@@ -191,8 +219,11 @@ class ElasticViT(Backbone):
                  min_width=None, min_depth=None, mlp_ratio=4.0, qkv_bias=True, proj_bias=True,
                  ffn_bias=True, layer_scale_init=None, drop_path_rate=0.0,
                  drop_path_uniform=True, norm_epsilon=1e-6, use_mask_token=False, in_channels=3,
-                 net_select_scale=3, named_subnets=None, pos_embed_resize="size", **kwargs):
+                 net_select_scale=3, named_subnets=None, pos_embed_resize="size",
+                 pos_embed="learned", **kwargs):
         super().__init__(**kwargs)
+        if pos_embed not in POS_EMBED_KINDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {pos_embed!r}")
         if pos_embed_resize not in POS_EMBED_RESIZE_RULES:
             raise ValueError(f"pos_embed_resize must be one of {POS_EMBED_RESIZE_RULES}, got "
                              f"{pos_embed_resize!r}")
@@ -230,6 +261,13 @@ class ElasticViT(Backbone):
             self.validate_subnet(spec)
         self.grid_size = self.image_size // self.patch_size
         self.pos_embed_resize = pos_embed_resize
+        self.pos_embed_kind = pos_embed
+        self._sincos_tables = {}
+        if pos_embed == "sincos":
+            bad = [w for w in self.widths if w % 4]
+            if bad:
+                raise ValueError(f"pos_embed='sincos' needs widths that are multiples of 4; "
+                                 f"widths {bad} of {self.widths} are not")
 
         policy = self.dtype_policy
         self.patch_embed = ElasticPatchEmbed(patch_size, embed_dim, in_channels, dtype=policy,
@@ -252,9 +290,11 @@ class ElasticViT(Backbone):
         self.cls_token = self.add_weight(
             shape=(1, 1, self.embed_dim), name="cls_token",
             initializer=HostInitializer("normal", stddev=1e-6))
-        self.pos_embed = self.add_weight(
-            shape=(1, 1 + self.grid_size ** 2, self.embed_dim), name="pos_embed",
-            initializer=HostInitializer("truncated_normal", stddev=0.02))
+        self.pos_embed = None   # fixed sin-cos: computed for each grid, not a weight
+        if self.pos_embed_kind == "learned":
+            self.pos_embed = self.add_weight(
+                shape=(1, 1 + self.grid_size ** 2, self.embed_dim), name="pos_embed",
+                initializer=HostInitializer("truncated_normal", stddev=0.02))
         self.mask_token = (self.add_weight(shape=(self.embed_dim,), name="mask_token",
                                            initializer=HostInitializer("zeros"))
                            if self.use_mask_token else None)
@@ -342,7 +382,8 @@ class ElasticViT(Backbone):
             + (2 * w if self.layer_scale_init else 0)
         )
         embed = self.patch_size ** 2 * self.in_channels * w + w
-        tokens = w + (1 + self.grid_size ** 2) * w + (w if self.use_mask_token else 0)
+        positions = (1 + self.grid_size ** 2) * w if self.pos_embed_kind == "learned" else 0
+        tokens = w + positions + (w if self.use_mask_token else 0)
         return embed + tokens + d * per_block + 2 * w
 
     def subnet_flops(self, spec=None, image_size=None, include_norms=False, breakdown=False):
@@ -403,6 +444,11 @@ class ElasticViT(Backbone):
         return self._check_image_sizes(images, self.patch_size)
 
     def _position_embedding(self, grid_h, grid_w, width):
+        if self.pos_embed is None:   # "sincos": MAE's fixed table, at this grid and width
+            key = (grid_h, grid_w, width)
+            if key not in self._sincos_tables:
+                self._sincos_tables[key] = sincos_position_embedding(grid_h, grid_w, width)[None]
+            return ops.convert_to_tensor(self._sincos_tables[key], dtype=self.compute_dtype)
         pos = self.pos_embed if width == self.embed_dim else self.pos_embed[..., :width]
         if (grid_h, grid_w) == (self.grid_size, self.grid_size):
             return pos
@@ -419,14 +465,57 @@ class ElasticViT(Backbone):
         return ops.concatenate([pos[:, :1], patch_pos], axis=1)
 
     def call(self, images, subnet=None, masks=None, training=None, return_blocks=False,
-             keep=None, quant=None):
+             keep=None, quant=None, visible_ids=None, return_attention=None,
+             return_representations=False):
         with self.quantization(quant, training):
-            return self._forward(images, subnet, masks, training, return_blocks, keep)
+            return self._forward(images, subnet, masks, training, return_blocks, keep,
+                                 visible_ids, return_attention, return_representations)
 
-    def _forward(self, images, subnet, masks, training, return_blocks, keep):
+    def _probed_positions(self, return_attention, run_depth):
+        """The positions (among the blocks run) whose attention logits are asked for."""
+        if return_attention is None:
+            return []
+        if isinstance(return_attention, str):
+            if return_attention != "all":
+                raise ValueError(f"return_attention={return_attention!r}: give 'all', a block "
+                                 f"position or a list of them (0..{run_depth - 1}, or negative "
+                                 "from the last)")
+            return list(range(run_depth))
+        items = ([return_attention] if isinstance(return_attention, (int, np.integer))
+                 else list(return_attention))
+        positions = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or not (
+                    -run_depth <= item < run_depth):
+                raise ValueError(f"return_attention: block {item!r} is not one of the "
+                                 f"{run_depth} blocks this subnet runs (0..{run_depth - 1}, or "
+                                 f"-{run_depth}..-1 from the last)")
+            positions.append(int(item) % run_depth)
+        return positions
+
+    def _embed_visible(self, x, pos, visible_ids):
+        """MAE's encoder input: position-embed every patch, keep the ``visible_ids`` (B, K)
+        of each image (in that order), prepend the position-embedded CLS token."""
+        num_patches = x.shape[1]
+        if len(visible_ids.shape) != 2 or visible_ids.shape[1] is None or not (
+                1 <= visible_ids.shape[1] <= num_patches):
+            raise ValueError(f"visible_ids must be (batch, K) patch indices with 1 <= K <= "
+                             f"{num_patches} (the patches of these images); got shape "
+                             f"{tuple(visible_ids.shape)}")
+        x = x + pos[:, 1:]
+        ids = ops.expand_dims(ops.cast(visible_ids, "int32"), -1)
+        return pos[:, :1], ops.take_along_axis(x, ids, axis=1)
+
+    def _forward(self, images, subnet, masks, training, return_blocks, keep,
+                 visible_ids=None, return_attention=None, return_representations=False):
         spec = self.resolve_subnet(subnet)
-        if keep is not None and return_blocks:
-            raise ValueError("return_blocks needs a static depth: give the subnet, not keep")
+        probing = return_attention is not None or return_representations
+        if keep is not None and (return_blocks or probing):
+            raise ValueError("return_blocks, return_attention and return_representations need "
+                             "a static depth: give the subnet, not keep")
+        if masks is not None and visible_ids is not None:
+            raise ValueError("give masks (mask tokens replace patches) or visible_ids (only "
+                             "those patches are encoded, MAE), not both")
         grid_h, grid_w = self._check_images(images)
         width = self.embed_dim if spec is None else spec.width
         active = None if width == self.embed_dim else width  # None: no slicing at all
@@ -439,19 +528,56 @@ class ElasticViT(Backbone):
             x = ops.where(ops.expand_dims(masks, -1), ops.cast(token, x.dtype), x)
         cls = self.cls_token if active is None else self.cls_token[..., :width]
         cls = ops.zeros_like(x[:, :1]) + ops.cast(cls, x.dtype)
-        x = ops.concatenate([cls, x], axis=1)
-        x = x + ops.cast(self._position_embedding(grid_h, grid_w, width), x.dtype)
+        pos = ops.cast(self._position_embedding(grid_h, grid_w, width), x.dtype)
+        if visible_ids is None:
+            x = ops.concatenate([cls, x], axis=1)
+            x = x + pos
+        else:
+            cls_pos, x = self._embed_visible(x, pos, visible_ids)
+            x = ops.concatenate([cls + cls_pos, x], axis=1)
+        run = self.run_block_ids(spec, keep)[0]
+        probed = set(self._probed_positions(return_attention, len(run)))
         block_outputs = [] if return_blocks else None
-        for i, flat in self.run_block_ids(spec, keep)[0]:
-            x = self.blocks[i](x, active=active, training=training,
-                               keep=self.keep_flag(keep, flat))
+        logits, representations = [], {}
+        for position, (i, flat) in enumerate(run):
+            if position in probed or return_representations:
+                x, probes = self.blocks[i](x, active=active, training=training, probe=True)
+                if position in probed:
+                    logits.append(probes["attention_logits"])
+                if return_representations:
+                    representations[f"block_{position}"] = probes["norm1"][:, 1:]
+            else:
+                x = self.blocks[i](x, active=active, training=training,
+                                   keep=self.keep_flag(keep, flat))
             if block_outputs is not None:
                 block_outputs.append(x)
         x = self.norm(x, active=active)
         out = {"cls": x[:, 0], "patch_tokens": x[:, 1:], "pooled": x[:, 0]}
         if return_blocks:   # only on request: per-block outputs, final norm applied
             out["blocks"] = [self.norm(b, active=active) for b in block_outputs[:-1]] + [x]
+        if return_attention is not None:
+            order = self._probed_positions(return_attention, len(run))
+            by_position = dict(zip(sorted(probed), logits))
+            out["attention_logits"] = [by_position[p] for p in order]
+        if return_representations:
+            representations["norm"] = x[:, 1:]
+            out["representations"] = representations
         return out
+
+    # -- looking inside --------------------------------------------------------------------------
+    def layer_representations(self, images, subnet=None):
+        """MAE-Lite's CKA representations: the input of every block the subnet runs after its
+        norm1 (``block_0`` ... ``block_{d-1}``), then the final norm's output (``norm``); each
+        (B, N, w), the CLS token dropped."""
+        return self(images, subnet=subnet, training=False,
+                    return_representations=True)["representations"]
+
+    def attention_logits(self, images, subnet=None, blocks="all"):
+        """[(B, heads, 1 + N, 1 + N)] pre-softmax logits ``q kᵀ / sqrt(head_dim)`` (CLS first)
+        of the chosen blocks: "all", a position among the blocks the subnet runs, or a list
+        (negatives count from the last)."""
+        return self(images, subnet=subnet, training=False,
+                    return_attention=blocks)["attention_logits"]
 
     # -- extraction ----------------------------------------------------------------------------
     def extract(self, subnet):
@@ -481,7 +607,8 @@ class ElasticViT(Backbone):
         put(sub.patch_embed.proj.kernel, kernel)
         put(sub.patch_embed.proj.bias, bias)
         put(sub.cls_token, host(self.cls_token)[..., :w])
-        put(sub.pos_embed, host(self.pos_embed)[..., :w])
+        if self.pos_embed is not None:
+            put(sub.pos_embed, host(self.pos_embed)[..., :w])
         if self.use_mask_token:
             put(sub.mask_token, host(self.mask_token)[:w])
 
@@ -523,7 +650,7 @@ class ElasticViT(Backbone):
             use_mask_token=self.use_mask_token, in_channels=self.in_channels,
             net_select_scale=self.net_select_scale,
             named_subnets={k: [s.width, s.depth] for k, s in self._named.items()},
-            pos_embed_resize=self.pos_embed_resize,
+            pos_embed_resize=self.pos_embed_resize, pos_embed=self.pos_embed_kind,
         )
         return config
 

@@ -159,3 +159,29 @@ def mask_upper_bound(batch_size, num_patches, mask_prob=0.5, ratio_range=(0.1, 0
     num_masked = int(batch_size * mask_prob)
     edges = np.linspace(low, high, num_masked + 1)
     return int(sum(int(round(edge * num_patches)) for edge in edges[1:]))
+
+
+# ----- MAE's per-image random masking ----------------------------------------------------------
+
+def num_visible_patches(num_patches, mask_ratio):
+    """MAE's number of visible (encoded) patches: ``int(num_patches * (1 - mask_ratio))`` (49
+    of 196 at 0.75). The ratio must lie in (0, 1) and leave at least one patch visible."""
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float, np.floating)) \
+            or not 0.0 < float(mask_ratio) < 1.0:
+        raise ValueError(f"mask_ratio must lie in (0, 1) (MAE: 0.75), got {mask_ratio!r}")
+    visible = int(int(num_patches) * (1.0 - float(mask_ratio)))
+    if visible < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch of {num_patches} "
+                         f"(int({num_patches} x (1 - {mask_ratio})) = 0): the largest ratio "
+                         f"for {num_patches} patches is below {1 - 1 / int(num_patches):.4g}")
+    return visible
+
+
+def random_masking_noise(batch_size, num_patches, rng=None):
+    """MAE's masking noise for one batch, (batch_size, num_patches) float32: per image a random
+    permutation of 0..N-1 (the ranks of U[0, 1) noise, so that no two values tie: argsort then
+    gives the same order on every backend). ``argsort(noise)[:, :K]`` are the visible patches
+    (MAE's ``ids_shuffle`` rule: the K lowest noise values), every image its own."""
+    rng = _as_rng(rng)
+    noise = rng.random((int(batch_size), int(num_patches)))
+    return np.argsort(np.argsort(noise, axis=1), axis=1).astype("float32")

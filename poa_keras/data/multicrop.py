@@ -206,6 +206,7 @@ def images_from_directory(directory, image_size=None, with_labels=False, on_bad_
 # ----- the pipeline ----------------------------------------------------------------------------
 
 def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_local=8,
+                      num_global=2,
                       global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), seed=0,
                       normalize="imagenet", shuffle=True, shuffle_buffer=10_000, repeat=False,
                       drop_remainder=True, value_range=None, image_key="image",
@@ -224,6 +225,8 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
       batch_size: images per batch B.
       global_size, local_size: output sizes, int or (height, width).
       num_local: number v of local views (0 gives a "local" entry with no views).
+      num_global: 2 global views (DINO, POA, SimSiam), or 1 (MAE: "global" is (1, B, ...));
+        blur_prob / solarize_prob then use their first entry for it. Masks need 2.
       global_scale, local_scale: crop area range as a fraction of the image (POA: (0.32, 1.0)
         and (0.05, 0.32); DINO: (0.4, 1.0) and (0.05, 0.4)).
       seed: int; the same seed gives the same batches (see the module docstring).
@@ -270,6 +273,10 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
     blur_prob = _three(blur_prob, "blur_prob")
     solarize_prob = _three(solarize_prob, "solarize_prob")
     num_local = int(num_local)
+    if num_global not in (1, 2):
+        raise ValueError(f"num_global must be 1 or 2, got {num_global!r}")
+    if masks and num_global != 2:
+        raise ValueError("masks=True needs num_global=2 (iBOT masks cover both global views)")
     if int(supersample) < 1:
         raise ValueError(f"supersample must be an int >= 1, got {supersample}")
     if len(tuple(color_jitter)) != 4 or min(color_jitter) < 0:
@@ -306,7 +313,7 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
     # Crops: one random stream value per image, split into one seed per view.
     crop_stream = tf.data.Dataset.random(seed=crop_seed, rerandomize_each_iteration=True)
 
-    view_scales = np.array([global_scale] * 2 + [local_scale] * num_local, np.float32)
+    view_scales = np.array([global_scale] * num_global + [local_scale] * num_local, np.float32)
 
     def crop_views(image, rnd):
         image = _to_float_rgb(image, scale)
@@ -315,9 +322,9 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
         # tf.data runs a few large ops much faster than many small ones.
         boxes = crop_boxes(tf.stack([rnd, tf.constant(0, tf.int64)]), shape[0], shape[1],
                             view_scales, ratio)
-        views_g = _resample(image, boxes[:2], global_size, supersample)
+        views_g = _resample(image, boxes[:num_global], global_size, supersample)
         if num_local:
-            local = _resample(image, boxes[2:], local_size, supersample)
+            local = _resample(image, boxes[num_global:], local_size, supersample)
         else:
             local = tf.zeros((0, *local_size, 3), tf.float32)
         return views_g, local
@@ -336,16 +343,16 @@ def multicrop_dataset(images, batch_size, global_size=224, local_size=96, num_lo
                   blur_sigma=tuple(float(b) for b in blur_sigma), normalize=normalize)
 
     def augment(batch, rnd, mask_rnd=None):
-        views_g, views_l = batch                      # (B, 2, H, W, 3), (B, v, h, w, 3)
+        views_g, views_l = batch                      # (B, g, H, W, 3), (B, v, h, w, 3)
         seeds = tf.random.experimental.stateless_split(tf.stack([rnd, tf.constant(1, tf.int64)]),
                                                        2)
         # All views of one size go through together as (views * B) images, each with its own
         # view's blur / solarisation probability.
         b = tf.shape(views_g)[0]
         out_g = _photometric_graph(_view_major(views_g, global_size), seeds[0],
-                                   blur_prob=blur_prob[:2], solarize_prob=solarize_prob[:2],
-                                   **common)
-        out = {"global": tf.reshape(out_g, (2, -1, *global_size, 3))}
+                                   blur_prob=blur_prob[:num_global],
+                                   solarize_prob=solarize_prob[:num_global], **common)
+        out = {"global": tf.reshape(out_g, (num_global, -1, *global_size, 3))}
         if num_local:
             out_l = _photometric_graph(_view_major(views_l, local_size), seeds[1],
                                        blur_prob=blur_prob[2:] * num_local,

@@ -480,7 +480,10 @@ class ElasticAttention(keras.layers.Layer):
         self.qkv.build()
         self.proj.build()
 
-    def call(self, x, active=None):
+    def call(self, x, active=None, return_logits=False):
+        """``return_logits``: also return the pre-softmax attention logits
+        ``q kᵀ / sqrt(head_dim)``, (B, heads, N, N): the attention is then computed by explicit
+        matmuls (the same function; the fused ``dot_product_attention`` otherwise)."""
         width = self.dim if active is None else active
         if width % self.head_dim:
             raise ValueError(f"{self.name}: active width {width} is not a multiple of the head "
@@ -493,11 +496,20 @@ class ElasticAttention(keras.layers.Layer):
         b, n = ops.shape(x)[0], ops.shape(x)[1]
         qkv = ops.reshape(qkv, (b, n, 3, heads, self.head_dim))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        y = ops.dot_product_attention(q, k, v)  # (B, N, heads, head_dim)
+        logits = None
+        if return_logits:
+            q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))  # (B, heads, N, hd)
+            logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * (self.head_dim ** -0.5)
+            weights = ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=-1), v.dtype)
+            y = ops.transpose(ops.matmul(weights, v), (0, 2, 1, 3))
+        else:
+            y = ops.dot_product_attention(q, k, v)  # (B, N, heads, head_dim)
         y = ops.reshape(y, (b, n, width))
         if active is None:
-            return self.proj(y)
-        return self.proj(y, active_in=width, active_out=width)
+            y = self.proj(y)
+        else:
+            y = self.proj(y, active_in=width, active_out=width)
+        return (y, logits) if return_logits else y
 
     def get_config(self):
         config = super().get_config()
@@ -579,12 +591,22 @@ class ElasticBlock(keras.layers.Layer):
                 layer.build()
         self.drop_path.build(None)  # weightless, but Model.quantize wants every layer built
 
-    def call(self, x, active=None, training=None, keep=None):
-        """``keep``: None, or a run-time 0/1 scalar; 0 skips the block (``skippable``)."""
+    def call(self, x, active=None, training=None, keep=None, probe=False):
+        """``keep``: None, or a run-time 0/1 scalar; 0 skips the block (``skippable``).
+
+        ``probe=True`` (with ``keep=None``) returns ``(y, {"norm1": norm1(x), "attention_logits":
+        (B, heads, N, N) pre-softmax logits})`` instead of ``y``: what the layer-wise analysis
+        and attention distillation read. ``y`` is the same function of ``x``."""
         noise = [self.drop_path.noise(x, training) for _ in range(2)]
+        probes = {}
 
         def body(x):
-            y = self.attn(self.norm1(x, active=active), active=active)
+            h = self.norm1(x, active=active)
+            if probe:
+                y, probes["attention_logits"] = self.attn(h, active=active, return_logits=True)
+                probes["norm1"] = h
+            else:
+                y = self.attn(h, active=active)
             if self.ls1 is not None:
                 y = self.ls1(y, active=active)
             x = x + self.drop_path.apply(y, noise[0])
@@ -593,6 +615,10 @@ class ElasticBlock(keras.layers.Layer):
                 y = self.ls2(y, active=active)
             return x + self.drop_path.apply(y, noise[1])
 
+        if probe:
+            if keep is not None:
+                raise ValueError("probe=True needs a static depth (keep=None)")
+            return body(x), probes
         return skippable(keep, x, body, boundary=training)
 
     def get_config(self):
