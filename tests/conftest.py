@@ -66,6 +66,22 @@ def finetune_killed_at_step(recipe, run_dir, step, prelude=""):
                 counter="self.batches")
 
 
+def checkpoint_arrays(checkpoint):
+    """{"group/name": array} of a checkpoint directory's state.weights.h5."""
+    import h5py
+
+    with h5py.File(os.path.join(checkpoint, "state.weights.h5"), "r") as f:
+        return {f"{g}/{k}": f[g][k][()] for g in f for k in f[g]}
+
+
+def checkpoint_state(checkpoint):
+    """A checkpoint directory's state.json."""
+    import json
+
+    with open(os.path.join(checkpoint, "state.json")) as f:
+        return json.load(f)
+
+
 def forward(model, images, subnet=None, training=False, **options):
     """The model's forward: jitted on JAX (eager JAX compiles op by op and is slow; programs
     are shared by models of one architecture), eager elsewhere (tracing a tf.function costs

@@ -5,11 +5,12 @@ import json
 import math
 import os
 
-import h5py
 import keras
 import numpy as np
 import pytest
 
+from conftest import checkpoint_arrays as arrays
+from conftest import checkpoint_state as state
 from conftest import finetune_killed_at_step, to_np
 from poa_keras.classifier import ImageClassifier
 from poa_keras.finetune import (build_classifier, epoch_dataset, finetune,
@@ -33,16 +34,6 @@ TINY = dict(
     checkpoint=dict(keep=3),
     seed=0,
 )
-
-
-def arrays(checkpoint):
-    with h5py.File(os.path.join(checkpoint, "state.weights.h5"), "r") as f:
-        return {f"{g}/{k}": f[g][k][()] for g in f for k in f[g]}
-
-
-def state(checkpoint):
-    with open(os.path.join(checkpoint, "state.json")) as f:
-        return json.load(f)
 
 
 @pytest.fixture

@@ -1,15 +1,15 @@
 """Recipes, checkpoints, resume after SIGKILL and the NaN stop (pretrain.py,
 methods/checkpoint.py), on a tiny POA run: a 16 x 16 elastic ViT with one elastic subnet,
 2 epochs of 2 steps."""
-import json
 import os
 import sys
 
-import h5py
 import keras
 import numpy as np
 import pytest
 
+from conftest import checkpoint_arrays as arrays
+from conftest import checkpoint_state as state
 from conftest import pretrain_killed_at_step
 from poa_keras.methods import schedules
 from poa_keras.methods.checkpoint import CheckpointManager
@@ -32,16 +32,6 @@ TINY = dict(  # one elastic plan, (32, 1): every run compiles one POA program
     checkpoint=dict(every_epochs=1, keep=3),
     seed=0,
 )
-
-
-def arrays(checkpoint):
-    with h5py.File(os.path.join(checkpoint, "state.weights.h5"), "r") as f:
-        return {f"{g}/{k}": f[g][k][()] for g in f for k in f[g]}
-
-
-def state(checkpoint):
-    with open(os.path.join(checkpoint, "state.json")) as f:
-        return json.load(f)
 
 
 # ------------------------------------------------------------------------------------ recipes

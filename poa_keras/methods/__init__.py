@@ -15,6 +15,7 @@ from poa_keras.methods.simsiam import SIMSIAM_RECIPE, SimSiam
 from poa_keras.methods.ssql import SSQL, SSQL_RECIPE
 from poa_keras.methods.teacher_student import TeacherStudentTrainer
 
-__all__ = ["CheckpointManager", "DINO", "DINO_RECIPE", "MAE", "MAE_RECIPE", "NonFiniteLoss", "POA", "POA_RECIPE",
-           "PlannedTrainer", "PretrainCheckpoint", "SIMSIAM_RECIPE", "SSQL", "SSQL_RECIPE",
-           "SimSiam", "StopOnNonFiniteLoss", "TeacherStudentTrainer", "schedules"]
+__all__ = ["CheckpointManager", "DINO", "DINO_RECIPE", "MAE", "MAE_RECIPE", "NonFiniteLoss",
+           "POA", "POA_RECIPE", "PlannedTrainer", "PretrainCheckpoint", "SIMSIAM_RECIPE", "SSQL",
+           "SSQL_RECIPE", "SimSiam", "StopOnNonFiniteLoss", "TeacherStudentTrainer",
+           "schedules"]

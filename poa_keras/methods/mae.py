@@ -68,21 +68,7 @@ MAE_RECIPE = dict(
 def learning_rate_schedule(recipe, steps_per_epoch=None):
     """The per-step learning rate of an MAE recipe (float64, epochs x steps_per_epoch): linear
     warmup from 0 over ``warmup_epochs``, then a cosine from the scaled ``lr`` to ``min_lr``."""
-    r = dict(MAE_RECIPE, **recipe)
-    steps_per_epoch = r.get("steps_per_epoch") if steps_per_epoch is None else steps_per_epoch
-    for what, value in (("epochs", r.get("epochs")), ("steps_per_epoch", steps_per_epoch),
-                        ("batch_size", r.get("batch_size"))):
-        if value is None:
-            raise ValueError(f"the recipe needs {what!r}")
-    steps_per_epoch = int(steps_per_epoch)
-    total = int(round(float(r["epochs"]) * steps_per_epoch))
-    warmup = int(round(float(r["warmup_epochs"]) * steps_per_epoch))
-    if warmup < 0:
-        raise ValueError(f"warmup_epochs must be >= 0, got {r['warmup_epochs']}")
-    warmup = min(warmup, total)   # a run shorter than its warmup: all of it warms up
-    base = schedules_lib.scaled_lr(float(r["lr"]), int(r["batch_size"]), r["lr_scaling"],
-                                   r["reference_batch"])
-    return schedules_lib.cosine_schedule(base, float(r["min_lr"]), total, warmup)
+    return schedules_lib.warmup_cosine_lr(dict(MAE_RECIPE, **recipe), steps_per_epoch)
 
 
 def _positions(value, what):
@@ -94,7 +80,7 @@ def _positions(value, what):
     return tuple(int(i) for i in items)
 
 
-class MAE(PlannedTrainer):
+class MAE(schedules_lib.PerStepLearningRate, PlannedTrainer):
     """MAE pretraining of an ``ElasticViT`` encoder, with MAE-Lite's attention distillation when
     a ``teacher`` is given (module docstring).
 
@@ -192,14 +178,6 @@ class MAE(PlannedTrainer):
         self.head_mapping = head_mapping
 
     # ------------------------------------------------------------------------------ schedule
-    @property
-    def total_steps(self):
-        return len(self.lr_schedule)
-
-    def learning_rate_at(self, step):
-        """The learning rate of the 0-based step (the last value past the end)."""
-        return float(self.lr_schedule[min(int(step), self.total_steps - 1)])
-
     def step_hyperparameters(self, step):
         return {"learning_rate": self.learning_rate_at(step),
                 "weight_decay": float(self.recipe["weight_decay"])}

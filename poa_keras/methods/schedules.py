@@ -185,6 +185,40 @@ def scaled_lr(base_lr, batch_size, rule="sqrt", reference_batch=None):
 
 
 # -- per-variable weight decay -------------------------------------------------------------------
+def warmup_cosine_lr(recipe, steps_per_epoch=None):
+    """The per-step learning rate of a recipe in epochs (SimSiam, SSQL, MAE): a float64 array
+    of length epochs x steps_per_epoch, a linear warmup from 0 over ``warmup_epochs`` (at most
+    the run), then a cosine from ``scaled_lr(lr, batch_size, lr_scaling, reference_batch)`` to
+    ``min_lr`` (``cosine_schedule``). ``recipe`` holds every key (defaults merged in);
+    ``steps_per_epoch`` defaults to the recipe's."""
+    steps_per_epoch = recipe.get("steps_per_epoch") if steps_per_epoch is None \
+        else steps_per_epoch
+    for what, value in (("epochs", recipe.get("epochs")), ("steps_per_epoch", steps_per_epoch),
+                        ("batch_size", recipe.get("batch_size"))):
+        if value is None:
+            raise ValueError(f"the recipe needs {what!r}")
+    steps_per_epoch = int(steps_per_epoch)
+    total = int(round(float(recipe["epochs"]) * steps_per_epoch))
+    warmup = int(round(float(recipe["warmup_epochs"]) * steps_per_epoch))
+    if warmup < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {recipe['warmup_epochs']}")
+    base = scaled_lr(float(recipe["lr"]), int(recipe["batch_size"]), recipe["lr_scaling"],
+                     recipe["reference_batch"])
+    return cosine_schedule(base, float(recipe["min_lr"]), total, min(warmup, total))
+
+
+class PerStepLearningRate:
+    """For trainers with a precomputed ``self.lr_schedule`` (one value per step)."""
+
+    @property
+    def total_steps(self):
+        return len(self.lr_schedule)
+
+    def learning_rate_at(self, step):
+        """The learning rate of the 0-based step (the last value past the end)."""
+        return float(self.lr_schedule[min(int(step), self.total_steps - 1)])
+
+
 def weight_decay_multiplier(shape):
     """1.0 for weights with more than one dimension, 0.0 for biases, norm/LayerScale gains and
     other vectors (DINO's rule: no decay on parameters with ndim <= 1)."""

@@ -99,21 +99,10 @@ def learning_rate_schedule(recipe, steps_per_epoch=None):
     """The per-step learning rate of a SimSiam/SSQL recipe: a float64 array of length
     epochs x steps_per_epoch (``schedules.cosine_schedule``: linear warmup over
     ``warmup_epochs`` from 0, then a cosine from the scaled ``lr`` to ``min_lr``)."""
-    r = dict(SIMSIAM_RECIPE, **recipe)
-    steps_per_epoch = r.get("steps_per_epoch") if steps_per_epoch is None else steps_per_epoch
-    for what, value in (("epochs", r.get("epochs")), ("steps_per_epoch", steps_per_epoch),
-                        ("batch_size", r.get("batch_size"))):
-        if value is None:
-            raise ValueError(f"the recipe needs {what!r}")
-    steps_per_epoch = int(steps_per_epoch)
-    total = int(round(float(r["epochs"]) * steps_per_epoch))
-    warmup = int(round(float(r["warmup_epochs"]) * steps_per_epoch))
-    base = schedules_lib.scaled_lr(float(r["lr"]), int(r["batch_size"]), r["lr_scaling"],
-                                   r["reference_batch"])
-    return schedules_lib.cosine_schedule(base, float(r["min_lr"]), total, warmup)
+    return schedules_lib.warmup_cosine_lr(dict(SIMSIAM_RECIPE, **recipe), steps_per_epoch)
 
 
-class SimSiam(PlannedTrainer):
+class SimSiam(schedules_lib.PerStepLearningRate, PlannedTrainer):
     """SimSiam: backbone + projector (the encoder) and predictor, one program (see the module
     docstring).
 
@@ -167,14 +156,6 @@ class SimSiam(PlannedTrainer):
         self.predictor = predictor
 
     # ------------------------------------------------------------------------------ schedule
-    @property
-    def total_steps(self):
-        return len(self.lr_schedule)
-
-    def learning_rate_at(self, step):
-        """The learning rate of the 0-based step (the last value past the end)."""
-        return float(self.lr_schedule[min(int(step), self.total_steps - 1)])
-
     def step_hyperparameters(self, step):
         values = {"learning_rate": self.learning_rate_at(step)}
         name = "l2_weight_decay" if self.recipe["weight_decay_mode"] == "l2" else "weight_decay"
