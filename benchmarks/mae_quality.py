@@ -44,6 +44,8 @@ import quality  # noqa: E402  (its flags: --runs, --seeds, --override, --verbose
 
 flags.DEFINE_integer("bank_images", 2000, "Train images of the k-NN bank and the probe.")
 flags.DEFINE_integer("query_images", 1000, "Held-out val images (the first ones).")
+flags.DEFINE_enum("feature", "cls", ["cls", "mean_patch"], "The evaluated feature: the CLS "
+                  "token or the mean of the patch tokens (MAE's global pool), both final-norm.")
 flags.DEFINE_enum("stage", "all", ["all", "train", "eval"], "train: only train; eval: only "
                   "evaluate finished runs.")
 flags.DEFINE_list("train_arms", ["mae", "mae_distill"], "The trained arms this call runs (two "
@@ -124,6 +126,22 @@ def trained(recipe, run_dir, label):
     return result.teacher
 
 
+def mean_patch_tokens(backbone, images, batch_size=250):
+    """The mean of the final-norm patch tokens (MAE's global-pool feature), batch by batch."""
+    import numpy as np
+    from keras import ops
+
+    from poa_keras.eval.features import to_backbone_input
+
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_backbone_input(images[start:start + batch_size], backbone.in_channels,
+                              backbone.preprocessing)
+        tokens = backbone(x, training=False)["patch_tokens"]
+        out.append(np.asarray(ops.convert_to_numpy(ops.mean(tokens, axis=1))))
+    return np.concatenate(out)
+
+
 def evaluate(arm, seed, backbone, recipe):
     from poa_keras.eval.features import extract_features
     from poa_keras.eval.knn import knn_classify
@@ -132,12 +150,16 @@ def evaluate(arm, seed, backbone, recipe):
     (x_train, y_train), (x_val, y_val), names = quality.shapes_data(recipe)
     x_train, y_train = x_train[:FLAGS.bank_images], y_train[:FLAGS.bank_images]
     x_val, y_val = x_val[:FLAGS.query_images], y_val[:FLAGS.query_images]
-    bank = extract_features(backbone, x_train, normalize=False)
-    queries = extract_features(backbone, x_val, normalize=False)
+    if FLAGS.feature == "cls":
+        bank = extract_features(backbone, x_train, normalize=False)
+        queries = extract_features(backbone, x_val, normalize=False)
+    else:
+        bank, queries = mean_patch_tokens(backbone, x_train), mean_patch_tokens(backbone, x_val)
     knn = knn_classify(bank, y_train, queries, y_val, len(names), ks=(int(FLAGS.k),),
                        temperature=float(FLAGS.temperature))[int(FLAGS.k)]["top1"]
     probe = train_linear_classifier(bank, y_train, queries, y_val, len(names), seed=int(seed))
-    record = {"record": "eval", "arm": arm, "seed": int(seed), "knn_top1": quality._r(knn),
+    record = {"record": "eval", "arm": arm, "seed": int(seed), "feature": FLAGS.feature,
+              "knn_top1": quality._r(knn),
               "linear_top1": quality._r(probe["top1"]),
               "linear_lr": probe["best_learning_rate"]}
     quality.emit(record)
