@@ -98,7 +98,8 @@ def _check_options(model, options):
 def architecture_key(model):
     """What a compiled program of ``model`` depends on: its class, its configuration (without
     the names, which only label it) and its variables' paths (below the model's own name),
-    shapes and dtypes (an int8-quantized model differs from its float self). None for a model
+    shapes, dtypes (an int8-quantized model differs from its float self) and trainability
+    (a partly frozen model passes its variables split otherwise). None for a model
     whose configuration cannot be written (its programs are then its own)."""
     try:
         config = dict(model.get_config())
@@ -106,7 +107,8 @@ def architecture_key(model):
         return None
     for name in ("name", "named_subnets", "preprocessing"):   # labels: the forward is the same
         config.pop(name, None)
-    variables = tuple((v.path.split("/", 1)[-1], tuple(v.shape), str(v.dtype))
+    # trainability too: a program maps the trainable and the non-trainable variables apart
+    variables = tuple((v.path.split("/", 1)[-1], tuple(v.shape), str(v.dtype), v.trainable)
                       for v in model.variables)
     return (type(model).__module__, type(model).__qualname__,
             json.dumps(config, sort_keys=True, default=repr), variables)
@@ -120,7 +122,7 @@ def _jax_program(model, spec, training, options):
     key = (("model", id(model)) if arch is None else arch, spec, training,
            tuple(sorted(options.items())))
     entry = _JAX_PROGRAMS.get(key)
-    if entry is not None and entry[0]() is not None:
+    if entry is not None and _owner_unchanged(entry[0], arch):
         return entry[1]
     ref = weakref.ref(model)
 
@@ -135,6 +137,14 @@ def _jax_program(model, spec, training, options):
     # builds it anew), so no program outlives every model that can run it.
     weakref.finalize(model, _drop_program, key, ref)
     return program
+
+
+def _owner_unchanged(ref, arch):
+    """Whether a cached program's model still exists and still has the architecture it was
+    cached under: a new input shape retraces the program with that model, so one changed since
+    (e.g. int8-quantized, or partly frozen) must not serve the models of the old key."""
+    owner = ref()
+    return owner is not None and (arch is None or architecture_key(owner) == arch)
 
 
 def _drop_program(key, ref):
@@ -260,7 +270,7 @@ def _shared_program(model, key, ref, build):
     """The jitted program under ``key`` (shared by models of one architecture, as
     ``_jax_program``), built by ``build()`` for ``model`` when there is none."""
     entry = _JAX_PROGRAMS.get(key)
-    if entry is not None and entry[0]() is not None:
+    if entry is not None and _owner_unchanged(entry[0], None if key[0][0] == "model" else key[0]):
         return entry[1]
     program = build()
     _JAX_PROGRAMS[key] = (ref, program)

@@ -323,7 +323,8 @@ def _jax_hook_program(model, key, hook, spec, kwargs):
     import jax
 
     entry = _JAX_HOOK_PROGRAMS.get(key)
-    if entry is not None and entry[0]() is not None:
+    if entry is not None and entry[0]() is not None and \
+            architecture_key(entry[0]()) == key[0]:   # its model unchanged since (see compiled)
         return entry[1], entry[2]
     ref = weakref.ref(model)   # the program must not keep its model alive
     names = {}
