@@ -65,7 +65,7 @@ from poa_keras.pretrain import (
     epoch_seed, fit_epochs, folder_images, fraction_pair_rule, limit_threads, number_rule,
     open_checkpoints, recipe_changes, recipe_from_file, shapes_split,
     shipped_recipe, steps_per_epoch, tfds_images, wrong_kind_message)
-from poa_keras.pretrain import recipe_names as _names_of_kind
+from poa_keras import pretrain as pretrain_runner
 
 SECTIONS = ("name", "description", "model", "classifier", "data", "augment", "optimizer",
             "train", "checkpoint", "seed")
@@ -106,7 +106,7 @@ RESUMABLE_KEYS = ("name", "description", "checkpoint.every_epochs", "checkpoint.
 
 def recipe_names():
     """Names of the fine-tuning recipes shipped in ``poa_keras.recipes``."""
-    return _names_of_kind("finetune")
+    return pretrain_runner.recipe_names("finetune")
 
 
 def section(recipe, name):

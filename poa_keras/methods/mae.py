@@ -46,7 +46,7 @@ from poa_keras.heads.mae import AttentionHeadMapping, MAEDecoder
 from poa_keras.losses.mae import attention_distillation_loss, mae_loss, mae_masking
 from poa_keras.methods import schedules as schedules_lib
 from poa_keras.methods.base import PlannedTrainer
-from poa_keras.methods.simsiam import check_recipe_keys
+from poa_keras.methods.simsiam import checked_recipe
 
 MAE_RECIPE = dict(
     lr=1.5e-4,                # base lr at batch 256 (MAE, MAE-Lite)
@@ -100,14 +100,10 @@ class MAE(schedules_lib.PerStepLearningRate, PlannedTrainer):
 
     def __init__(self, backbone, decoder=None, recipe=None, teacher=None, head_mapping=None,
                  clip_grad="recipe", **kwargs):
-        given = dict(recipe or {})
-        check_recipe_keys(given, self.recipe_defaults, type(self).__name__)
-        recipe = dict(self.recipe_defaults, **given)
+        recipe = checked_recipe(recipe, self.recipe_defaults, type(self).__name__)
         if getattr(backbone, "family", None) != "ViT":
             raise ValueError(f"MAE trains a ViT encoder (ElasticViT); {backbone.name} is a "
                              f"{getattr(backbone, 'family', type(backbone).__name__)} backbone")
-        if float(recipe["weight_decay"]) < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {recipe['weight_decay']}")
         lr = learning_rate_schedule(recipe)
         super().__init__(clip_grad=recipe["clip_grad"] if clip_grad == "recipe" else clip_grad,
                          **kwargs)

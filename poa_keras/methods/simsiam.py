@@ -95,6 +95,17 @@ def check_recipe_keys(recipe, defaults, owner):
                      f"{', '.join(parts)}; valid keys: {sorted(valid)}")
 
 
+def checked_recipe(recipe, defaults, owner):
+    """``defaults`` updated with ``recipe`` after ``check_recipe_keys``; a negative
+    ``weight_decay`` is refused."""
+    given = dict(recipe or {})
+    check_recipe_keys(given, defaults, owner)
+    merged = dict(defaults, **given)
+    if float(merged["weight_decay"]) < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {merged['weight_decay']}")
+    return merged
+
+
 def learning_rate_schedule(recipe, steps_per_epoch=None):
     """The per-step learning rate of a SimSiam/SSQL recipe: a float64 array of length
     epochs x steps_per_epoch (``schedules.cosine_schedule``: linear warmup over
@@ -121,14 +132,10 @@ class SimSiam(schedules_lib.PerStepLearningRate, PlannedTrainer):
 
     def __init__(self, backbone, projector=None, predictor=None, recipe=None,
                  clip_grad="recipe", feature="pooled", **kwargs):
-        given = dict(recipe or {})
-        check_recipe_keys(given, self.recipe_defaults, type(self).__name__)
-        recipe = dict(self.recipe_defaults, **given)
+        recipe = checked_recipe(recipe, self.recipe_defaults, type(self).__name__)
         if recipe["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
             raise ValueError(f"weight_decay_mode must be one of {list(WEIGHT_DECAY_MODES)}, "
                              f"got {recipe['weight_decay_mode']!r}")
-        if float(recipe["weight_decay"]) < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {recipe['weight_decay']}")
         lr = learning_rate_schedule(recipe)
         super().__init__(clip_grad=recipe["clip_grad"] if clip_grad == "recipe" else clip_grad,
                          **kwargs)
