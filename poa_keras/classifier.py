@@ -147,6 +147,16 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
             metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
+    def fit(self, *args, **kwargs):
+        """``keras.Model.fit``, with the optimizer's variables created first: without a
+        tf.distribute strategy, Keras' TensorFlow trainer leaves them to the step, and
+        variables created in the first trace make TensorFlow trace the step twice (a fine-tuning
+        run on TensorFlow compiled for twice as long). Not done in ``compile``: a classifier
+        used only for inference keeps no optimizer state."""
+        if self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        return super().fit(*args, **kwargs)
+
     def compile_from_config(self, config):
         # compile() takes keras.Model.compile's arguments ("auto" defaults only added), so the
         # saved ones replay unchanged; Keras skips an overridden compile() unless told so.

@@ -298,6 +298,31 @@ def test_fit_works_without_compile_and_dropout_acts_in_training_only():
     assert np.abs(dropped - (cls @ kernel + bias)).max() > 1e-3
 
 
+def test_fit_creates_the_optimizer_state_before_the_first_step_is_traced():
+    # Keras' TensorFlow trainer (no tf.distribute strategy) would create the optimizer's
+    # variables inside the first trace of the step, and TensorFlow then traces it twice.
+    images = np.random.default_rng(2).normal(size=(8, 2, 2, 3)).astype("float32")
+    labels = np.arange(8) % 2
+    clf = ImageClassifier(_TokensBackbone(), num_classes=2)
+    clf.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    assert not clf.optimizer.built   # compile keeps no optimizer state (inference-only use)
+    seen, traces = [], []
+    if keras.backend.backend() == "tensorflow":
+        train_step = clf.train_step
+
+        def counting_step(data):
+            traces.append(1)   # runs once per trace of the step
+            return train_step(data)
+
+        clf.train_step = counting_step
+    clf.fit(images, labels, batch_size=4, epochs=1, verbose=0, callbacks=[
+        keras.callbacks.LambdaCallback(on_train_begin=lambda logs: seen.append(
+            (clf.optimizer.built, len(clf.optimizer.variables))))])
+    assert seen[0][0] and seen[0][1] > 2 * len(clf.trainable_variables)
+    if keras.backend.backend() == "tensorflow":
+        assert len(traces) == 1
+
+
 # ----- the per-variable lr optimizer -------------------------------------------------------------
 
 def numpy_adamw(param, grads, lr, weight_decay, beta_1=0.9, beta_2=0.999, eps=1e-12):

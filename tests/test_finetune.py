@@ -302,6 +302,7 @@ def test_a_run_writes_checkpoints_a_log_and_a_classifier_preset(straight):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="a second and third compiled run; the resume is backend-independent Python (CheckpointManager.restore and pretrain.fit_epochs, which test_pretrain resumes after SIGKILL on every backend), and the fine-tuning step and its checkpoints run on every backend in the test above")
 def test_stopping_then_resuming_from_the_command_line_equals_the_uninterrupted_run(
         straight, tmp_path, cli):
     out, _ = straight
@@ -334,8 +335,8 @@ def test_the_command_refuses_the_other_kind_of_recipe_and_flag_form_settings(cli
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the subprocess costs a second interpreter; the "
-                    "resume logic is backend-independent and resuming is checked on every "
-                    "backend by the command-line test above")
+                    "resume logic is backend-independent, and test_pretrain resumes a run "
+                    "killed by SIGKILL through the same CheckpointManager on every backend")
 def test_sigkill_then_resume_equals_the_uninterrupted_run(straight, tmp_path):
     out, _ = straight
     run = tmp_path / "killed"
