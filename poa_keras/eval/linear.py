@@ -281,6 +281,8 @@ def train_linear_classifier(train_features, train_labels, val_features, val_labe
     inner = keras.optimizers.SGD(schedule, momentum=float(momentum),
                                  weight_decay=float(weight_decay) or None)
     model.compile(optimizer=LRMultiplierOptimizer(inner, multipliers), loss=_summed_grid_ce)
+    # the state now: created in the step, it makes TensorFlow trace the step twice
+    model.optimizer.build(model.trainable_variables)
     model.fit(_batch_stream(train, train_y, step, seed), epochs=epochs,
               steps_per_epoch=steps_per_epoch, shuffle=False, verbose=verbose)
 
