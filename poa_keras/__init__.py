@@ -2,11 +2,13 @@
 TensorFlow, PyTorch)."""
 from poa_keras.version import __version__
 from poa_keras import elastic, preprocessing, presets, quantization
-from poa_keras.backbones import Backbone, ElasticResNet, ElasticSwin, ElasticViT, ResNet
+from poa_keras.backbones import (Backbone, ElasticResNet, ElasticSwin, ElasticViT, ResNet,
+                                 TinyViT)
 from poa_keras.elastic import ResNetSubnet, SubnetSampler, SwinSubnet, ViTSubnet
 from poa_keras.classifier import ImageClassifier
 from poa_keras.preprocessing import ImagePreprocessing
 
 __all__ = ["Backbone", "ElasticResNet", "ElasticSwin", "ElasticViT", "ImageClassifier",
            "ImagePreprocessing", "ResNet", "ResNetSubnet", "SubnetSampler", "SwinSubnet",
-           "ViTSubnet", "elastic", "preprocessing", "presets", "quantization", "__version__"]
+           "TinyViT", "ViTSubnet", "elastic", "preprocessing", "presets", "quantization",
+           "__version__"]

@@ -138,6 +138,25 @@ def check_choice(value, name, choices):
     return value
 
 
+def positive_ints(values, what):
+    """``values`` as a non-empty tuple of ints >= 1 (a ValueError naming ``what`` otherwise)."""
+    try:
+        values = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a sequence of positive ints, got {values!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} must be a non-empty sequence of positive ints, got {values}")
+    return values
+
+
+def image_hw(image_size):
+    """(height, width) of an image size given as an int (a square) or a (height, width)
+    pair, as ints (not checked further)."""
+    return ((int(image_size), int(image_size)) if np.ndim(image_size) == 0
+            else tuple(int(s) for s in image_size))
+
+
 __all__ = ["check_choice", "check_features", "check_int", "check_integral",
            "check_labelled_images",
-           "check_labels", "check_ks", "check_multiplier", "check_positive_number"]
+           "check_labels", "check_ks", "check_multiplier", "check_positive_number", "image_hw",
+           "positive_ints"]

@@ -117,6 +117,15 @@ def randomize(model, seed=0):
                        for v in model.weights])
 
 
+def randomize_bn_variances(model, seed=2):
+    """Gives every BatchNorm moving variance random positive values in [0.5, 2) (after
+    ``randomize``, whose normal values would make some negative)."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        if variable.path.endswith("moving_variance"):
+            variable.assign(rng.uniform(0.5, 2.0, size=tuple(variable.shape)))
+
+
 @pytest.fixture(scope="session")
 def small_vit():
     keras.utils.set_random_seed(0)

@@ -9,8 +9,9 @@ A new family costs a case here (and its truly family-specific tests in its own f
 copy of the checks.
 
 Non-elastic families (one intact spec; ``extract`` copies) pass the same contract: the
-BatchNorm ``ResNet`` and the tiny BatchNorm network ``TinyBNNet`` below (a minimal family of
-one's own). Their DINO steps also check the BatchNorm statistics against numpy.
+BatchNorm ``ResNet``, ``TinyViT`` and the tiny BatchNorm network ``TinyBNNet`` below (a
+minimal family of one's own). The DINO steps of the last two also check the BatchNorm
+statistics against numpy.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Callable
 import keras
 import numpy as np
 import pytest
-from conftest import SMALL_VIT, forward, randomize, to_np
+from conftest import SMALL_VIT, forward, randomize, randomize_bn_variances, to_np
 from keras import ops
 
 from poa_keras import (ElasticResNet, ElasticSwin, ElasticViT, ResNet, ResNetSubnet, SwinSubnet,
@@ -30,6 +31,8 @@ from poa_keras.backbones import NonElasticBackbone
 from poa_keras.backbones.resnet import CONFIGS as RESNET_CONFIGS
 from poa_keras.backbones.resnet_bn import CONFIGS as RESNET_BN_CONFIGS
 from poa_keras.backbones.swin import CONFIGS as SWIN_CONFIGS
+from poa_keras.backbones.tinyvit import CONFIGS as TINYVIT_CONFIGS
+from poa_keras.backbones.tinyvit import TinyViT
 from poa_keras.elastic.layers import StochasticDepth
 from poa_keras.elastic.spec import IntactSubnet
 from poa_keras.methods import DINO, POA
@@ -192,15 +195,31 @@ def vit_poa():
     return _SHARED["poa"]
 
 
+def dino_trainer(backbone, recipe=None):
+    """A DINO trainer with the small test heads around ``backbone``, compiled with AdamW at
+    lr 1e-3; ``recipe`` defaults to ``STEP_RECIPE`` at lr (and min_lr) 1e-3."""
+    if recipe is None:
+        recipe = dict(STEP_RECIPE, lr=1e-3, min_lr=1e-3)
+    trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20), recipe=recipe)
+    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
+    return trainer
+
+
+def micro_dino(backbone):
+    """``(dino_trainer(backbone), batch)``: a batch of 2 x 4 random views, 16 px global and
+    8 px local (the convolutional micro families' DINO step)."""
+    trainer = dino_trainer(backbone)
+    rng = np.random.default_rng(0)
+    batch = {"global": rng.normal(size=(2, 4, 16, 16, 3)).astype("float32"),
+             "local": rng.normal(size=(2, 4, 8, 8, 3)).astype("float32")}
+    return trainer, batch
+
+
 def vit_dino():
     """The module-wide DINO trainer of the micro ViT (shared with tests/test_methods.py)."""
     if "dino" not in _SHARED:
         keras.utils.set_random_seed(1)
-        backbone = ElasticViT(name="dino_student", **VIT_TRAIN)
-        trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
-                       recipe=dict(VIT_RECIPE, lr=1e-3, min_lr=1e-3))
-        trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
-        _SHARED["dino"] = trainer
+        _SHARED["dino"] = dino_trainer(ElasticViT(name="dino_student", **VIT_TRAIN))
     return _SHARED["dino"]
 
 
@@ -407,10 +426,7 @@ def _resnet_check_poa(trainer, logs):
 def _resnet_dino():
     keras.utils.set_random_seed(1)
     backbone = ElasticResNet(name="dino_student", **MICRO_RESNET)
-    trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
-                   recipe=dict(RESNET_RECIPE, layer_decay=1.0))
-    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
-    return trainer, _resnet_batch()
+    return dino_trainer(backbone, dict(RESNET_RECIPE, layer_decay=1.0)), _resnet_batch()
 
 
 RESNET = FamilyCase(
@@ -541,13 +557,7 @@ def _bn_check_dino(trainer, batch, before):
 def _bn_dino():
     keras.utils.set_random_seed(1)
     backbone = TinyBNNet(name="bn_student")
-    trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
-                   recipe=dict(VIT_RECIPE, lr=1e-3, min_lr=1e-3))
-    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
-    rng = np.random.default_rng(0)
-    batch = {"global": rng.normal(size=(2, 4, 16, 16, 3)).astype("float32"),
-             "local": rng.normal(size=(2, 4, 8, 8, 3)).astype("float32")}
-    return trainer, batch
+    return micro_dino(backbone)
 
 
 TINY_BN = FamilyCase(
@@ -581,10 +591,7 @@ def resnet_bn_teacher():
     included (variances positive), so that a copy that lost any of them shows."""
     model = _resnet_bn_micro(name="tiny_resnet_bn")
     randomize(model, seed=1)
-    rng = np.random.default_rng(2)
-    for variable in model.weights:
-        if variable.path.endswith("moving_variance"):
-            variable.assign(rng.uniform(0.5, 2.0, size=tuple(variable.shape)))
+    randomize_bn_variances(model, seed=2)
     return model
 
 
@@ -635,13 +642,7 @@ def _resnet_bn_check_dino(trainer, batch, before):
 def _resnet_bn_dino():
     keras.utils.set_random_seed(1)
     backbone = ResNet(name="resnet_bn_student", **dict(RESNET_BN_TINY, image_size=16))
-    trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
-                   recipe=dict(STEP_RECIPE, lr=1e-3, min_lr=1e-3))
-    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
-    rng = np.random.default_rng(0)
-    batch = {"global": rng.normal(size=(2, 4, 16, 16, 3)).astype("float32"),
-             "local": rng.normal(size=(2, 4, 8, 8, 3)).astype("float32")}
-    return trainer, batch
+    return micro_dino(backbone)
 
 
 RESNET_BN = FamilyCase(
@@ -657,4 +658,74 @@ RESNET_BN = FamilyCase(
     train=TrainCase(dino=_resnet_bn_dino, check_dino=_resnet_bn_check_dino),
 )
 
-CASES = [VIT, SWIN, RESNET, TINY_BN, RESNET_BN]
+
+# ----- TinyViT (non-elastic) ---------------------------------------------------------------------
+TINYVIT_TINY = dict(TINYVIT_CONFIGS["tinyvit_test"])   # dims 8..24, depths (1, 1, 2, 1)
+
+
+def _tinyvit_images():
+    # 27 x 41: stage maps 7 x 11, 4 x 6, 2 x 3, 1 x 2 (windows 3, 3, 2: padded everywhere)
+    return np.random.default_rng(0).uniform(-1, 1, size=(2, 27, 41, 3)).astype("float32")
+
+
+# Two stages (an MBConv stage, one attention stage with windows of 2), for the deployment
+# checks and the DINO step (compiling its programs is what costs on JAX): 16 px images give
+# 4 x 4 then 2 x 2 maps; the DINO step's local views of 8 px 2 x 2 then 1 x 1 (padded).
+MICRO_TINYVIT = dict(image_size=16, embed_dims=(8, 16), depths=(1, 1), num_heads=(1, 2),
+                     window_sizes=(2, 2))
+
+
+def _tinyvit_micro(**overrides):
+    keras.utils.set_random_seed(0)
+    return TinyViT(**dict(MICRO_TINYVIT, **overrides))
+
+
+def tinyvit_teacher():
+    """The tiny TinyViT with random weights everywhere (attention biases, the MBConv's
+    zero-initialised BN scale, BN statistics with positive variances)."""
+    keras.utils.set_random_seed(0)
+    model = TinyViT(name="tiny_tinyvit", **TINYVIT_TINY)
+    randomize(model, seed=1)
+    randomize_bn_variances(model, seed=2)
+    return model
+
+
+def _tinyvit_check_outputs(spec, out):
+    assert [out[f"feature_maps/{i}"].shape for i in range(4)] == [
+        (2, 7, 11, 8), (2, 4, 6, 16), (2, 2, 3, 16), (2, 1, 2, 24)]
+    assert out["cls"].shape == (2, 24)
+
+
+def _tinyvit_check_preset(directory, teacher, full):
+    import json
+
+    metadata = json.loads((directory / "metadata.json").read_text())
+    assert metadata["class_name"] == "TinyViT" and metadata["num_subnets"] == 1
+    assert full.get_config()["window_sizes"] == [3, 3, 3, 2]
+
+
+def _tinyvit_dino():
+    keras.utils.set_random_seed(1)
+    backbone = TinyViT(name="tinyvit_student", **MICRO_TINYVIT)
+    return micro_dino(backbone)
+
+
+TINYVIT = FamilyCase(
+    name="tinyvit (non-elastic)", cls=TinyViT, teacher="tiny_tinyvit",
+    images=_tinyvit_images, specs=lambda teacher: teacher.subnets(),
+    bad_spec=(ViTSubnet(8, 1), TypeError, r"expected an IntactSubnet"),
+    micro=_tinyvit_micro,
+    micro_images=lambda: np.random.default_rng(0).uniform(
+        -1, 1, size=(2, 16, 16, 3)).astype("float32"),
+    # the Dense layers: the MBConv's conv1 + conv3, the patch merging's conv1 + conv3, and qkv,
+    # proj, fc1, fc2 of the attention block; the 3 x 3 and depthwise convs stay float
+    int8=(IntactSubnet(), 2 + 2 + 4),
+    bf16_spec=IntactSubnet(), drop_path_spec=IntactSubnet(), export_spec=IntactSubnet(),
+    elastic=False, batch_norm=True, call_options={"return_feature_maps": True},
+    export_skip={"jax": "jax exports through jax2tf: minutes of compilation on a small CPU for "
+                        "what the tensorflow run checks"},
+    check_outputs=_tinyvit_check_outputs, check_preset=_tinyvit_check_preset,
+    train=TrainCase(dino=_tinyvit_dino),
+)
+
+CASES = [VIT, SWIN, RESNET, TINY_BN, RESNET_BN, TINYVIT]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import forward, to_np
 from family_contract import (BACKEND, CASES, max_diff, outputs, restart_sampler,
-                             resnet_bn_teacher, same_weights, tiny_bn_teacher, train_step,
-                             unchanged, weights)
+                             resnet_bn_teacher, same_weights, tiny_bn_teacher,
+                             tinyvit_teacher, train_step, unchanged, weights)
 
 from poa_keras import Backbone
 from poa_keras.elastic import block_boundaries, set_block_boundaries
@@ -26,6 +26,11 @@ def tiny_bn():
 @pytest.fixture(scope="session")
 def tiny_resnet_bn():
     return resnet_bn_teacher()
+
+
+@pytest.fixture(scope="session")
+def tiny_tinyvit():
+    return tinyvit_teacher()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])

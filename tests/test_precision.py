@@ -10,8 +10,9 @@ import keras
 import numpy as np
 import pytest
 from conftest import to_np
-from family_contract import (VIT_PLAN, VIT_RECIPE, VIT_TRAIN, poa_trainer, restart_sampler,
-                             train_step, unchanged, vit_batch, vit_dino, vit_poa)
+from family_contract import (VIT_PLAN, VIT_RECIPE, VIT_TRAIN, dino_trainer, poa_trainer,
+                             restart_sampler, train_step, unchanged, vit_batch, vit_dino,
+                             vit_poa)
 
 from poa_keras import ElasticViT
 from poa_keras.methods import DINO
@@ -80,11 +81,7 @@ def test_dino_loss_under_mixed_bfloat16_matches_float32():
 
     def build():
         keras.utils.set_random_seed(1)
-        backbone = ElasticViT(name="dino_student", **VIT_TRAIN)
-        trainer = DINO(backbone, dict(hidden_dim=32, bottleneck_dim=16, out_dim=20),
-                       recipe=dict(VIT_RECIPE, lr=1e-3, min_lr=1e-3))
-        trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
-        return trainer
+        return dino_trainer(ElasticViT(name="dino_student", **VIT_TRAIN))
 
     bf16 = _under("mixed_bfloat16", build)
     data = vit_batch()

@@ -236,7 +236,8 @@ def test_preset_of_another_architecture(preset_dir, tmp_path):
     (foreign / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"'ViTBackbone', which is not a poa_keras backbone; "
                                          r"known architectures: \['ElasticResNet', "
-                                         r"'ElasticSwin', 'ElasticViT', 'ResNet'\]"):
+                                         r"'ElasticSwin', 'ElasticViT', 'ResNet', "
+                                         r"'TinyViT'\]"):
         Backbone.from_preset(foreign)
     # same class, other shapes: weights of a 64-wide ViT into a 96-wide one
     other = tmp_path / "other_shapes"

@@ -1,6 +1,6 @@
-"""Backbone families: the elastic ViT, Swin and ResNet, the BatchNorm ResNet (one size), and
-the base classes of every family (``Backbone``; ``NonElasticBackbone`` for families of one
-size)."""
+"""Backbone families: the elastic ViT, Swin and ResNet, the BatchNorm ResNet and TinyViT (one
+size each), and the base classes of every family (``Backbone``; ``NonElasticBackbone`` for
+families of one size)."""
 from poa_keras.backbones.base import Backbone, NonElasticBackbone
 from poa_keras.backbones.resnet import CONFIGS as RESNET_CONFIGS
 from poa_keras.backbones.resnet import ElasticResNet
@@ -8,11 +8,13 @@ from poa_keras.backbones.resnet_bn import CONFIGS as RESNET_BN_CONFIGS
 from poa_keras.backbones.resnet_bn import ResNet
 from poa_keras.backbones.swin import CONFIGS as SWIN_CONFIGS
 from poa_keras.backbones.swin import ElasticSwin
+from poa_keras.backbones.tinyvit import CONFIGS as TINYVIT_CONFIGS
+from poa_keras.backbones.tinyvit import TinyViT
 from poa_keras.backbones.vit import CONFIGS as VIT_CONFIGS
 from poa_keras.backbones.vit import ElasticViT
 
 BACKBONE_CLASSES = {"ElasticViT": ElasticViT, "ElasticSwin": ElasticSwin,
-                    "ElasticResNet": ElasticResNet, "ResNet": ResNet}
+                    "ElasticResNet": ElasticResNet, "ResNet": ResNet, "TinyViT": TinyViT}
 
 
 def config_names():
@@ -33,4 +35,4 @@ def from_config_name(config_name, **overrides):
 
 __all__ = ["BACKBONE_CLASSES", "Backbone", "ElasticResNet", "ElasticSwin", "ElasticViT",
            "NonElasticBackbone", "RESNET_BN_CONFIGS", "RESNET_CONFIGS", "ResNet", "SWIN_CONFIGS",
-           "VIT_CONFIGS", "config_names", "from_config_name"]
+           "TINYVIT_CONFIGS", "TinyViT", "VIT_CONFIGS", "config_names", "from_config_name"]

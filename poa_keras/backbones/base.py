@@ -16,6 +16,20 @@ from poa_keras.preprocessing import ImagePreprocessing
 from poa_keras.quantization import FrozenGCQuantize, quantization_mode, quantize
 from poa_keras.quantization.observer import (QuantConfig, activation_quantizers,
                                              quantization_scope)
+from poa_keras.validation import image_hw
+
+
+def check_bn_momentum(bn_momentum):
+    """The BatchNorm families' check of ``bn_momentum``: in [0, 1), Keras' convention."""
+    if not 0.0 <= float(bn_momentum) < 1.0:
+        raise ValueError(f"bn_momentum must lie in [0, 1) (Keras' convention: 0.9 is "
+                         f"PyTorch's momentum 0.1), got {bn_momentum}")
+
+
+def check_drop_path_rate(drop_path_rate):
+    """A stochastic depth rate in [0, 1)."""
+    if not 0.0 <= float(drop_path_rate) < 1.0:
+        raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
 
 
 def layer_decay_multiplier(layer_id, max_layer_id, layer_decay):
@@ -183,6 +197,29 @@ class Backbone(FrozenGCQuantize, keras.Model):
         if multiple is None:
             return None
         return shape[1] // multiple, shape[2] // multiple
+
+    def flops_image_hw(self, image_size=None):
+        """The (height, width) ``subnet_flops`` counts at: ``image_size`` (an int or a pair),
+        default the configuration's ``image_size``; both must be positive."""
+        h, w = image_hw(self.image_size if image_size is None else image_size)
+        if h <= 0 or w <= 0:
+            raise ValueError(f"image size {(h, w)} must be positive")
+        return h, w
+
+    def reject_masks(self, masks):
+        """The check of the families without mask tokens (``supports_masks=False``)."""
+        if masks is not None:
+            raise ValueError(f"{self.name}: {type(self).__name__} takes no masks "
+                             "(supports_masks=False; use ibot_weight=0)")
+
+    @staticmethod
+    def feature_outputs(pooled, maps, return_feature_maps):
+        """The call's output of the convolutional families: ``{"cls": pooled, "pooled":
+        pooled}``, plus ``"feature_maps": maps`` with ``return_feature_maps``."""
+        out = {"cls": pooled, "pooled": pooled}
+        if return_feature_maps:
+            out["feature_maps"] = maps
+        return out
 
     @staticmethod
     def _flops_total(terms, breakdown):

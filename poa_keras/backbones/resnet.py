@@ -359,12 +359,7 @@ class ElasticResNet(Backbone):
             breakdown: return a dict of the terms and their ``total`` instead of an int.
         """
         spec = self.resolve_subnet(spec) or self.full_subnet
-        if image_size is None:
-            image_size = self.image_size
-        h, w = ((int(image_size), int(image_size)) if np.ndim(image_size) == 0
-                else tuple(int(s) for s in image_size))
-        if h <= 0 or w <= 0:
-            raise ValueError(f"image size {(h, w)} must be positive")
+        h, w = self.flops_image_hw(image_size)
         terms = dict(stem=0, conv1=0, conv2=0, conv3=0, downsample=0, norms=0)
         h, w = conv_output_size(h, 7, 2, 3), conv_output_size(w, 7, 2, 3)
         terms["stem"] = 2 * h * w * 49 * self.in_channels * self.stem_channels
@@ -411,9 +406,7 @@ class ElasticResNet(Backbone):
             return self._forward(images, subnet, training, masks, return_feature_maps, keep)
 
     def _forward(self, images, subnet, training, masks, return_feature_maps, keep):
-        if masks is not None:
-            raise ValueError(f"{self.name}: {type(self).__name__} takes no masks "
-                             "(supports_masks=False; use ibot_weight=0)")
+        self.reject_masks(masks)
         spec = self.resolve_subnet(subnet)
         self._check_images(images)
         # None: the intact mid width, no slicing at all (fewer blocks need no slicing either)
@@ -428,10 +421,7 @@ class ElasticResNet(Backbone):
                                                            keep=self.keep_flag(keep, flat))
             maps.append(x)
         pooled = ops.mean(x, axis=(1, 2))
-        out = {"cls": pooled, "pooled": pooled}
-        if return_feature_maps:
-            out["feature_maps"] = maps
-        return out
+        return self.feature_outputs(pooled, maps, return_feature_maps)
 
     def layer_representations(self, images, subnet=None):
         """The tensors the layer-wise analysis (``eval/analysis.py``, CKA) compares, in depth

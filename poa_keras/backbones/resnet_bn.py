@@ -42,11 +42,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from poa_keras.backbones.base import NonElasticBackbone
+from poa_keras.backbones.base import (NonElasticBackbone, check_bn_momentum,
+                                      check_drop_path_rate)
 from poa_keras.backbones.resnet import resnet_layer_id
 from poa_keras.elastic.conv import ElasticConv2D, conv_output_size, kaiming_normal_fan_out
 from poa_keras.elastic.layers import ElasticDense, HostInitializer, StochasticDepth
 from poa_keras.quantization.observer import ActivationQuantizer, current_quant
+from poa_keras.validation import positive_ints
 
 BLOCKS = ("basic", "bottleneck")
 EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -257,16 +259,6 @@ class ResNetBottleneck(_ResidualBlock):
 _BLOCK_CLASSES = {"basic": ResNetBasicBlock, "bottleneck": ResNetBottleneck}
 
 
-def _positive_ints(values, what):
-    try:
-        values = tuple(int(v) for v in values)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a sequence of positive ints, got {values!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{what} must be a non-empty sequence of positive ints, got {values}")
-    return values
-
-
 @keras.saving.register_keras_serializable(package="poa_keras")
 class ResNet(NonElasticBackbone):
     """torchvision's BatchNorm ResNet (see the module docstring): one size, no slicing.
@@ -312,8 +304,8 @@ class ResNet(NonElasticBackbone):
         super().__init__(**kwargs)
         if block not in BLOCKS:
             raise ValueError(f"unknown ResNet block {block!r}; valid: {BLOCKS}")
-        depths = _positive_ints(depths, "depths")
-        widths = _positive_ints(widths, "widths")
+        depths = positive_ints(depths, "depths")
+        widths = positive_ints(widths, "widths")
         if len(depths) != len(widths):
             raise ValueError(f"depths {depths} and widths {widths} must have one entry per "
                              "stage")
@@ -325,13 +317,10 @@ class ResNet(NonElasticBackbone):
                             ("drop_path_uniform", drop_path_uniform)):
             if not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{what} must be True or False, got {value!r}")
-        if not 0.0 <= float(bn_momentum) < 1.0:
-            raise ValueError(f"bn_momentum must lie in [0, 1) (Keras' convention: 0.9 is "
-                             f"PyTorch's momentum 0.1), got {bn_momentum}")
+        check_bn_momentum(bn_momentum)
         if not float(bn_epsilon) > 0.0:
             raise ValueError(f"bn_epsilon must be positive, got {bn_epsilon}")
-        if not 0.0 <= float(drop_path_rate) < 1.0:
-            raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
+        check_drop_path_rate(drop_path_rate)
         self.image_size = int(image_size)
         self.in_channels = int(in_channels)
         self.block = block
@@ -468,12 +457,7 @@ class ResNet(NonElasticBackbone):
             breakdown: return a dict of the terms and their ``total`` instead of an int.
         """
         self.resolve_subnet(spec)
-        if image_size is None:
-            image_size = self.image_size
-        h, w = ((int(image_size), int(image_size)) if np.ndim(image_size) == 0
-                else tuple(int(s) for s in image_size))
-        if h <= 0 or w <= 0:
-            raise ValueError(f"image size {(h, w)} must be positive")
+        h, w = self.flops_image_hw(image_size)
         terms = dict(stem=0, conv1=0, conv2=0, conv3=0, downsample=0, norms=0)
         k, stride = (3, 1) if self.cifar_stem else (7, 2)
         h, w = conv_output_size(h, k, stride, k // 2), conv_output_size(w, k, stride, k // 2)
@@ -532,9 +516,7 @@ class ResNet(NonElasticBackbone):
             return self._forward(images, subnet, training, masks, return_feature_maps)
 
     def _forward(self, images, subnet, training, masks, return_feature_maps):
-        if masks is not None:
-            raise ValueError(f"{self.name}: {type(self).__name__} takes no masks "
-                             "(supports_masks=False; use ibot_weight=0)")
+        self.reject_masks(masks)
         self.resolve_subnet(subnet)
         self._check_images(images)
         x = self.stem(images, training)
@@ -544,10 +526,7 @@ class ResNet(NonElasticBackbone):
                 x = self.blocks[self.stage_offsets[s] + j](x, training=training)
             maps.append(x)
         pooled = ops.mean(x, axis=(1, 2))
-        out = {"cls": pooled, "pooled": pooled}
-        if return_feature_maps:
-            out["feature_maps"] = maps
-        return out
+        return self.feature_outputs(pooled, maps, return_feature_maps)
 
     def layer_representations(self, images, subnet=None):
         """The tensors the layer-wise analysis (``eval/analysis.py``, CKA) compares, in depth

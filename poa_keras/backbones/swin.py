@@ -38,6 +38,7 @@ from poa_keras.backbones.base import Backbone
 from poa_keras.elastic.layers import ElasticLayerNorm, ElasticPatchEmbed, HostInitializer
 from poa_keras.elastic.spec import SwinSubnet, block_ids, grid_values, selection_weights
 from poa_keras.elastic.window import ElasticPatchMerging, ElasticSwinBlock
+from poa_keras.validation import image_hw
 
 ELASTIC_STAGE = 2   # stage 3 (0-based index 2) is the only stage of elastic depth
 
@@ -295,10 +296,7 @@ class ElasticSwin(Backbone):
 
     # -- sizes ---------------------------------------------------------------------------------
     def _image_hw(self, image_size):
-        if image_size is None:
-            image_size = self.image_size
-        h, w = ((int(image_size), int(image_size)) if np.ndim(image_size) == 0
-                else tuple(int(s) for s in image_size))
+        h, w = image_hw(self.image_size if image_size is None else image_size)
         for what, size in (("height", h), ("width", w)):
             if size <= 0 or size % self.patch_size:
                 raise ValueError(f"image {what} {size} is not a positive multiple of the patch "

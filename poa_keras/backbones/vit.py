@@ -20,6 +20,7 @@ from poa_keras.elastic.layers import (ElasticBlock, ElasticLayerNorm, ElasticPat
                                       HostInitializer)
 from poa_keras.elastic.position import sincos_position_embedding  # noqa: F401 (public here too)
 from poa_keras.elastic.spec import ViTSubnet, block_ids, grid_values, selection_weights
+from poa_keras.validation import image_hw
 
 
 def _cubic(d, a=-0.75):
@@ -415,10 +416,7 @@ class ElasticViT(Backbone):
             breakdown: return a dict of the terms above and their ``total`` instead of an int.
         """
         spec = self.resolve_subnet(spec) or self.full_subnet
-        if image_size is None:
-            image_size = self.image_size
-        height, width_px = ((int(image_size), int(image_size)) if np.ndim(image_size) == 0
-                            else tuple(int(s) for s in image_size))
+        height, width_px = image_hw(self.image_size if image_size is None else image_size)
         for what, size in (("height", height), ("width", width_px)):
             if size <= 0 or size % self.patch_size:
                 raise ValueError(f"image {what} {size} is not a positive multiple of the patch "
