@@ -17,6 +17,8 @@ the same):
 * ``mae_distill``: recipes/demo_mae_distill.py, the same student, data and schedule plus the
   attention distillation from ONE frozen teacher (recipes/demo_mae_teacher.py, trained once,
   seed 0, into RUNS/teacher; as in MAE-Lite, the teacher's own pretraining is not counted).
+  The teacher itself is evaluated too (an ``eval`` record of arm ``teacher``, seed 0), as a
+  diagnostic: it is no arm of the comparison.
 
 FLOPs (analytic, per image; forward x 3 for forward + backward): the encoder on the 1 + K
 visible tokens (its linear layers scale with the tokens, its attention with their square, the
@@ -174,9 +176,14 @@ def main(argv):
     teacher_recipe = load_recipe("demo_mae_teacher", list(FLAGS.override))
     ratio, details = budget(load_recipe("demo_mae", list(FLAGS.override)), teacher_recipe)
     quality.emit(details)
+    teacher = None
     if "mae_distill" in FLAGS.train_arms or FLAGS.stage != "train":
-        trained(teacher_recipe, os.path.join(FLAGS.runs, "teacher"), "teacher")
+        teacher = trained(teacher_recipe, os.path.join(FLAGS.runs, "teacher"), "teacher")
     results = []
+    if FLAGS.stage != "train":
+        # a diagnostic, not an arm: distillation can only pass on what the teacher has
+        # (on the students' images: the data section of the MAE arm)
+        evaluate("teacher", 0, teacher, recipes(FLAGS.seeds[0], ratio)["mae"])
     for seed in FLAGS.seeds:
         arms = recipes(seed, ratio)
         for arm in ("mae", "mae_distill"):
