@@ -93,8 +93,10 @@ DEFAULTS = {
 }
 CROP_INTERPOLATIONS = ("bicubic", "bilinear")
 # Variables without weight decay (besides every variable of at most one dimension: biases,
-# norm gains and biases, LayerScale): timm's VisionTransformer.no_weight_decay().
-NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token")
+# norm gains and biases, LayerScale): timm's VisionTransformer.no_weight_decay(), and TinyViT's
+# attention-bias tables (its official no_weight_decay_keywords).
+NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token",
+                         "attention_biases")
 # Keys a resumed run may change: they leave the data, the model and the schedules as they were
 # (names, the checkpoint settings, the pipeline's threads, where the files lie).
 RESUMABLE_KEYS = ("name", "description", "checkpoint.every_epochs", "checkpoint.keep",

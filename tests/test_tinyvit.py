@@ -308,3 +308,15 @@ def test_layer_decay_follows_the_reference(tiny):
     assert mult("layers_3_blocks_0") == mult("norm_head") == 1.0
     with pytest.raises(ValueError, match=r"no block 1 in stage 3 .*depths \(1, 1, 2, 1\)"):
         tiny.layer_id("x/layers_3_blocks_1/attn/qkv/dense/kernel")
+
+
+def test_fine_tuning_leaves_the_attention_bias_tables_undecayed(tiny):
+    # the reference's no_weight_decay_keywords: {"attention_biases"} (2-D tables, so the
+    # "at most one dimension" rule alone would decay them)
+    from poa_keras.finetune import no_weight_decay
+
+    tables = [v for v in tiny.trainable_variables if v.path.endswith("attention_biases")]
+    kernels = [v for v in tiny.trainable_variables if v.path.endswith("qkv/dense/kernel")]
+    assert tables and kernels and all(len(v.shape) == 2 for v in tables)
+    assert all(no_weight_decay(v) for v in tables)
+    assert not any(no_weight_decay(v) for v in kernels)
