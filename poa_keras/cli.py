@@ -519,16 +519,23 @@ def cmd_demo():
         _say(f"saved the subnet as a preset in {FLAGS.output}")
 
 
-def cmd_pretrain():
-    from poa_keras.methods.nan_guard import NonFiniteLoss
-    from poa_keras.pretrain import check_allowed_changes, load_recipe, pretrain
-
-    check_allowed_changes(FLAGS.allow_recipe_change)
+def _recipe_overrides():
+    """--override entries, plus those the --data and --on_bad_image flags stand for (the
+    pretraining and fine-tuning recipes share the data keys)."""
     overrides = list(FLAGS.override)
     if FLAGS.data:
         overrides += ["data.source=folder", f"data.path={FLAGS.data}"]
     if FLAGS["on_bad_image"].present:
         overrides += [f"data.on_bad_image={FLAGS.on_bad_image!r}"]
+    return overrides
+
+
+def cmd_pretrain():
+    from poa_keras.methods.nan_guard import NonFiniteLoss
+    from poa_keras.pretrain import check_allowed_changes, load_recipe, pretrain
+
+    check_allowed_changes(FLAGS.allow_recipe_change)
+    overrides = _recipe_overrides()
     recipe = load_recipe(FLAGS.recipe, overrides)
     output = FLAGS.output or os.path.join("runs", recipe.get("name") or "recipe")
     import keras
@@ -742,11 +749,7 @@ def _finetune_recipe():
         hints = ", ".join(f"--{n} -> --override={_FINETUNE_FLAG_KEYS[n]}=..." for n in given)
         raise ValueError(f"with --recipe, the recipe sets the model, data and training: give "
                          f"{hints}")
-    overrides = list(FLAGS.override)
-    if FLAGS.data:
-        overrides += ["data.source=folder", f"data.path={FLAGS.data}"]
-    if FLAGS["on_bad_image"].present:
-        overrides += [f"data.on_bad_image={FLAGS.on_bad_image!r}"]
+    overrides = _recipe_overrides()
     recipe = load_finetune_recipe(FLAGS.recipe, overrides)
     output = FLAGS.output or os.path.join("runs", recipe.get("name") or "finetune")
     model = recipe["model"].get("preset") or recipe["model"].get("config")
