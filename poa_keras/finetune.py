@@ -66,6 +66,7 @@ from poa_keras.pretrain import (
     open_checkpoints, recipe_changes, recipe_from_file, shapes_split,
     shipped_recipe, steps_per_epoch, tfds_images, wrong_kind_message)
 from poa_keras import pretrain as pretrain_runner
+from poa_keras.methods.schedules import no_weight_decay
 
 SECTIONS = ("name", "description", "model", "classifier", "data", "augment", "optimizer",
             "train", "checkpoint", "seed")
@@ -92,11 +93,6 @@ DEFAULTS = {
     "checkpoint": dict(every_epochs=1, keep=2, max_abs=1e12),
 }
 CROP_INTERPOLATIONS = ("bicubic", "bilinear")
-# Variables without weight decay (besides every variable of at most one dimension: biases,
-# norm gains and biases, LayerScale): timm's VisionTransformer.no_weight_decay(), and TinyViT's
-# attention-bias tables (its official no_weight_decay_keywords).
-NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token",
-                         "attention_biases")
 # Keys a resumed run may change: they leave the data, the model and the schedules as they were
 # (names, the checkpoint settings, the pipeline's threads, where the files lie).
 RESUMABLE_KEYS = ("name", "description", "checkpoint.every_epochs", "checkpoint.keep",
@@ -634,16 +630,6 @@ def _eval_image(image, preprocessing):
 
 
 # ------------------------------------------------------------------------------ the classifier
-
-def no_weight_decay(variable):
-    """Whether AdamW leaves ``variable`` alone (MAE-Lite / timm): biases, norm gains and biases
-    and other vectors (at most one dimension), the cls / distillation / mask tokens and the
-    position embeddings."""
-    from poa_keras.methods.schedules import weight_decay_multiplier
-
-    return (weight_decay_multiplier(variable.shape) == 0.0
-            or variable.name in NO_WEIGHT_DECAY_NAMES)
-
 
 def warmup_cosine(peak_lr, min_lr, total_steps, warmup_steps):
     """MAE-Lite's learning rate per step s (a Keras schedule of the optimizer's step count):

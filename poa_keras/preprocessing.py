@@ -222,6 +222,16 @@ class ImagePreprocessing:
         return ops.divide(ops.subtract(x, np.asarray(self.mean, np.float32)),
                           np.asarray(self.std, np.float32))
 
+    def from_unit_range(self, images):
+        """``__call__`` for float images in [0, 1] (an augmentation's output, e.g. the
+        soft-label store's replay): mapped onto ``value_range`` first, then resized and
+        normalised as raw pixels would be."""
+        from keras import ops
+
+        low, high = self.value_range
+        x = ops.cast(ops.convert_to_tensor(images), "float32")
+        return self(ops.add(ops.multiply(x, np.float32(high - low)), np.float32(low)))
+
     def numpy(self, images):
         """``__call__`` as numpy (float32): the normalisation runs in numpy, the resize (when
         one is needed) through ``keras.ops.image.resize``."""

@@ -1,7 +1,7 @@
 """The TinyViT soft-label store (poa_keras/data/softlabels.py, REFERENCE.md §4): replayed
 augmentations equal the store-time ones pixel for pixel (also in another process), records
-have the documented size and hold the teacher's own top-K, the dense target matches a numpy
-construction, resuming is exact, and bad or foreign stores are refused."""
+have the documented size and hold the teacher's own top-K (the dense target: test_distill.py),
+resuming is exact, and bad or foreign stores are refused."""
 import json
 import os
 import shutil
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from poa_keras.data import make_shapes
-from poa_keras.data.softlabels import (ReplayAugment, dense_soft_targets, open_store,
+from poa_keras.data.softlabels import (ReplayAugment, open_store,
                                        replay_augment, write_store)
 
 N, SIZE, K, CLASSES, EPOCHS, BATCH = 40, 16, 3, 10, 2, 16
@@ -151,25 +151,6 @@ def test_stored_topk_is_the_teachers_own(written, images):
         assert ids.dtype == np.int32 and values.dtype == np.float32
         np.testing.assert_array_equal(ids, rec["ids"])
         np.testing.assert_array_equal(values, rec["values"].astype(np.float32))
-
-
-def test_dense_soft_targets_against_numpy():
-    rng = np.random.default_rng(0)
-    ids = np.stack([rng.permutation(CLASSES)[:K] for _ in range(5)])
-    values = np.sort(rng.dirichlet(np.ones(CLASSES), 5)[:, :K], axis=1)[:, ::-1]
-    values = values.astype(np.float16)
-    dense = dense_soft_targets(ids, values, CLASSES)
-    assert dense.shape == (5, CLASSES) and dense.dtype == np.float32
-    for b in range(5):
-        rest = (1.0 - float(np.float32(values[b]).sum())) / (CLASSES - K)
-        for c in range(CLASSES):
-            want = float(values[b][list(ids[b]).index(c)]) if c in ids[b] else rest
-            assert dense[b, c] == pytest.approx(want, abs=1e-7)
-    np.testing.assert_allclose(dense.sum(1), 1.0, atol=1e-6)
-    np.testing.assert_array_equal(dense_soft_targets([[2, 0, 1]], [[.5, .3, .2]], 3),
-                                  np.float32([[.3, .2, .5]]))
-    with pytest.raises(ValueError, match="class ids must lie in"):
-        dense_soft_targets([[10]], [[1.0]], CLASSES)
 
 
 def test_resume_rewrites_a_deleted_epoch_identically(written, images, tmp_path):

@@ -8,7 +8,8 @@ probabilities), and train students later by REPLAYING the augmentation from the 
     ds = store.dataset(epoch=0, batch_size=64, shuffle_seed=0)
     image, label = next(iter(ds))   # (64, 224, 224, 3) float32 in [0, 1];
                                     # {"ids": (64, 10) int32, "values": (64, 10) float32}
-    target = dense_soft_targets(label["ids"], label["values"], num_classes)   # (64, C)
+    target = dense_soft_targets(label["ids"], label["values"], num_classes)   # (64, C):
+                                    # poa_keras.losses.distill
 
 Augmentation (``replay_augment``): a PURE function of (uint8 image, int seed), built only from
 stateless tf.random ops whose op seeds are (seed, k), one k per draw: random resized crop
@@ -330,7 +331,7 @@ def _remove_dead_temporaries(directory):
 
 
 def write_store(teacher, images, directory, *, epochs, topk, config, seed=0, batch_size=64,
-                teacher_name=None, preprocess=None, verbose=1):
+                teacher_name=None, preprocess="auto", verbose=1):
     """Pass 1: writes (or completes) a soft-label store; returns it opened (``SoftLabelStore``).
 
     Args:
@@ -346,8 +347,10 @@ def write_store(teacher, images, directory, *, epochs, topk, config, seed=0, bat
       teacher_name: the teacher's name in the header. Given, it must match a store being
         resumed; None records ``teacher.name`` but only the weights' sha256 is compared (Keras'
         automatic names change between processes).
-      preprocess: None or a callable applied to each augmented batch (numpy float32) before the
-        teacher (e.g. its normalisation).
+      preprocess: a callable applied to each augmented batch (float32 in [0, 1]) before the
+        teacher; "auto" (default): the teacher's ``preprocessing.from_unit_range`` when it has
+        a preprocessing record (an ``ImageClassifier``: its normalisation and input size), as
+        the online teacher of ``methods.distill`` gets them; None: the [0, 1] images as they are.
       verbose: 0 silent, 1 a progress bar.
 
     Resuming: a directory holding a store of the same identity (teacher weights, images,
@@ -362,8 +365,11 @@ def write_store(teacher, images, directory, *, epochs, topk, config, seed=0, bat
     seed = check_int(seed, "seed", 0)
     batch_size = check_int(batch_size, "batch_size", 1)
     config = _as_config(config)
+    if isinstance(preprocess, str) and preprocess == "auto":
+        record = getattr(teacher, "preprocessing", None)
+        preprocess = None if record is None else record.from_unit_range
     if preprocess is not None and not callable(preprocess):
-        raise TypeError(f"preprocess must be None or a callable, got {preprocess!r}")
+        raise TypeError(f"preprocess must be 'auto', None or a callable, got {preprocess!r}")
     if not callable(teacher) or not hasattr(teacher, "weights"):
         raise TypeError(f"teacher must be a Keras model, got {type(teacher).__name__}")
     directory = Path(directory)
@@ -565,25 +571,6 @@ def open_store(directory, images, *, expect=None):
     return store
 
 
-def dense_soft_targets(ids, values, num_classes):
-    """Dense targets (..., C) float32 from sparse top-K (REFERENCE.md §4, as the official code):
-    the top-K values written at their ids, every other class (1 - sum top-K) / (C - K) (no
-    clipping: float16 rounding can make that a tiny negative number; with K = C it is unused)."""
-    ids = np.asarray(ids)
-    values = np.asarray(values, np.float32)
-    if ids.shape != values.shape or ids.ndim < 1:
-        raise ValueError(f"ids and values must have the same shape (..., K), got {ids.shape} "
-                         f"and {values.shape}")
-    k = ids.shape[-1]
-    num_classes = check_int(num_classes, "num_classes", k)
-    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
-        raise ValueError(f"class ids must lie in [0, {num_classes}), got {ids.min()}..{ids.max()}")
-    rest = (1.0 - values.sum(-1, keepdims=True)) / max(num_classes - k, 1)
-    out = np.broadcast_to(rest, (*ids.shape[:-1], num_classes)).astype(np.float32)
-    np.put_along_axis(out, ids.astype(np.int64), values, axis=-1)
-    return out
-
-
 __all__ = ["AUGMENT_VERSION", "FORMAT_VERSION", "ReplayAugment", "SoftLabelStore",
-           "dense_soft_targets", "epoch_seeds", "images_fingerprint", "open_store",
+           "epoch_seeds", "images_fingerprint", "open_store",
            "record_dtype", "replay_augment", "teacher_fingerprint", "write_store"]

@@ -225,6 +225,21 @@ def weight_decay_multiplier(shape):
     return 1.0 if len(tuple(shape)) > 1 else 0.0
 
 
+# Variables without weight decay besides every variable of at most one dimension (biases, norm
+# gains and biases, LayerScale): timm's VisionTransformer.no_weight_decay(), and TinyViT's
+# attention-bias tables (its official no_weight_decay_keywords).
+NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token",
+                         "attention_biases")
+
+
+def no_weight_decay(variable):
+    """Whether AdamW leaves ``variable`` alone in supervised training (fine-tuning, TinyViT's
+    distillation; MAE-Lite / timm / TinyViT): vectors (``weight_decay_multiplier`` 0), the cls /
+    distillation / mask tokens, the position embeddings and TinyViT's attention-bias tables."""
+    return (weight_decay_multiplier(variable.shape) == 0.0
+            or variable.name in NO_WEIGHT_DECAY_NAMES)
+
+
 # -- the bundle ----------------------------------------------------------------------------------
 def _check_step(step, total_steps):
     if int(step) != step or step < 0:

@@ -1,0 +1,153 @@
+"""TinyViT's distillation trainer (poa_keras/methods/distill.py, losses/distill.py; REFERENCE.md
+§4): the targets and the loss against numpy, a step on stored labels equals a step with the
+online teacher whose targets go through the same top-K + float16 sparsification, the
+hard-label arm, and bad input."""
+import keras
+import numpy as np
+import pytest
+
+from poa_keras import ImageClassifier
+from poa_keras.backbones import from_config_name
+from poa_keras.data import make_shapes
+from poa_keras.data.softlabels import ReplayAugment, write_store
+from poa_keras.losses.distill import dense_soft_targets, soft_target_cross_entropy, sparse_topk
+from poa_keras.methods.distill import SoftLabelDistillation
+
+N, SIZE, K, CLASSES, BATCH = 16, 32, 3, 6, 8
+CONFIG = ReplayAugment(output_size=SIZE, scale=(0.4, 1.0), jitter=0.3)
+RECIPE = dict(epochs=2, steps_per_epoch=2, batch_size=BATCH, lr=0.05, reference_batch=BATCH,
+              warmup_epochs=0, weight_decay=0.05, clip_grad=5.0)
+
+
+def classifier(config, seed, classes=CLASSES):
+    keras.utils.set_random_seed(seed)
+    return ImageClassifier(from_config_name(config), classes, pooling="avg")
+
+
+def numpy_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def numpy_dense(ids, values, classes):
+    out = np.empty(ids.shape[:-1] + (classes,), np.float64)
+    for b in range(ids.shape[0]):
+        out[b] = (1.0 - values[b].sum()) / (classes - ids.shape[-1])
+        out[b, ids[b]] = values[b]
+    return out
+
+
+def test_targets_and_loss_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 9)).astype(np.float32) * 3
+    probs = np.exp(numpy_log_softmax(logits.astype(np.float64)))
+    ids, values = sparse_topk(probs.astype(np.float32), 4)
+    ids, values = keras.ops.convert_to_numpy(ids), keras.ops.convert_to_numpy(values)
+    order = np.argsort(-probs, axis=-1)[:, :4]
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_array_equal(values, np.take_along_axis(probs, order, -1)
+                                  .astype(np.float16).astype(np.float32))
+    dense = keras.ops.convert_to_numpy(dense_soft_targets(ids, values, 9))
+    np.testing.assert_allclose(dense, numpy_dense(ids, values.astype(np.float64), 9), atol=1e-7)
+    np.testing.assert_allclose(dense.sum(-1), 1.0, atol=1e-6)
+    student = rng.normal(size=(5, 9)).astype(np.float32)
+    loss = float(keras.ops.convert_to_numpy(soft_target_cross_entropy(student, dense)))
+    expected = -(dense * numpy_log_softmax(student.astype(np.float64))).sum(-1).mean()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    full = keras.ops.convert_to_numpy(dense_soft_targets([[2, 0, 1]], [[.5, .3, .2]], 3))
+    np.testing.assert_allclose(full, [[.3, .2, .5]], atol=1e-7)          # K = C
+    with pytest.raises(ValueError, match="same shape"):
+        soft_target_cross_entropy(student, dense[:, :8])
+    with pytest.raises(ValueError, match="K must be <= the number of classes"):
+        dense_soft_targets(ids, values, 3)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    images, labels = make_shapes(N, image_size=40, seed=1)[:2]
+    teacher = classifier("resnet_bn_test", seed=3)
+    store = write_store(teacher, images, tmp_path_factory.mktemp("distill") / "store",
+                        epochs=1, topk=K, config=CONFIG, seed=5, batch_size=BATCH, verbose=0)
+    student = classifier("tinyvit_test", seed=4)
+    return images, labels, teacher, store, student
+
+
+def trained_once(student, batch, **kwargs):
+    model = student
+    trainer = SoftLabelDistillation(model, recipe=RECIPE, **kwargs)
+    trainer.compile(optimizer=keras.optimizers.AdamW())
+    logs = trainer.train_on_batch(*batch, return_dict=True)
+    return [keras.ops.convert_to_numpy(v) for v in model.weights], logs
+
+
+def fresh_student(setup):
+    student = classifier("tinyvit_test", seed=4)
+    student.set_weights(setup[4].get_weights())
+    return student
+
+
+def test_stored_step_equals_online_step(setup):
+    images, labels, teacher, store, _ = setup
+    x, sparse = next(iter(store.dataset(0, BATCH)))
+    sparse = {k: keras.ops.convert_to_numpy(v) for k, v in sparse.items()}
+    x = x.numpy()
+    start = [np.array(w) for w in fresh_student(setup).get_weights()]
+    student = fresh_student(setup)
+    z = keras.ops.convert_to_numpy(student(student.preprocessing.from_unit_range(x),
+                                           training=True)).astype(np.float64)
+    target = numpy_dense(sparse["ids"], sparse["values"].astype(np.float64), CLASSES)
+
+    stored, logs_stored = trained_once(fresh_student(setup), (x, sparse))
+    online_trainer = SoftLabelDistillation(fresh_student(setup), RECIPE, teacher=teacher, topk=K)
+    online_trainer.compile(optimizer=keras.optimizers.AdamW())
+    logs_online = online_trainer.train_on_batch(x, return_dict=True)
+    online = [keras.ops.convert_to_numpy(v) for v in online_trainer.student.weights]
+
+    # the loss is the soft cross-entropy of the stored records
+    assert logs_stored["loss"] == pytest.approx(-(target * numpy_log_softmax(z)).sum(-1).mean(),
+                                                rel=1e-4)
+    assert logs_stored["loss"] == pytest.approx(logs_online["loss"], rel=1e-5)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(stored, start))
+    assert moved > 1e-3                                        # the step did something
+    for a, b in zip(stored, online):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+    # the online targets are the sparsified ones, not the teacher's full softmax
+    sparse_target, _ = online_trainer.target(x, None)
+    dense_trainer = SoftLabelDistillation(fresh_student(setup), RECIPE, teacher=teacher)
+    full_target, _ = dense_trainer.target(x, None)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(sparse_target), target, atol=1e-6)
+    assert float(np.abs(keras.ops.convert_to_numpy(full_target) - target).max()) > 1e-3
+
+
+def test_hard_label_arm(setup):
+    images, labels, teacher, store, _ = setup
+    x = images[:BATCH].astype(np.float32) / 255.0
+    y = (labels[:BATCH] % CLASSES).astype(np.int32)
+    student = fresh_student(setup)
+    z = keras.ops.convert_to_numpy(student(student.preprocessing.from_unit_range(x),
+                                           training=True)).astype(np.float64)
+    expected = -numpy_log_softmax(z)[np.arange(BATCH), y].mean()
+    _, logs = trained_once(student, (x, y), targets="labels")
+    assert logs["loss"] == pytest.approx(expected, rel=1e-4)
+    assert logs["accuracy"] == pytest.approx(float((z.argmax(-1) == y).mean()))
+
+
+def test_bad_input(setup):
+    images, labels, teacher, store, student = setup
+    with pytest.raises(ValueError, match="the teacher has 7 classes, the student 6"):
+        SoftLabelDistillation(student, RECIPE, teacher=classifier("resnet_bn_test", 0, 7))
+    with pytest.raises(ValueError, match=r"topk=9; valid: an int in \[1, 6\]"):
+        SoftLabelDistillation(student, RECIPE, teacher=teacher, topk=9)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        SoftLabelDistillation(student, RECIPE, targets="teacher")
+    with pytest.raises(ValueError, match="valid: \\['stored', 'teacher', 'labels'\\]"):
+        SoftLabelDistillation(student, RECIPE, targets="soft")
+    with pytest.raises(ValueError, match="unknown recipe key 'lr_sched'"):
+        SoftLabelDistillation(student, dict(RECIPE, lr_sched=1))
+    with pytest.raises(ValueError, match="must map images to class logits"):   # a backbone
+        SoftLabelDistillation(student, RECIPE, teacher=from_config_name("resnet_bn_test"))
+    trainer = SoftLabelDistillation(fresh_student(setup), RECIPE)
+    trainer.compile(optimizer=keras.optimizers.AdamW())
+    x = images[:BATCH].astype(np.float32) / 255.0
+    with pytest.raises(ValueError, match="needs batches \\(images, \\{'ids', 'values'\\}\\)"):
+        trainer.train_on_batch(x, labels[:BATCH])
