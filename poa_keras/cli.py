@@ -15,7 +15,11 @@ usage: poa-keras <command> [--flags]      (KERAS_BACKEND=jax|tensorflow|torch pi
     finetune  train an ImageClassifier on a subnet (embedded shapes or an image folder), report
               the val accuracy before and after, save the model (.keras); with --recipe, run
               (or resume) a fine-tuning recipe: `--recipe=demo_finetune` fine-tunes the demo
-              teacher, MAE-Lite's recipe scaled down
+              teacher, MAE-Lite's recipe scaled down; `--recipe=demo_tinyvit` distils a tiny
+              TinyViT from a teacher's stored soft labels (--teacher: any classifier)
+    distill-store  run a teacher ONCE over the data for --epochs augmented epochs and keep
+              per image and epoch (seed, top-K ids, top-K probabilities) in --output (TinyViT's
+              soft-label store); the fine-tuning recipes' distill.store reads it
     export    write one subnet (optionally int8) as deployable artefacts (preset, SavedModel,
               ONNX, LiteRT, torch .pt2 as the backend allows) with sizes, checks and the int8
               accuracy change
@@ -51,8 +55,8 @@ import warnings
 
 from absl import app, flags, logging
 
-COMMANDS = ("pretrain", "sweep", "analyze", "extract", "finetune", "export", "info", "subnets",
-            "demo")
+COMMANDS = ("pretrain", "sweep", "analyze", "extract", "finetune", "distill-store", "export",
+            "info", "subnets", "demo")
 
 FLAGS = flags.FLAGS
 # -- the model
@@ -95,12 +99,19 @@ flags.DEFINE_string("recipe", "demo", "pretrain: a shipped recipe name (demo, de
                     "finetune: a fine-tuning recipe (demo_finetune, finetune_mae_tiny_in1k) or "
                     "a .py file defining FINETUNE_RECIPE; without it, finetune runs from its "
                     "flags. Each command refuses the other's recipes.")
+flags.DEFINE_string("teacher", None, "finetune --recipe (a distillation recipe, e.g. "
+                    "demo_tinyvit) / distill-store: the teacher, an ImageClassifier preset (a "
+                    "directory such as a fine-tuning run's classifier/, or a registered name) "
+                    "or a .keras file (loaded in safe mode); sets distill.teacher.")
+flags.DEFINE_integer("topk", None, "distill-store: K, the teacher probabilities kept per image "
+                     "and epoch (default: the recipe's distill.topk, 10).")
 flags.DEFINE_multi_string("override", [], "pretrain / finetune --recipe: section.key=value "
                           "changes of the recipe, e.g. --override=train.epochs=1 (repeatable; "
                           "values are Python literals).")
 flags.DEFINE_integer("epochs", None, "pretrain, finetune --recipe: stop after this many epochs "
                      "(the schedules keep the recipe's length; run again to resume). finetune "
-                     "without a recipe: epochs (default 3).")
+                     "without a recipe: epochs (default 3). distill-store: the augmented epochs "
+                     "to store (default: the recipe's distill.store_epochs).")
 flags.DEFINE_string("compilation_cache", "auto", "pretrain / finetune --recipe (JAX): the "
                     "persistent compilation "
                     "cache: auto (the one JAX already uses, else user), user (in the Keras "
@@ -180,13 +191,15 @@ COMMAND_FLAGS = {   # the flags each command reads (`poa-keras COMMAND --help` l
                                              "attention", "data", "image_size", "on_bad_image",
                                              "output", "verbose"),
     "extract": _MODEL_FLAGS + _SIZE_FLAGS + ("output",),
-    "finetune": ("recipe", "override", "resume", "compilation_cache") + _MODEL_FLAGS
+    "finetune": ("recipe", "override", "teacher", "resume", "compilation_cache") + _MODEL_FLAGS
     + _SIZE_FLAGS + ("epochs", "batch_size", "lr", "weight_decay",
                                               "layer_decay", "pooling") + _DATA_FLAGS
     + ("output", "verbose"),
     "export": _MODEL_FLAGS + _SIZE_FLAGS + ("quantize", "formats", "export_batch_size",
                                             "overwrite", "eval", "k", "temperature")
     + _DATA_FLAGS + ("output",),
+    "distill-store": ("teacher", "recipe", "override", "data", "on_bad_image", "epochs", "topk",
+                      "output", "verbose"),
     "info": (),
     "subnets": _MODEL_FLAGS,
     "demo": _MODEL_FLAGS + _SIZE_FLAGS + ("batch_size", "output"),
@@ -204,7 +217,7 @@ def command_summaries():
     """{command: its description in the module docstring}."""
     found, current = {}, None
     for line in __doc__.splitlines():
-        match = re.match(r"^    (\w+)\s{2,}(.*)$", line)
+        match = re.match(r"^    ([\w-]+)\s{2,}(.*)$", line)
         if match and match.group(1) in COMMANDS:
             current = match.group(1)
             found[current] = match.group(2).strip()
@@ -749,7 +762,7 @@ def _finetune_recipe():
         hints = ", ".join(f"--{n} -> --override={_FINETUNE_FLAG_KEYS[n]}=..." for n in given)
         raise ValueError(f"with --recipe, the recipe sets the model, data and training: give "
                          f"{hints}")
-    overrides = _recipe_overrides()
+    overrides = _recipe_overrides() + _teacher_overrides()
     recipe = load_finetune_recipe(FLAGS.recipe, overrides)
     output = FLAGS.output or os.path.join("runs", recipe.get("name") or "finetune")
     model = recipe["model"].get("preset") or recipe["model"].get("config")
@@ -767,11 +780,61 @@ def _finetune_recipe():
     if result.history:
         last = result.history[-1]
         _say(f"epoch {int(last['epoch'])}/{recipe['train']['epochs']}: loss {last['loss']:.4f}")
-    _say(f"held-out top-1: {100 * result.top1:.2f} % ({len(result.class_names)} classes); "
-         f"{time.perf_counter() - start:.0f} s")
+    if result.top1 is None:
+        _say(f"no held-out top-1: the classifier learnt the teacher's classes, not the data's "
+             f"{len(result.class_names)}; {time.perf_counter() - start:.0f} s")
+    else:
+        _say(f"held-out top-1: {100 * result.top1:.2f} % ({len(result.class_names)} classes); "
+             f"{time.perf_counter() - start:.0f} s")
     if result.preset_dir:
         _say(f"classifier preset: {result.preset_dir}  (ImageClassifier.from_preset"
              f"({result.preset_dir!r})); result.json")
+    return 0
+
+
+def _teacher_overrides():
+    """The recipe overrides --teacher stands for: distill.teacher, and no teacher recipe."""
+    if not FLAGS.teacher:
+        return []
+    return [f"distill.teacher={FLAGS.teacher!r}", "distill.teacher_recipe=None"]
+
+
+def cmd_distill_store():
+    """Pass 1 of TinyViT's fast distillation: the soft-label store of --teacher over the data
+    of a distillation recipe (--recipe, default demo_tinyvit; --data: an image folder)."""
+    from poa_keras.finetune import (distill_teacher, in_memory_images, labelled_data,
+                                    load_finetune_recipe, section, write_recipe_store)
+
+    if not FLAGS.teacher:
+        raise ValueError("distill-store needs --teacher=PRESET_OR_KERAS_FILE: an "
+                         "ImageClassifier preset (directory or registered name) or a .keras "
+                         "file")
+    output = _require_output("distill-store")
+    overrides = _recipe_overrides() + _teacher_overrides() + ["distill.targets='stored'"]
+    if FLAGS.epochs is not None:
+        overrides.append(f"distill.store_epochs={FLAGS.epochs}")
+    if FLAGS.topk is not None:
+        overrides.append(f"distill.topk={FLAGS.topk}")
+    recipe_name = FLAGS.recipe if FLAGS["recipe"].present else "demo_tinyvit"
+    recipe = load_finetune_recipe(recipe_name, overrides)
+    if not recipe.get("distill"):
+        raise ValueError(f"--recipe={recipe_name!r} has no distill section: give a distillation "
+                         "recipe (e.g. demo_tinyvit, tinyvit_21m_in22k_distill)")
+    verbose = int(FLAGS.verbose)
+    start = time.perf_counter()
+    data = labelled_data(recipe, progress=verbose > 0)
+    images, _ = in_memory_images(data.train, int(section(recipe, "data")["image_size"]),
+                                 count=data.num_train, progress=verbose > 0)
+    teacher, name = distill_teacher(recipe, output, verbose=verbose)
+    _say(f"storing the top-{section(recipe, 'distill')['topk']} soft labels of teacher "
+         f"{name!r} over {len(images)} images into {output}")
+    store = write_recipe_store(recipe, teacher, images, output, teacher_name=name,
+                               verbose=verbose)
+    size = store.epochs * store.num_images * store.record_bytes
+    _say(f"{store.epochs} epochs x {store.num_images} images x {store.record_bytes} bytes = "
+         f"{size / 1e6:.2f} MB ({store.num_classes} classes, augmentation "
+         f"{store.config.get_config()}); {time.perf_counter() - start:.0f} s. Train a student "
+         f"on it: poa-keras finetune --recipe={recipe_name} --override=distill.store={output!r}")
     return 0
 
 
@@ -872,7 +935,7 @@ def main(argv):
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments {argv[2:]}; flags look like --name=value")
     try:
-        return globals()[f"cmd_{argv[1]}"]() or 0
+        return globals()[f"cmd_{argv[1].replace('-', '_')}"]() or 0
     except (ValueError, OSError, TypeError, KeyError) as error:
         # OSError: a missing file, an unreachable download (ConnectionError), a full disk ...
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

@@ -69,7 +69,7 @@ from poa_keras import pretrain as pretrain_runner
 from poa_keras.methods.schedules import no_weight_decay
 
 SECTIONS = ("name", "description", "model", "classifier", "data", "augment", "optimizer",
-            "train", "checkpoint", "seed")
+            "train", "distill", "checkpoint", "seed")
 # Every key of every section, with its default: MAE-Lite's fine-tuning recipe (REFERENCE.md §3)
 # where it has one. None in train.epochs / train.batch_size: a recipe must give them.
 DEFAULTS = {
@@ -91,7 +91,12 @@ DEFAULTS = {
                   layer_decay=0.85, patch_embed_lr_mult=1.0, clip_grad=None,
                   label_smoothing=0.0),
     "checkpoint": dict(every_epochs=1, keep=2, max_abs=1e12),
+    # TinyViT's fast distillation (REFERENCE.md §4): present and non-empty, the run trains on a
+    # teacher's soft labels (``distill_setup``) instead of the data's labels.
+    "distill": dict(teacher=None, teacher_recipe=None, targets="stored", topk=10,
+                    store=None, store_epochs=None, teacher_batch_size=64),
 }
+DISTILL_TARGETS = ("stored", "teacher", "teacher_dense", "labels")
 CROP_INTERPOLATIONS = ("bicubic", "bilinear")
 # Keys a resumed run may change: they leave the data, the model and the schedules as they were
 # (names, the checkpoint settings, the pipeline's threads, where the files lie).
@@ -222,6 +227,10 @@ VALUE_RULES = {
                   clip_grad=number_rule(0, low_open=True, none=True),
                   label_smoothing=number_rule(0, 1, high_open=True)),
     "checkpoint": dict(every_epochs=_COUNT, keep=_COUNT, max_abs=_POSITIVE),
+    "distill": dict(teacher=_string_rule(), teacher_recipe=_string_rule(),
+                    targets=choice_rule(*DISTILL_TARGETS), topk=_COUNT, store=_string_rule(),
+                    store_epochs=number_rule(1, integer=True, none=True),
+                    teacher_batch_size=_COUNT),
 }
 
 
@@ -289,6 +298,8 @@ def validate_finetune_recipe(recipe):
     except (TypeError, ValueError) as error:
         raise ValueError(f"model.preprocessing {preprocessing}: {error}") from None
 
+    if recipe.get("distill"):
+        _validate_distill(recipe)
     data = section(recipe, "data")
     if data["source"] == "folder" and not data["path"]:
         raise ValueError('data.source="folder" needs data.path, a folder with one sub-folder '
@@ -722,12 +733,7 @@ def build_classifier(recipe, num_classes, steps):
     soft labels (MixUp / CutMix) with label smoothing; top-1 as ``accuracy``."""
     import keras
 
-    from poa_keras.classifier import ImageClassifier
-
-    backbone = model_backbone(recipe)
-    head = section(recipe, "classifier")
-    classifier = ImageClassifier(backbone, num_classes, pooling=head["pooling"],
-                                 dropout=float(head["dropout"]))
+    classifier = recipe_classifier(recipe, model_backbone(recipe), num_classes)
     train, opt = section(recipe, "train"), section(recipe, "optimizer")
     inner = keras.optimizers.AdamW(
         learning_rate=learning_rate_schedule(recipe, steps),
@@ -741,21 +747,318 @@ def build_classifier(recipe, num_classes, steps):
         optimizer = classifier.layer_decay_optimizer(
             inner, layer_decay=float(train["layer_decay"]),
             patch_embed_lr_mult=float(train["patch_embed_lr_mult"]))
-    classifier.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=float(train["label_smoothing"])),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    compile_for_labels(classifier, recipe, optimizer)
     return classifier
 
 
+def recipe_classifier(recipe, backbone, num_classes):
+    """The ``ImageClassifier`` of ``backbone`` with the recipe's ``classifier`` head."""
+    from poa_keras.classifier import ImageClassifier
+
+    head = section(recipe, "classifier")
+    return ImageClassifier(backbone, num_classes, pooling=head["pooling"],
+                           dropout=float(head["dropout"]))
+
+
+def compile_for_labels(classifier, recipe, optimizer="auto"):
+    """Compiles ``classifier`` with softmax cross-entropy on (soft) one-hot labels, with the
+    recipe's label smoothing, and top-1 as ``accuracy`` (the held-out evaluation's)."""
+    import keras
+
+    classifier.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True,
+            label_smoothing=float(section(recipe, "train")["label_smoothing"])),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+
+
+# ------------------------------------------------------------------- distillation (TinyViT)
+
+def _validate_distill(recipe):
+    """The ``distill`` section's consistency: a teacher exactly when the targets need one, an
+    augmentation the store can replay, no fine-tuning-only training keys."""
+    distill = section(recipe, "distill")
+    targets = distill["targets"]
+    sources = [k for k in ("teacher", "teacher_recipe") if distill[k]]
+    if targets == "labels" and sources:
+        raise ValueError(f"distill.targets='labels' trains on the data's labels (the hard-label "
+                         f"arm); it takes no teacher, got distill.{sources[0]}")
+    if targets == "stored" and not sources and distill["store"]:
+        pass   # an existing store serves the student without its teacher
+    elif targets != "labels" and len(sources) != 1:
+        raise ValueError(f"distill.targets={targets!r} needs exactly one of distill.teacher (an "
+                         "ImageClassifier preset directory, a registered preset name or a "
+                         ".keras file; the CLI's --teacher) and distill.teacher_recipe (a "
+                         "fine-tuning recipe, run first in <output>/teacher_run); with "
+                         "targets 'stored', distill.store alone reads a store written before; "
+                         "got "
+                         f"{ {k: distill[k] for k in ('teacher', 'teacher_recipe')} }")
+    augment = section(recipe, "augment")
+    unreplayable = [k for k in ("randaugment_ops", "mixup", "cutmix") if augment[k]]
+    if unreplayable:
+        raise ValueError(
+            "distillation replays its augmentation from stored seeds (random resized crop, "
+            "flip, colour jitter: data.softlabels.ReplayAugment); "
+            + ", ".join(f"augment.{k}={augment[k]!r}" for k in unreplayable)
+            + " cannot be replayed: set " + ", ".join(f"augment.{k}=0" for k in unreplayable))
+    if augment["interpolation"] != "bilinear":
+        raise ValueError(f"augment.interpolation={augment['interpolation']!r}: the replayed crop "
+                         "is bilinear; set augment.interpolation='bilinear'")
+    jitter = augment["color_jitter"]
+    if isinstance(jitter, (list, tuple)) and len(set(jitter)) != 1:
+        raise ValueError(f"augment.color_jitter={jitter!r}: the replayed jitter has one strength "
+                         "for brightness, contrast and saturation; give one number")
+    train = section(recipe, "train")
+    for key, neutral in (("layer_decay", 1.0), ("patch_embed_lr_mult", 1.0),
+                         ("label_smoothing", 0.0)):
+        if float(train[key]) != neutral:
+            raise ValueError(f"train.{key}={train[key]!r}: TinyViT's distillation has none; set "
+                             f"train.{key}={neutral}")
+
+
+def replay_config(recipe, image_size):
+    """The ``ReplayAugment`` of a distillation recipe's ``augment`` section at ``image_size``."""
+    from poa_keras.data.softlabels import ReplayAugment
+
+    augment = section(recipe, "augment")
+    jitter = augment["color_jitter"]
+    jitter = jitter[0] if isinstance(jitter, (list, tuple)) else jitter
+    return ReplayAugment(output_size=int(image_size), scale=tuple(augment["crop_scale"]),
+                         ratio=tuple(augment["crop_ratio"]), flip_prob=augment["flip_prob"],
+                         jitter=float(jitter))
+
+
+def in_memory_images(split, size, count=None, progress=False):
+    """(uint8 images (N, size, size, 3), int32 labels): a numpy split as it is; a tf.data one
+    (folder, TFDS) decoded, its shorter side resized to ``size`` (antialiased bilinear) and
+    centre-cropped. The soft-label store keeps the images in memory: N x size^2 x 3 bytes."""
+    import tensorflow as tf
+
+    if isinstance(split, tuple):
+        return split[0], np.asarray(split[1], np.int32)
+
+    def fit(image, label):
+        image = _rgb(image)
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        new = tf.cast(tf.math.ceil(shape * (size / tf.reduce_min(shape))), tf.int32)
+        image = tf.image.resize(image, new, antialias=True)
+        image = tf.image.resize_with_crop_or_pad(image, size, size)
+        return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8), label
+
+    import keras
+
+    bar = keras.utils.Progbar(count, verbose=1) if progress else None
+    images, labels = [], []
+    for x, y in split.map(fit, num_parallel_calls=tf.data.AUTOTUNE).batch(256):
+        images.append(x.numpy())
+        labels.append(y.numpy())
+        if bar is not None:
+            bar.add(len(x))
+    if not images:
+        raise ValueError("the training split holds no images")
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
+
+
+def load_teacher(teacher):
+    """The teacher model named by ``distill.teacher``: a .keras file (``keras.saving.load_model``
+    with safe_mode: no code is run) or an ``ImageClassifier`` preset (a directory or a
+    registered name)."""
+    import keras
+
+    from poa_keras.classifier import ImageClassifier
+    from poa_keras.presets import list_presets
+
+    if os.fspath(teacher).endswith(".keras"):
+        if not os.path.isfile(teacher):
+            raise FileNotFoundError(f"distill.teacher={teacher!r}: no such .keras file")
+        return keras.saving.load_model(teacher, compile=False, safe_mode=True)
+    if not os.path.isdir(teacher) and teacher not in list_presets():
+        raise FileNotFoundError(
+            f"distill.teacher={teacher!r} is neither a .keras file, an ImageClassifier preset "
+            f"directory (e.g. a fine-tuning run's classifier/) nor a registered preset "
+            f"({sorted(list_presets())})")
+    return ImageClassifier.from_preset(teacher)
+
+
+def distill_teacher(recipe, output_dir, verbose="auto"):
+    """(teacher model, its name for the store's header) of a distillation recipe: loaded from
+    ``distill.teacher``, or the classifier of ``distill.teacher_recipe``, which is run (or
+    resumed, or found finished) in ``<output_dir>/teacher_run`` first; None for hard labels."""
+    from poa_keras.classifier import ImageClassifier
+
+    distill = section(recipe, "distill")
+    if distill["teacher"]:
+        return load_teacher(distill["teacher"]), distill["teacher"]
+    if not distill["teacher_recipe"]:
+        return None, None
+    teacher_recipe = load_finetune_recipe(distill["teacher_recipe"])
+    if teacher_recipe.get("distill"):
+        raise ValueError(f"distill.teacher_recipe={distill['teacher_recipe']!r} distills from a "
+                         "teacher itself; give a recipe that trains on labels")
+    run_dir = os.path.join(output_dir, "teacher_run")
+    preset = os.path.join(run_dir, "classifier")
+    if not os.path.isdir(preset):
+        finetune(teacher_recipe, run_dir, verbose=verbose)
+    name = teacher_recipe.get("name") or os.path.basename(str(distill["teacher_recipe"]))
+    return ImageClassifier.from_preset(preset), name
+
+
+def write_recipe_store(recipe, teacher, images, directory, teacher_name=None, image_size=None,
+                       verbose=1):
+    """Pass 1 of a distillation recipe: the soft-label store of ``teacher`` over ``images``
+    (``data.softlabels.write_store``: ``distill.store_epochs`` (default: ``train.epochs``)
+    epochs, ``distill.topk``, the ``augment`` section's replayable augmentation at
+    ``image_size`` (default: the teacher's input size), the recipe's seed); resumable."""
+    from poa_keras.data.softlabels import write_store
+
+    distill = section(recipe, "distill")
+    if image_size is None:
+        record = getattr(teacher, "preprocessing", None)
+        image_size = (section(recipe, "augment")["image_size"]
+                      or (record.image_size[0] if record is not None and record.image_size
+                          else None))
+        if image_size is None:
+            raise ValueError("the augmented image size is unknown: set augment.image_size")
+    return write_store(teacher, images, directory,
+                       epochs=distill["store_epochs"] or int(recipe["train"]["epochs"]),
+                       topk=int(distill["topk"]), config=replay_config(recipe, image_size),
+                       seed=int(recipe.get("seed") or 0),
+                       batch_size=int(distill["teacher_batch_size"]), teacher_name=teacher_name,
+                       verbose=verbose)
+
+
+def distill_batches(recipe, images, labels, config, store, steps, start_epoch, stop_epoch):
+    """The numpy batches of epochs [start_epoch, stop_epoch): epoch e replays store epoch
+    e mod ``store_epochs`` (the stored seeds; without a store, the seeds a store would hold),
+    in a permutation seeded by (seed, e), with the stored top-K (a store) and the labels."""
+    from poa_keras.data.softlabels import epoch_seeds, replay_dataset
+
+    distill = section(recipe, "distill")
+    seed = int(recipe.get("seed") or 0)
+    store_epochs = distill["store_epochs"] or int(recipe["train"]["epochs"])
+    batch = int(recipe["train"]["batch_size"])
+    threads = section(recipe, "data")["threads"]
+    for epoch in range(start_epoch, stop_epoch):
+        shuffle = epoch_seed(seed, epoch)
+        if store is not None:
+            ds = store.dataset(epoch % store.epochs, batch, shuffle_seed=shuffle,
+                               drop_remainder=True, labels=labels)
+        else:
+            ds = replay_dataset(images, epoch_seeds(seed, epoch % store_epochs, len(images)),
+                                config, batch, shuffle_seed=shuffle, drop_remainder=True,
+                                labels=labels)
+        yield from limit_threads(ds.take(steps), threads).as_numpy_iterator()
+
+
+def build_distillation(recipe, classifier, steps, teacher):
+    """The compiled ``methods.distill.SoftLabelDistillation`` of a recipe around ``classifier``
+    (AdamW; the ``train`` section's schedule, weight decay and clipping)."""
+    import keras
+
+    from poa_keras.methods.distill import SoftLabelDistillation
+
+    train, opt = section(recipe, "train"), section(recipe, "optimizer")
+    targets = section(recipe, "distill")["targets"]
+    keys = ("epochs", "batch_size", "lr", "lr_scaling", "reference_batch", "min_lr",
+            "warmup_epochs", "weight_decay", "clip_grad")
+    trainer = SoftLabelDistillation(
+        classifier, recipe=dict({k: train[k] for k in keys}, steps_per_epoch=int(steps)),
+        teacher=teacher if targets.startswith("teacher") else None,
+        topk=int(section(recipe, "distill")["topk"]) if targets == "teacher" else None,
+        targets={"teacher_dense": "teacher"}.get(targets, targets))
+    trainer.compile(optimizer=keras.optimizers.AdamW(
+        learning_rate=trainer.learning_rate_at(0), weight_decay=float(train["weight_decay"]),
+        beta_1=float(opt["beta_1"]), beta_2=float(opt["beta_2"]),
+        epsilon=float(opt["epsilon"])))
+    return trainer
+
+
 # ----------------------------------------------------------------------------------------- run
+
+def _finished_store(recipe, directory, images, config):
+    """The complete store in ``directory`` written for this recipe (images, K, augmentation,
+    seed, epochs; the teacher's name when ``distill.teacher`` is given), or None when there
+    is none yet or it is incomplete and a teacher can complete it. A student on a finished
+    store never loads its teacher."""
+    from poa_keras.data.softlabels import HEADER, open_store
+
+    distill = section(recipe, "distill")
+    if not os.path.isfile(os.path.join(directory, HEADER)):
+        if distill["teacher"] or distill["teacher_recipe"]:
+            return None
+        raise FileNotFoundError(f"distill.store={directory!r} holds no soft-label store; write "
+                                "one with poa-keras distill-store, or give a teacher")
+    expect = {"topk": int(distill["topk"]), "config": config,
+              "seed": int(recipe.get("seed") or 0),
+              "epochs": distill["store_epochs"] or int(recipe["train"]["epochs"])}
+    if distill["teacher"]:
+        expect["teacher"] = distill["teacher"]
+    try:
+        return open_store(directory, images, expect=expect)
+    except ValueError as error:
+        if "shard" in str(error) and (distill["teacher"] or distill["teacher_recipe"]):
+            return None   # a missing or cut shard: the teacher writes it (write_store resumes)
+        raise
+
+
+def _distillation_run(recipe, data, output_dir, verbose, progress):
+    """The parts of a distillation run (the ``distill`` section): the student's backbone, the
+    training images in memory, the teacher (its recipe run first), the store (targets
+    "stored"), the classifier with the teacher's classes and its trainer."""
+    backbone = model_backbone(recipe)
+    record = backbone.preprocessing
+    image_size = section(recipe, "augment")["image_size"] or (
+        record.image_size[0] if record is not None and record.image_size
+        else int(backbone.image_size))
+    images, labels = in_memory_images(data.train, int(section(recipe, "data")["image_size"]),
+                                      count=data.num_train, progress=progress)
+    distill = section(recipe, "distill")
+    config = replay_config(recipe, image_size)
+    store = None
+    store_dir = distill["store"] or os.path.join(output_dir, "store")
+    teacher = teacher_name = None
+    if distill["targets"] == "stored":
+        store = _finished_store(recipe, store_dir, images, config)
+    if store is None and distill["targets"] != "labels":
+        teacher, teacher_name = distill_teacher(recipe, output_dir, verbose)
+    if distill["targets"] == "stored" and store is None:
+        store = write_recipe_store(recipe, teacher, images, store_dir, teacher_name=teacher_name,
+                                   image_size=image_size,
+                                   verbose=0 if not progress else
+                                   (1 if verbose == "auto" else int(verbose)))
+    if store is not None:
+        num_classes = store.num_classes
+    elif teacher is not None:
+        from poa_keras.methods.distill import num_classes_of
+
+        num_classes = num_classes_of(teacher, "teacher")
+    else:
+        num_classes = section(recipe, "classifier")["num_classes"] or len(data.class_names)
+    given = section(recipe, "classifier")["num_classes"]
+    if given is not None and given != num_classes:
+        raise ValueError(f"classifier.num_classes={given}: the student learns the teacher's "
+                         f"{num_classes} classes; leave it out")
+    if distill["targets"] == "labels" and int(labels.max()) >= num_classes:
+        raise ValueError(f"the data has labels up to {int(labels.max())}, the classifier "
+                         f"{num_classes} classes")
+    steps = steps_per_epoch(recipe, len(images))
+    classifier = recipe_classifier(recipe, backbone, num_classes)
+    compile_for_labels(classifier, recipe)
+    trainer = build_distillation(recipe, classifier, steps, teacher)
+    # labels ride along for the accuracy log only when they index the teacher's classes
+    keep_labels = num_classes == len(data.class_names)
+    return {"trainer": trainer, "classifier": classifier, "num_classes": num_classes,
+            "steps": steps, "images": images, "labels": labels if keep_labels else None,
+            "config": config, "store": store}
+
 
 @dataclasses.dataclass
 class FinetuneResult:
     classifier: object
     history: list            # one dict of logs per finished epoch (all epochs of the run)
-    top1: float              # top-1 of the classifier on the held-out split
+    top1: float | None       # top-1 of the classifier on the held-out split (None: a
+                             # distilled classifier whose classes are not the data's)
     class_names: list
     output_dir: str
     resumed_from: str | None
@@ -808,20 +1111,29 @@ def finetune(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
         _check_resume(output_dir, saved.get("recipe"), recipe, int(saved.get("epoch", 0)))
 
     enable_compilation_cache(compilation_cache_dir(compilation_cache, output_dir))
-    data = labelled_data(recipe, progress=verbose not in (0, "0"))
-    num_classes = section(recipe, "classifier")["num_classes"] or len(data.class_names)
-    if num_classes < len(data.class_names):
-        raise ValueError(f"classifier.num_classes={num_classes} is less than the data's "
-                         f"{len(data.class_names)} classes")
-    steps = steps_per_epoch(recipe, data.num_train)
-    classifier = build_classifier(recipe, num_classes, steps)
+    progress = verbose not in (0, "0")
+    data = labelled_data(recipe, progress=progress)
+    batch = int(recipe["train"]["batch_size"])
+    total_epochs = int(recipe["train"]["epochs"])
+    if recipe.get("distill"):
+        run = _distillation_run(recipe, data, output_dir, verbose, progress)
+        model, num_classes, steps = run["trainer"], run["num_classes"], run["steps"]
+        classifier = run["classifier"]
+    else:
+        num_classes = section(recipe, "classifier")["num_classes"] or len(data.class_names)
+        if num_classes < len(data.class_names):
+            raise ValueError(f"classifier.num_classes={num_classes} is less than the data's "
+                             f"{len(data.class_names)} classes")
+        steps = steps_per_epoch(recipe, data.num_train)
+        model = classifier = build_classifier(recipe, num_classes, steps)
     preprocessing = classifier.preprocessing
     image_size = section(recipe, "augment")["image_size"] or preprocessing.image_size or int(
         classifier.backbone.image_size)
-    batch = int(recipe["train"]["batch_size"])
+    # top-1 on the held-out labels: the classifier's classes must be the data's (a teacher of
+    # other classes, e.g. ImageNet-22k on 1k data, leaves it out)
+    scored = num_classes == len(data.class_names) or not recipe.get("distill")
     val = eval_dataset(data.val, preprocessing, num_classes,
                        section(recipe, "data")["val_batch_size"] or batch, count=data.num_val)
-    total_epochs = int(recipe["train"]["epochs"])
 
     # Keras builds the compiled loss and metrics at their first use, and a checkpoint holds
     # the metrics' variables: one held-out batch builds them now (its test program serves
@@ -829,7 +1141,7 @@ def finetune(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
     classifier.evaluate(val.take(1), verbose=0)
     history, start_epoch = [], 0
     if latest is not None:
-        state = manager.restore(classifier, latest)
+        state = manager.restore(model, latest)
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
     os.makedirs(output_dir, exist_ok=True)   # only now: a bad recipe leaves no empty directory
@@ -837,20 +1149,27 @@ def finetune(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
 
     stop_epoch = total_epochs if epochs is None else min(total_epochs, start_epoch + int(epochs))
     if start_epoch < stop_epoch:
-        stream = train_batches(recipe, data.train, steps, start_epoch, stop_epoch,
-                               num_classes, image_size, preprocessing)
+        if recipe.get("distill"):
+            stream = distill_batches(recipe, run["images"], run["labels"], run["config"],
+                                     run["store"], steps, start_epoch, stop_epoch)
+            fit_kwargs = {}
+        else:
+            stream = train_batches(recipe, data.train, steps, start_epoch, stop_epoch,
+                                   num_classes, image_size, preprocessing)
+            fit_kwargs = {"validation_data": val}
         import warnings
 
         with warnings.catch_warnings():
             # a ViT's mask token (iBOT pretraining only) gets no gradient here: expected
             warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
-            fit_epochs(classifier, stream, output_dir=output_dir, manager=manager, steps=steps,
+            fit_epochs(model, stream, output_dir=output_dir, manager=manager, steps=steps,
                        start_epoch=start_epoch, stop_epoch=stop_epoch, history=history,
                        state={"recipe": recipe}, every_epochs=checkpointing["every_epochs"],
                        advice=("Lower train.lr or raise train.warmup_epochs and run the recipe "
                                "in a new output directory; or check the data for NaN values."),
-                       verbose=verbose, callbacks=callbacks, validation_data=val)
-    top1 = float(classifier.evaluate(val, verbose=0, return_dict=True)["accuracy"])
+                       verbose=verbose, callbacks=callbacks, **fit_kwargs)
+    top1 = (float(classifier.evaluate(val, verbose=0, return_dict=True)["accuracy"]) if scored
+            else None)
     preset_dir = None
     if stop_epoch == total_epochs:
         preset_dir = os.path.join(output_dir, "classifier")

@@ -351,7 +351,7 @@ def write_store(teacher, images, directory, *, epochs, topk, config, seed=0, bat
         teacher; "auto" (default): the teacher's ``preprocessing.from_unit_range`` when it has
         a preprocessing record (an ``ImageClassifier``: its normalisation and input size), as
         the online teacher of ``methods.distill`` gets them; None: the [0, 1] images as they are.
-      verbose: 0 silent, 1 a progress bar.
+      verbose: 0 silent, 1 a progress bar, 2 one line at the end.
 
     Resuming: a directory holding a store of the same identity (teacher weights, images,
     config, K, seed) keeps its complete epoch shards and writes the missing or wrong-sized ones;
@@ -412,7 +412,7 @@ def write_store(teacher, images, directory, *, epochs, topk, config, seed=0, bat
     todo = [e for e in range(epochs)
             if not ((directory / epoch_filename(e)).is_file()
                     and (directory / epoch_filename(e)).stat().st_size == expected_size)]
-    bar = keras.utils.Progbar(n * len(todo), verbose=1) if verbose and todo else None
+    bar = keras.utils.Progbar(n * len(todo), verbose=int(verbose)) if verbose and todo else None
     done = 0
     for e in todo:
         seeds = epoch_seeds(seed, e, n)
@@ -501,24 +501,49 @@ class SoftLabelStore:
         path = self.check_shard(epoch)
         return np.memmap(path, dtype=self.dtype, mode="r", shape=(self.num_images,))
 
-    def dataset(self, epoch, batch_size, shuffle_seed=None, drop_remainder=False):
+    def dataset(self, epoch, batch_size, shuffle_seed=None, drop_remainder=False, labels=None):
         """tf.data of (images (B, h, w, 3) float32 in [0, 1] replayed from the stored seeds,
         {"ids": (B, K) int32, "values": (B, K) float32}); image order, or a permutation drawn
-        from PCG64(shuffle_seed)."""
-        batch_size = check_int(batch_size, "batch_size", 1)
+        from PCG64(shuffle_seed). ``labels`` (N,) ints: also "labels" (B,) int32 (for logs)."""
         rec = self.records(epoch)
-        order = None
-        if shuffle_seed is not None:
-            order = np.random.Generator(np.random.PCG64(int(shuffle_seed))).permutation(
-                self.num_images)
-        idx = np.arange(self.num_images) if order is None else order
-        ids = np.asarray(rec["ids"], np.int32)[idx]
-        values = np.asarray(rec["values"], np.float32)[idx]
-        seeds = np.asarray(rec["seed"], np.int32)
-        images = _augmented_dataset(self.images, seeds, self.config, None, order)
-        labels = tf.data.Dataset.from_tensor_slices({"ids": ids, "values": values})
-        ds = tf.data.Dataset.zip((images, labels))
-        return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+        extra = {"ids": np.asarray(rec["ids"], np.int32),
+                 "values": np.asarray(rec["values"], np.float32)}
+        return replay_dataset(self.images, np.asarray(rec["seed"], np.int32), self.config,
+                              batch_size, shuffle_seed=shuffle_seed,
+                              drop_remainder=drop_remainder, labels=labels, extra=extra)
+
+
+def replay_dataset(images, seeds, config, batch_size, shuffle_seed=None, drop_remainder=False,
+                   labels=None, extra=None):
+    """tf.data of (replay_augment(images[i], seeds[i]) batched, dict) (the images alone when
+    the dict would be empty): the store's reader, and
+    the same images without a store (an online teacher, hard labels: ``epoch_seeds`` gives the
+    seeds a store would hold). The dict holds ``extra``'s per-image arrays and, with
+    ``labels`` (N,) ints, "labels" int32. Image order, or a permutation from
+    PCG64(shuffle_seed)."""
+    batch_size = check_int(batch_size, "batch_size", 1)
+    images = _check_images(images)
+    seeds = np.asarray(seeds, np.int32)
+    if seeds.shape != (len(images),):
+        raise ValueError(f"seeds must have shape ({len(images)},) (one per image), got "
+                         f"{seeds.shape}")
+    extra = dict(extra or {})
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be ({len(images)},) ints, one per image, got "
+                             f"{labels.dtype} {labels.shape}")
+        extra["labels"] = labels.astype(np.int32)
+    order = np.arange(len(images))
+    if shuffle_seed is not None:
+        order = np.random.Generator(np.random.PCG64(int(shuffle_seed))).permutation(len(images))
+    augmented = _augmented_dataset(images, seeds, config, None, order)
+    if not extra:   # the images alone
+        return augmented.batch(batch_size, drop_remainder=drop_remainder).prefetch(
+            tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip((augmented, tf.data.Dataset.from_tensor_slices(
+        {k: np.asarray(v)[order] for k, v in extra.items()})))
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
 _EXPECT = ("teacher", "teacher_fingerprint", "topk", "num_classes", "config", "seed", "epochs")
@@ -571,6 +596,6 @@ def open_store(directory, images, *, expect=None):
     return store
 
 
-__all__ = ["AUGMENT_VERSION", "FORMAT_VERSION", "ReplayAugment", "SoftLabelStore",
-           "epoch_seeds", "images_fingerprint", "open_store",
-           "record_dtype", "replay_augment", "teacher_fingerprint", "write_store"]
+__all__ = ["AUGMENT_VERSION", "FORMAT_VERSION", "ReplayAugment", "SoftLabelStore", "epoch_seeds",
+           "images_fingerprint", "open_store", "record_dtype", "replay_augment",
+           "replay_dataset", "teacher_fingerprint", "write_store"]

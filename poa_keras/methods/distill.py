@@ -71,7 +71,7 @@ def _unit_range_input(model):
     return (lambda x: x) if preprocessing is None else preprocessing.from_unit_range
 
 
-def _num_outputs(model, what):
+def num_classes_of(model, what="model"):
     """The number of classes of a model mapping images to logits (B, C)."""
     classes = getattr(model, "num_classes", None)
     shape = None
@@ -125,12 +125,12 @@ class SoftLabelDistillation(schedules_lib.PerStepLearningRate, PlannedTrainer):
         self.recipe = recipe
         self.lr_schedule = lr
         self.student = student
-        self.num_classes = _num_outputs(student, "student")
+        self.num_classes = num_classes_of(student, "student")
         self.targets = targets
         self.teacher = teacher
         self.topk = None
         if teacher is not None:
-            classes = _num_outputs(teacher, "teacher")
+            classes = num_classes_of(teacher, "teacher")
             if classes != self.num_classes:
                 raise ValueError(f"the teacher has {classes} classes, the student "
                                  f"{self.num_classes}: they must be the same")
