@@ -802,8 +802,9 @@ def _teacher_overrides():
 def cmd_distill_store():
     """Pass 1 of TinyViT's fast distillation: the soft-label store of --teacher over the data
     of a distillation recipe (--recipe, default demo_tinyvit; --data: an image folder)."""
-    from poa_keras.finetune import (distill_teacher, in_memory_images, labelled_data,
-                                    load_finetune_recipe, section, write_recipe_store)
+    from poa_keras.finetune import (check_distill_sources, distill_teacher, in_memory_images,
+                                    labelled_data, load_finetune_recipe, section,
+                                    write_recipe_store)
 
     if not FLAGS.teacher:
         raise ValueError("distill-store needs --teacher=PRESET_OR_KERAS_FILE: an "
@@ -820,6 +821,7 @@ def cmd_distill_store():
     if not recipe.get("distill"):
         raise ValueError(f"--recipe={recipe_name!r} has no distill section: give a distillation "
                          "recipe (e.g. demo_tinyvit, tinyvit_21m_in22k_distill)")
+    check_distill_sources(recipe)
     verbose = int(FLAGS.verbose)
     start = time.perf_counter()
     data = labelled_data(recipe, progress=verbose > 0)

@@ -776,24 +776,15 @@ def compile_for_labels(classifier, recipe, optimizer="auto"):
 # ------------------------------------------------------------------- distillation (TinyViT)
 
 def _validate_distill(recipe):
-    """The ``distill`` section's consistency: a teacher exactly when the targets need one, an
-    augmentation the store can replay, no fine-tuning-only training keys."""
+    """The ``distill`` section's consistency: no teacher for hard labels, an augmentation the
+    store can replay, no fine-tuning-only training keys (the teacher a run needs:
+    ``check_distill_sources``, at run time)."""
     distill = section(recipe, "distill")
     targets = distill["targets"]
     sources = [k for k in ("teacher", "teacher_recipe") if distill[k]]
     if targets == "labels" and sources:
         raise ValueError(f"distill.targets='labels' trains on the data's labels (the hard-label "
                          f"arm); it takes no teacher, got distill.{sources[0]}")
-    if targets == "stored" and not sources and distill["store"]:
-        pass   # an existing store serves the student without its teacher
-    elif targets != "labels" and len(sources) != 1:
-        raise ValueError(f"distill.targets={targets!r} needs exactly one of distill.teacher (an "
-                         "ImageClassifier preset directory, a registered preset name or a "
-                         ".keras file; the CLI's --teacher) and distill.teacher_recipe (a "
-                         "fine-tuning recipe, run first in <output>/teacher_run); with "
-                         "targets 'stored', distill.store alone reads a store written before; "
-                         "got "
-                         f"{ {k: distill[k] for k in ('teacher', 'teacher_recipe')} }")
     augment = section(recipe, "augment")
     unreplayable = [k for k in ("randaugment_ops", "mixup", "cutmix") if augment[k]]
     if unreplayable:
@@ -815,6 +806,23 @@ def _validate_distill(recipe):
         if float(train[key]) != neutral:
             raise ValueError(f"train.{key}={train[key]!r}: TinyViT's distillation has none; set "
                              f"train.{key}={neutral}")
+
+
+def check_distill_sources(recipe):
+    """Before anything is built: a distillation recipe names a teacher exactly when its targets
+    need one (a shipped recipe may leave it to ``--teacher``)."""
+    distill = section(recipe, "distill")
+    targets = distill["targets"]
+    sources = [k for k in ("teacher", "teacher_recipe") if distill[k]]
+    if targets == "stored" and not sources and distill["store"]:
+        return   # an existing store serves the student without its teacher
+    if targets != "labels" and len(sources) != 1:
+        raise ValueError(f"distill.targets={targets!r} needs exactly one of distill.teacher (an "
+                         "ImageClassifier preset directory, a registered preset name or a "
+                         ".keras file; the CLI's --teacher) and distill.teacher_recipe (a "
+                         "fine-tuning recipe, run first in <output>/teacher_run); with "
+                         "targets 'stored', distill.store alone reads a store written before; "
+                         f"got { {k: distill[k] for k in ('teacher', 'teacher_recipe')} }")
 
 
 def replay_config(recipe, image_size):
@@ -1043,6 +1051,11 @@ def _distillation_run(recipe, data, output_dir, verbose, progress):
         raise ValueError(f"the data has labels up to {int(labels.max())}, the classifier "
                          f"{num_classes} classes")
     steps = steps_per_epoch(recipe, len(images))
+    import keras
+
+    # the head's initialisation: from the seed alone, whether a teacher was built or not
+    keras.utils.set_random_seed(int(np.random.SeedSequence(
+        [int(recipe.get("seed") or 0), 1]).generate_state(1)[0] % 2 ** 31))
     classifier = recipe_classifier(recipe, backbone, num_classes)
     compile_for_labels(classifier, recipe)
     trainer = build_distillation(recipe, classifier, steps, teacher)
@@ -1103,6 +1116,8 @@ def finetune(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
     """
     recipe = load_finetune_recipe(recipe, overrides)
     check_model_source(recipe)
+    if recipe.get("distill"):
+        check_distill_sources(recipe)
     output_dir = os.fspath(output_dir)
     checkpointing = section(recipe, "checkpoint")
     manager, latest = open_checkpoints(output_dir, checkpointing, resume)

@@ -156,3 +156,23 @@ def tiny_resnet():
 @pytest.fixture
 def images():
     return np.random.default_rng(0).uniform(-1, 1, size=(2, 32, 32, 3)).astype("float32")
+
+
+@pytest.fixture
+def cli(capsys):
+    """Runs ``poa-keras ARGS`` in this process: parses the flags as absl would, calls main,
+    resets the flags; returns (exit code, stdout, stderr)."""
+    from absl import flags
+
+    from poa_keras import cli as module
+
+    def call(*args):
+        try:
+            argv = flags.FLAGS(["poa-keras", *args])
+            code = module.main(argv)
+        finally:
+            flags.FLAGS.unparse_flags()
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call

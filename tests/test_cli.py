@@ -24,26 +24,6 @@ def _run(*args, timeout=300):
                           text=True, timeout=timeout, env=env)
 
 
-@pytest.fixture
-def cli(capsys):
-    """Runs ``poa-keras ARGS`` in this process: parses the flags as absl would, calls main,
-    resets the flags; returns (exit code, stdout, stderr)."""
-    from absl import flags
-
-    from poa_keras import cli as module
-
-    def call(*args):
-        try:
-            argv = flags.FLAGS(["poa-keras", *args])
-            code = module.main(argv)
-        finally:
-            flags.FLAGS.unparse_flags()
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return call
-
-
 def _params(model):
     """The weights of the network, without the activation quantizers' calibrated ranges."""
     return sum(int(np.prod(w.shape)) for w in model.weights if w.name != "range")

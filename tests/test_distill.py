@@ -151,3 +151,140 @@ def test_bad_input(setup):
     x = images[:BATCH].astype(np.float32) / 255.0
     with pytest.raises(ValueError, match="needs batches \\(images, \\{'ids', 'values'\\}\\)"):
         trainer.train_on_batch(x, labels[:BATCH])
+
+
+# ----------------------------------------------------------------------- the recipe runner
+
+BACKEND = keras.backend.backend()
+RUNNER_REASON = ("the runner (finetune's distill section, the store, the CLI) is backend-free "
+                 "Python around SoftLabelDistillation, whose step the tests above run on every "
+                 "backend; a compiled run per arm would cost CI minutes on JAX and TensorFlow")
+
+
+def tiny_recipe(**distill):
+    return dict(
+        model=dict(config="tinyvit_test"),
+        classifier=dict(pooling="cls"),
+        data=dict(source="shapes", num_images=48, num_val=20, image_size=32),
+        augment=dict(crop_scale=(0.4, 1.0), interpolation="bilinear", randaugment_ops=0,
+                     color_jitter=0.3, mixup=0.0, cutmix=0.0),
+        train=dict(epochs=2, batch_size=16, lr=1e-3, lr_scaling="none", warmup_epochs=0,
+                   weight_decay=0.01, clip_grad=5.0, layer_decay=1.0),
+        distill=dict(dict(targets="stored", topk=K, store_epochs=1), **distill),
+        checkpoint=dict(keep=2),
+        seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher_preset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher"
+    classifier("resnet_bn_test", seed=3, classes=10).save_to_preset(str(path))
+    return str(path)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason=RUNNER_REASON)
+def test_recipe_writes_the_store_then_a_student_trains_without_the_teacher(
+        tmp_path, teacher_preset, monkeypatch):
+    from poa_keras import finetune as runner
+    from poa_keras.data.softlabels import open_store
+
+    first = runner.finetune(tiny_recipe(teacher=teacher_preset), tmp_path / "a", verbose=0)
+    store_dir = tmp_path / "a" / "store"
+    # 48 images x (4 + 4 K) bytes, one shard: epochs 0 and 1 replay it
+    assert (store_dir / "epoch_0000.bin").stat().st_size == 48 * (4 + 4 * K)
+    assert not (store_dir / "epoch_0001.bin").exists()
+    assert first.top1 is not None and (tmp_path / "a" / "classifier").is_dir()
+    assert len(first.history) == 2 and np.isfinite(first.history[-1]["loss"])
+
+    # a second student on the finished store: the teacher is never loaded
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(runner, "load_teacher", no_teacher)
+    monkeypatch.setattr(runner, "distill_teacher", no_teacher)
+    second = runner.finetune(tiny_recipe(store=str(store_dir)), tmp_path / "b", verbose=0)
+    assert second.history[-1]["loss"] == pytest.approx(first.history[-1]["loss"], rel=1e-5)
+
+    # a store of another K, or read with another augmentation, is refused by name
+    with pytest.raises(ValueError, match="topk: store has 3, expected 4"):
+        runner.finetune(dict(tiny_recipe(store=str(store_dir)),
+                             distill=dict(targets="stored", topk=4, store=str(store_dir),
+                                          store_epochs=1)), tmp_path / "c", verbose=0)
+    other = tiny_recipe(store=str(store_dir))
+    other["augment"] = dict(other["augment"], flip_prob=0.0)
+    with pytest.raises(ValueError, match="another augment"):
+        runner.finetune(other, tmp_path / "d", verbose=0)
+    with pytest.raises(FileNotFoundError, match="holds no soft-label store"):
+        runner.finetune(tiny_recipe(store=str(tmp_path / "none")), tmp_path / "e", verbose=0)
+    assert open_store(store_dir, runner.labelled_data(tiny_recipe()).train[0]).epochs == 1
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason=RUNNER_REASON)
+def test_distill_store_command_and_the_online_and_hard_label_arms(tmp_path, teacher_preset, cli):
+    import json
+
+    teacher = keras.saving.load_model  # noqa: F841  (the .keras path is exercised below)
+    clf = classifier("resnet_bn_test", seed=3, classes=10)
+    keras_file = str(tmp_path / "teacher.keras")
+    clf.save(keras_file)
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(f"FINETUNE_RECIPE = {tiny_recipe()!r}\n")
+    code, out, err = cli("distill-store", f"--recipe={recipe}", f"--teacher={keras_file}",
+                         "--epochs=2", "--topk=4", f"--output={tmp_path / 'store'}",
+                         "--verbose=0")
+    assert code == 0, err
+    header = json.loads((tmp_path / "store" / "store.json").read_text())
+    assert (header["topk"], header["epochs"], header["num_classes"]) == (4, 2, 10)
+    assert "2 epochs x 48 images x 20 bytes" in out
+    # the same teacher as an online teacher, and the hard labels: one run each
+    for targets, extra in (("teacher", dict(teacher=keras_file)), ("labels", {})):
+        result = __import__("poa_keras.finetune", fromlist=["finetune"]).finetune(
+            tiny_recipe(targets=targets, **extra), tmp_path / targets, verbose=0)
+        assert np.isfinite(result.history[-1]["loss"]) and result.top1 is not None
+    # bad input: no teacher, a teacher that gives no logits, K above its classes
+    code, _, err = cli("distill-store", f"--recipe={recipe}", f"--output={tmp_path / 'x'}")
+    assert code == 1 and "distill-store needs --teacher" in err
+    backbone = str(tmp_path / "backbone.keras")
+    from_config_name("resnet_bn_test").save(backbone)
+    code, _, err = cli("distill-store", f"--recipe={recipe}", f"--teacher={backbone}",
+                       f"--output={tmp_path / 'y'}", "--verbose=0")
+    assert code == 1 and "must map images to class logits" in err
+    code, _, err = cli("distill-store", f"--recipe={recipe}", f"--teacher={keras_file}",
+                       "--topk=11", f"--output={tmp_path / 'z'}", "--verbose=0")
+    assert code == 1 and "topk=11 is larger than the teacher's number of classes 10" in err
+    assert not list((tmp_path / "z").glob("epoch_*"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(augment=dict(randaugment_ops=2)), r"augment.randaugment_ops=2 cannot be replayed: "
+                                            r"set augment.randaugment_ops=0"),
+    (dict(augment=dict(mixup=0.8)), r"augment.mixup=0.8 cannot be replayed"),
+    (dict(augment=dict(interpolation="bicubic")), r"set augment.interpolation='bilinear'"),
+    (dict(augment=dict(color_jitter=(0.1, 0.2, 0.3))), r"one strength"),
+    (dict(train=dict(layer_decay=0.8)), r"train.layer_decay=0.8: TinyViT's distillation has "
+                                        r"none; set train.layer_decay=1.0"),
+    (dict(distill=dict(targets="labels", teacher="t")), r"takes no teacher"),
+    (dict(distill=dict(targets="soft")), r"distill.targets must be one of \['stored', "
+                                         r"'teacher', 'teacher_dense', 'labels'\]"),
+    (dict(distill=dict(topk=0)), r"distill.topk must be"),
+])
+def test_bad_distillation_recipes_are_refused_on_loading(change, message):
+    from poa_keras.finetune import load_finetune_recipe
+
+    recipe = tiny_recipe(teacher="t")
+    for name, values in change.items():
+        recipe[name] = dict(recipe[name], **values)
+    with pytest.raises(ValueError, match=message):
+        load_finetune_recipe(recipe)
+
+
+def test_a_distillation_run_without_a_teacher_is_refused_before_anything_is_built(tmp_path):
+    from poa_keras.finetune import finetune
+
+    with pytest.raises(ValueError, match="distill.targets='stored' needs exactly one of "
+                                         "distill.teacher"):
+        finetune(tiny_recipe(), tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FileNotFoundError, match="neither a .keras file, an ImageClassifier "
+                                                "preset directory"):
+        finetune(tiny_recipe(teacher=str(tmp_path / "missing")), tmp_path / "run", verbose=0)

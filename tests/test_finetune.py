@@ -36,25 +36,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture
-def cli(capsys):
-    """``poa-keras ARGS`` in this process (flags parsed as absl would, then reset): (exit code,
-    stdout, stderr)."""
-    from absl import flags
-
-    from poa_keras import cli as module
-
-    def call(*args):
-        try:
-            code = module.main(flags.FLAGS(["poa-keras", *args]))
-        finally:
-            flags.FLAGS.unparse_flags()
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return call
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("finetune") / "straight"
