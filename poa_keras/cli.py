@@ -833,8 +833,8 @@ def cmd_distill_store():
     store = write_recipe_store(recipe, teacher, images, output, teacher_name=name,
                                verbose=verbose)
     size = store.epochs * store.num_images * store.record_bytes
-    _say(f"{store.epochs} epochs x {store.num_images} images x {store.record_bytes} bytes = "
-         f"{size / 1e6:.2f} MB ({store.num_classes} classes, augmentation "
+    _say(f"{store.epochs} epoch(s) x {store.num_images} images x {store.record_bytes} bytes = "
+         f"{size:,} bytes ({store.num_classes} classes, augmentation "
          f"{store.config.get_config()}); {time.perf_counter() - start:.0f} s. Train a student "
          f"on it: poa-keras finetune --recipe={recipe_name} --override=distill.store={output!r}")
     return 0
