@@ -102,7 +102,7 @@ CROP_INTERPOLATIONS = ("bicubic", "bilinear")
 # (names, the checkpoint settings, the pipeline's threads, where the files lie).
 RESUMABLE_KEYS = ("name", "description", "checkpoint.every_epochs", "checkpoint.keep",
                   "checkpoint.max_abs", "data.threads", "data.path", "data.val_path",
-                  "data.data_dir", "model.preset")
+                  "data.data_dir", "model.preset", "distill.store", "distill.teacher_batch_size")
 
 
 # ------------------------------------------------------------------------------------ recipes

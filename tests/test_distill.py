@@ -14,6 +14,9 @@ from poa_keras.losses.distill import dense_soft_targets, soft_target_cross_entro
 from poa_keras.methods.distill import SoftLabelDistillation
 
 N, SIZE, K, CLASSES, BATCH = 16, 32, 3, 6, 8
+# the student of the step tests: any classifier; a small ResNet compiles in a fraction of
+# TinyViT's time on JAX (TinyViT students train in the runner tests and docs/tinyvit.md)
+STUDENT = "resnet_bn_test"
 CONFIG = ReplayAugment(output_size=SIZE, scale=(0.4, 1.0), jitter=0.3)
 RECIPE = dict(epochs=2, steps_per_epoch=2, batch_size=BATCH, lr=0.05, reference_batch=BATCH,
               warmup_epochs=0, weight_decay=0.05, clip_grad=5.0)
@@ -68,7 +71,7 @@ def setup(tmp_path_factory):
     teacher = classifier("resnet_bn_test", seed=3)
     store = write_store(teacher, images, tmp_path_factory.mktemp("distill") / "store",
                         epochs=1, topk=K, config=CONFIG, seed=5, batch_size=BATCH, verbose=0)
-    student = classifier("tinyvit_test", seed=4)
+    student = classifier(STUDENT, seed=4)
     return images, labels, teacher, store, student
 
 
@@ -81,7 +84,7 @@ def trained_once(student, batch, **kwargs):
 
 
 def fresh_student(setup):
-    student = classifier("tinyvit_test", seed=4)
+    student = classifier(STUDENT, seed=4)
     student.set_weights(setup[4].get_weights())
     return student
 
@@ -217,6 +220,24 @@ def test_recipe_writes_the_store_then_a_student_trains_without_the_teacher(
     with pytest.raises(FileNotFoundError, match="holds no soft-label store"):
         runner.finetune(tiny_recipe(store=str(tmp_path / "none")), tmp_path / "e", verbose=0)
     assert open_store(store_dir, runner.labelled_data(tiny_recipe()).train[0]).epochs == 1
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason=RUNNER_REASON)
+def test_a_stopped_distillation_run_resumes_as_the_straight_run(tmp_path, teacher_preset):
+    from poa_keras.finetune import finetune
+
+    recipe = tiny_recipe(teacher=teacher_preset)
+    straight = finetune(recipe, tmp_path / "straight", verbose=0)
+    # the second run reads the first's store; it stops after one epoch, then resumes
+    store = str(tmp_path / "straight" / "store")
+    resumed = dict(recipe, distill=dict(recipe["distill"], store=store))
+    finetune(resumed, tmp_path / "resumed", verbose=0, epochs=1)
+    assert not (tmp_path / "resumed" / "classifier").exists()
+    result = finetune(resumed, tmp_path / "resumed", verbose=0)
+    assert result.resumed_from is not None
+    for a, b in zip(straight.history, result.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert result.top1 == pytest.approx(straight.top1)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason=RUNNER_REASON)
