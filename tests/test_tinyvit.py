@@ -320,3 +320,22 @@ def test_fine_tuning_leaves_the_attention_bias_tables_undecayed(tiny):
     assert tables and kernels and all(len(v.shape) == 2 for v in tables)
     assert all(no_weight_decay(v) for v in tables)
     assert not any(no_weight_decay(v) for v in kernels)
+
+
+@pytest.mark.parametrize("strides, size", [(1, 9), (2, 9), (2, 10)])
+def test_depthwise_taps_equal_keras_depthwise_conv(strides, size):
+    # JAX on the CPU runs TinyViT's depthwise convs as a sum of shifted products (XLA's grouped
+    # convolution is 10-30x slower there); the function must be the convolution on any backend
+    from poa_keras.backbones.tinyvit import depthwise_taps
+
+    rng = np.random.default_rng(strides + size)
+    x = rng.normal(size=(2, size, size + 1, 5)).astype("float32")
+    conv = keras.layers.DepthwiseConv2D(3, strides=strides, padding="valid", use_bias=False)
+    conv.build(x.shape)
+    conv.kernel.assign(rng.normal(size=(3, 3, 5, 1)).astype("float32"))
+    want = keras.ops.convert_to_numpy(conv(x))
+    got = keras.ops.convert_to_numpy(depthwise_taps(keras.ops.convert_to_tensor(x),
+                                                    keras.ops.convert_to_tensor(conv.kernel),
+                                                    strides))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -117,6 +117,35 @@ def attention_bias_index(window_size):
             + np.abs(xs[:, None] - xs[None, :])).astype("int32")
 
 
+def _depthwise_by_taps():
+    """Whether depthwise convs run as a sum of shifted products (``depthwise_taps``): on JAX's
+    CPU backend, where XLA's grouped convolution is 10-30 times slower (32 x 32 maps, 128
+    channels: 13 ms vs 0.4 ms forward, 83 ms vs 7 ms with the gradient)."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def depthwise_taps(x, kernel, strides):
+    """A depthwise k x k conv without padding (the input padded already): (B, H, W, C) and a
+    kernel (k, k, C, 1) -> (B, (H - k) // s + 1, (W - k) // s + 1, C), as the sum over the k^2
+    taps of the strided shifted input times that tap's per-channel weight. Backend-native
+    strided slicing (JAX, TensorFlow, PyTorch tensors alike)."""
+    k = int(kernel.shape[0])
+    height, width = int(x.shape[1]), int(x.shape[2])
+    rows, cols = (height - k) // strides + 1, (width - k) // strides + 1
+    kernel = ops.cast(kernel, x.dtype)
+    out = None
+    for dy in range(k):
+        for dx in range(k):
+            tap = x[:, dy:dy + strides * (rows - 1) + 1:strides,
+                    dx:dx + strides * (cols - 1) + 1:strides, :] * kernel[dy, dx, :, 0]
+            out = tap if out is None else out + tap
+    return out
+
+
 def _torch_default_conv_init(fan_in):
     # the variance of PyTorch's default conv init (uniform, bound 1 / sqrt(fan_in)), drawn on
     # the host (the reference re-initialises only its Linear and LayerNorm layers)
@@ -186,7 +215,11 @@ class TinyViTConvBN(keras.layers.Layer):
         if self.depthwise and self.padding:
             p = self.padding
             x = ops.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
-        return self.bn(self.c(x), training=training)
+        if self.depthwise and _depthwise_by_taps():
+            y = depthwise_taps(x, ops.convert_to_tensor(self.c.kernel), self.strides)
+        else:
+            y = self.c(x)
+        return self.bn(y, training=training)
 
     def get_config(self):
         config = super().get_config()
