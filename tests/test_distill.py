@@ -309,3 +309,23 @@ def test_a_distillation_run_without_a_teacher_is_refused_before_anything_is_buil
     with pytest.raises(FileNotFoundError, match="neither a .keras file, an ImageClassifier "
                                                 "preset directory"):
         finetune(tiny_recipe(teacher=str(tmp_path / "missing")), tmp_path / "run", verbose=0)
+
+
+def test_the_22k_recipe_carries_the_papers_settings():
+    from poa_keras.finetune import load_finetune_recipe
+
+    recipe = load_finetune_recipe("tinyvit_21m_in22k_distill")
+    train, distill = recipe["train"], recipe["distill"]
+    assert recipe["model"]["config"] == "tinyvit_21m"
+    assert recipe["model"]["config_args"] == {"drop_path_rate": 0.1}
+    assert (train["epochs"], train["batch_size"], train["warmup_epochs"]) == (90, 4096, 5)
+    assert (train["lr"], train["lr_scaling"], train["reference_batch"]) == (2.5e-4, "linear", 512)
+    assert (train["weight_decay"], train["clip_grad"]) == (0.01, 5.0)
+    assert (distill["topk"], distill["store_epochs"], distill["targets"]) == (100, 90, "stored")
+    assert (recipe["augment"]["mixup"], recipe["augment"]["cutmix"]) == (0.0, 0.0)
+    assert recipe["augment"]["color_jitter"] == 0.4
+    # the teacher is an argument: without one the run stops before anything is built
+    from poa_keras.finetune import check_distill_sources
+
+    with pytest.raises(ValueError, match="--teacher"):
+        check_distill_sources(recipe)
