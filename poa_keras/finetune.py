@@ -786,11 +786,15 @@ def _validate_distill(recipe):
         raise ValueError(f"distill.targets='labels' trains on the data's labels (the hard-label "
                          f"arm); it takes no teacher, got distill.{sources[0]}")
     augment = section(recipe, "augment")
-    unreplayable = [k for k in ("randaugment_ops", "mixup", "cutmix") if augment[k]]
+    if targets == "labels" and (augment["mixup"] or augment["cutmix"]):
+        raise ValueError("distill.targets='labels' trains on one-hot labels, which the replayed "
+                         "mixup / cutmix would have to mix too (not built): set "
+                         "augment.mixup=0 and augment.cutmix=0")
+    unreplayable = [k for k in ("randaugment_ops",) if augment[k]]
     if unreplayable:
         raise ValueError(
             "distillation replays its augmentation from stored seeds (random resized crop, "
-            "flip, colour jitter: data.softlabels.ReplayAugment); "
+            "flip, colour jitter, mixup / cutmix: data.softlabels.ReplayAugment); "
             + ", ".join(f"augment.{k}={augment[k]!r}" for k in unreplayable)
             + " cannot be replayed: set " + ", ".join(f"augment.{k}=0" for k in unreplayable))
     if augment["interpolation"] != "bilinear":
@@ -834,7 +838,8 @@ def replay_config(recipe, image_size):
     jitter = jitter[0] if isinstance(jitter, (list, tuple)) else jitter
     return ReplayAugment(output_size=int(image_size), scale=tuple(augment["crop_scale"]),
                          ratio=tuple(augment["crop_ratio"]), flip_prob=augment["flip_prob"],
-                         jitter=float(jitter))
+                         jitter=float(jitter), mixup=augment["mixup"], cutmix=augment["cutmix"],
+                         mix_prob=augment["mix_prob"], switch_prob=augment["switch_prob"])
 
 
 def in_memory_images(split, size, count=None, progress=False):
@@ -940,7 +945,7 @@ def distill_batches(recipe, images, labels, config, store, steps, start_epoch, s
     """The numpy batches of epochs [start_epoch, stop_epoch): epoch e replays store epoch
     e mod ``store_epochs`` (the stored seeds; without a store, the seeds a store would hold),
     in a permutation seeded by (seed, e), with the stored top-K (a store) and the labels."""
-    from poa_keras.data.softlabels import epoch_seeds, replay_dataset
+    from poa_keras.data.softlabels import epoch_partners, epoch_seeds, replay_dataset
 
     distill = section(recipe, "distill")
     seed = int(recipe.get("seed") or 0)
@@ -953,9 +958,10 @@ def distill_batches(recipe, images, labels, config, store, steps, start_epoch, s
             ds = store.dataset(epoch % store.epochs, batch, shuffle_seed=shuffle,
                                drop_remainder=True, labels=labels)
         else:
-            ds = replay_dataset(images, epoch_seeds(seed, epoch % store_epochs, len(images)),
-                                config, batch, shuffle_seed=shuffle, drop_remainder=True,
-                                labels=labels)
+            shard = epoch % store_epochs
+            ds = replay_dataset(images, epoch_seeds(seed, shard, len(images)), config, batch,
+                                shuffle_seed=shuffle, drop_remainder=True, labels=labels,
+                                partners=epoch_partners(seed, shard, len(images)))
         yield from limit_threads(ds.take(steps), threads).as_numpy_iterator()
 
 

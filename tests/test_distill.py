@@ -226,7 +226,8 @@ def test_recipe_writes_the_store_then_a_student_trains_without_the_teacher(
 def test_a_stopped_distillation_run_resumes_as_the_straight_run(tmp_path, teacher_preset):
     from poa_keras.finetune import finetune
 
-    recipe = tiny_recipe(teacher=teacher_preset)
+    recipe = tiny_recipe(teacher=teacher_preset)   # with the replayed mixup / cutmix
+    recipe["augment"] = dict(recipe["augment"], mixup=0.8, cutmix=1.0)
     straight = finetune(recipe, tmp_path / "straight", verbose=0)
     # the second run reads the first's store; it stops after one epoch, then resumes
     store = str(tmp_path / "straight" / "store")
@@ -279,7 +280,8 @@ def test_distill_store_command_and_the_online_and_hard_label_arms(tmp_path, cli)
 @pytest.mark.parametrize("change, message", [
     (dict(augment=dict(randaugment_ops=2)), r"augment.randaugment_ops=2 cannot be replayed: "
                                             r"set augment.randaugment_ops=0"),
-    (dict(augment=dict(mixup=0.8)), r"augment.mixup=0.8 cannot be replayed"),
+    (dict(augment=dict(mixup=0.8), distill=dict(targets="labels", teacher=None)),
+     r"one-hot labels, which the replayed mixup / cutmix would have to mix too"),
     (dict(augment=dict(interpolation="bicubic")), r"set augment.interpolation='bilinear'"),
     (dict(augment=dict(color_jitter=(0.1, 0.2, 0.3))), r"one strength"),
     (dict(train=dict(layer_decay=0.8)), r"train.layer_decay=0.8: TinyViT's distillation has "

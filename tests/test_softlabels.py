@@ -277,3 +277,47 @@ def test_replay_augment_is_a_pure_function_of_image_and_seed(images):
                             flip_prob=1.0, jitter=0.0)
     np.testing.assert_allclose(replay_augment(images[3], 5, flipped).numpy(),
                                images[3][:, ::-1] / 255.0, atol=1e-6)
+
+
+def test_mixup_and_cutmix_replay_pair_by_pair(images, tmp_path):
+    from poa_keras.data.softlabels import epoch_partners, mix_parameters
+
+    mixing = ReplayAugment(output_size=12, scale=(0.3, 1.0), jitter=0.4, mixup=0.8, cutmix=1.0,
+                           mix_prob=0.9, switch_prob=0.5)
+    capture = Capture()
+    store = write_store(make_teacher(), images, tmp_path / "mixed", epochs=1, topk=K,
+                        config=mixing, seed=7, batch_size=BATCH, preprocess=capture, verbose=0)
+    written = capture.epoch(0)
+    np.testing.assert_array_equal(replayed(store, 0), written)          # replayed exactly
+    # shuffled and batched otherwise: the same image for the same index
+    x = np.concatenate([a.numpy() for a, _ in store.dataset(0, 5, shuffle_seed=1)])
+    np.testing.assert_array_equal(
+        x, written[np.random.Generator(np.random.PCG64(1)).permutation(N)])
+    partners = epoch_partners(7, 0, N)
+    assert (partners[partners] == np.arange(N)).all() and (partners != np.arange(N)).all()
+    seeds = store.records(0)["seed"]
+    plain = ReplayAugment(output_size=12, scale=(0.3, 1.0), jitter=0.4)
+    modes = set()
+    for i in range(N):
+        j = int(partners[i])
+        a = replay_augment(images[i], int(seeds[i]), plain).numpy().astype(np.float64)
+        b = replay_augment(images[j], int(seeds[j]), plain).numpy().astype(np.float64)
+        mode, lam, box = (np.asarray(v) for v in mix_parameters(int(seeds[i] ^ seeds[j]), mixing))
+        modes.add(int(mode))
+        if mode == 0:
+            want = a
+        elif mode == 1:
+            assert 0.0 <= lam <= 1.0
+            want = lam * a + (1.0 - lam) * b
+        else:
+            top, left, bottom, right = box
+            want = a.copy()
+            want[top:bottom, left:right] = b[top:bottom, left:right]
+            area = (bottom - top) * (right - left)
+            assert lam == pytest.approx(1.0 - area / 144.0, abs=1e-6)
+        np.testing.assert_allclose(written[i], want, atol=1e-6)
+    assert modes == {0, 1, 2}
+    # an unmixed config leaves the record as before: stores written before still open
+    assert "mixup" not in plain.get_config() and mixing.get_config()["cutmix"] == 1.0
+    with pytest.raises(ValueError, match="mixup must be a finite number >= 0"):
+        ReplayAugment(mixup=-1)

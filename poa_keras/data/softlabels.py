@@ -17,9 +17,13 @@ stateless tf.random ops whose op seeds are (seed, k), one k per draw: random res
 flip, then brightness, contrast, saturation jitter (in that fixed order, each factor uniform in
 [max(0, 1 - s), 1 + s]). Output float32 in [0, 1], (height, width, 3). The same seed and image
 give the same pixels in any process, on any backend (the pipeline is tf.data on every backend).
-Keras' RandAugment / MixUp / CutMix are NOT used: their randomness is stateful (a SeedGenerator
-that advances per call), so an image cannot be re-created from a stored seed; mixup / cutmix are
-not implemented here (the paper's 22k-distill configs disable them).
+MixUp / CutMix (``mixup`` / ``cutmix`` > 0): the images of an epoch are dealt in pairs
+(``epoch_partners``: a permutation from PCG64([seed, epoch, 1])); each image is mixed with its
+partner's augmented image by parameters drawn from the pair's seed, seeds[i] XOR seeds[partner]
+(REFERENCE.md §4), so both images of a pair share lam and the CutMix box (``mix_parameters``,
+``mix_pair``), and an image's pixels depend only on (its pair, their seeds): any batching replays
+them. Keras' RandAugment / MixUp / CutMix layers are NOT used: their randomness is stateful (a
+SeedGenerator that advances per call), so an image cannot be re-created from a stored seed.
 
 On disk (``directory``):
   store.json        the header, written (atomically) before any epoch: format version, teacher
@@ -120,12 +124,20 @@ class ReplayAugment:
     flip_prob: probability of a horizontal flip.
     jitter: brightness / contrast / saturation strength s (factors in [max(0, 1-s), 1+s]);
       0 disables the colour jitter.
+    mixup, cutmix: the Beta(a, a) parameter a of MixUp / CutMix between the two images of a
+      pair (``epoch_partners``), 0 = off (the default: TinyViT's 22k distillation has neither).
+    mix_prob: probability that a pair is mixed at all; switch_prob: with both on, the
+      probability of CutMix rather than MixUp (timm's defaults 1.0 and 0.5).
     """
     output_size: tuple = (224, 224)
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3.0 / 4.0, 4.0 / 3.0)
     flip_prob: float = 0.5
     jitter: float = 0.4
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -143,10 +155,30 @@ class ReplayAugment:
         if not (math.isfinite(jitter) and jitter >= 0.0):
             raise ValueError(f"jitter must be a finite number >= 0, got {self.jitter!r}")
         set_(self, "jitter", jitter)
+        for name in ("mixup", "cutmix"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{name} must be a finite number >= 0 (the Beta parameter; 0 = "
+                                 f"off), got {getattr(self, name)!r}")
+            set_(self, name, value)
+        for name in ("mix_prob", "switch_prob"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+            set_(self, name, value)
+
+    @property
+    def mixes(self):
+        """Whether pairs of images are mixed (MixUp or CutMix on, with a chance to apply)."""
+        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
 
     def get_config(self):
-        return {"output_size": list(self.output_size), "scale": list(self.scale),
-                "ratio": list(self.ratio), "flip_prob": self.flip_prob, "jitter": self.jitter}
+        config = {"output_size": list(self.output_size), "scale": list(self.scale),
+                  "ratio": list(self.ratio), "flip_prob": self.flip_prob, "jitter": self.jitter}
+        if self.mixes:   # left out when off: the record of an unmixed store stays as it was
+            config.update(mixup=self.mixup, cutmix=self.cutmix, mix_prob=self.mix_prob,
+                          switch_prob=self.switch_prob)
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -209,14 +241,84 @@ def replay_augment(image, seed, config):
     return tf.ensure_shape(x, (*config.output_size, 3))
 
 
-def _augmented_dataset(images, seeds, config, batch_size, order=None):
+def epoch_partners(seed, epoch, num_images):
+    """The MixUp / CutMix partner of every image in an epoch: a permutation drawn from
+    PCG64([seed, epoch, 1]) dealt in pairs (its entries 2j and 2j + 1 are partners); with an odd
+    count the last image is its own partner (left unmixed). (num_images,) int64."""
+    order = np.random.Generator(np.random.PCG64([int(seed), int(epoch), 1])).permutation(
+        num_images)
+    partners = np.arange(num_images)
+    pairs = order[:num_images - num_images % 2].reshape(-1, 2)
+    partners[pairs[:, 0]], partners[pairs[:, 1]] = pairs[:, 1], pairs[:, 0]
+    return partners
+
+
+def mix_parameters(pair_seed, config):
+    """(mode, lam, box) of a pair from its seed (seeds[i] XOR seeds[partner], REFERENCE.md §4):
+    mode 0 = unmixed, 1 = MixUp, 2 = CutMix; lam ~ Beta(a, a) (stateless gamma draws); box
+    (top, left, bottom, right) in pixels of the CutMix patch of area (1 - lam) H W, centred
+    uniformly and clipped (timm's rand_bbox), lam then recomputed from the clipped box. Each
+    draw is a stateless op keyed by (pair_seed, 100 + k)."""
+    config = _as_config(config)
+    height, width = config.output_size
+    u = tf.random.stateless_uniform((2,), _draw_seed(pair_seed, 100))
+    use_cutmix = config.cutmix > 0 and (config.mixup <= 0 or u[1] < config.switch_prob)
+    alpha = tf.where(use_cutmix, config.cutmix, config.mixup) if config.cutmix > 0 and \
+        config.mixup > 0 else (config.cutmix if config.cutmix > 0 else config.mixup)
+    alpha = tf.cast(alpha, tf.float32)
+    g = tf.random.stateless_gamma((2,), _draw_seed(pair_seed, 101), alpha=alpha)
+    lam = g[0] / tf.maximum(g[0] + g[1], 1e-12)
+    centre = tf.random.stateless_uniform((2,), _draw_seed(pair_seed, 102))
+    cut = tf.sqrt(1.0 - lam)
+    cy, cx = centre[0] * height, centre[1] * width
+    half_h, half_w = tf.round(cut * height) / 2.0, tf.round(cut * width) / 2.0
+    top = tf.cast(tf.clip_by_value(tf.round(cy - half_h), 0, height), tf.int32)
+    bottom = tf.cast(tf.clip_by_value(tf.round(cy + half_h), 0, height), tf.int32)
+    left = tf.cast(tf.clip_by_value(tf.round(cx - half_w), 0, width), tf.int32)
+    right = tf.cast(tf.clip_by_value(tf.round(cx + half_w), 0, width), tf.int32)
+    area = tf.cast((bottom - top) * (right - left), tf.float32)
+    lam = tf.where(use_cutmix, 1.0 - area / float(height * width), lam)
+    mode = tf.where(u[0] < config.mix_prob, tf.where(use_cutmix, 2, 1), 0)
+    return mode, lam, tf.stack([top, left, bottom, right])
+
+
+def mix_pair(x, partner, pair_seed, config):
+    """Image ``x`` mixed with its partner's augmented image by the pair's ``mix_parameters``:
+    MixUp lam x + (1 - lam) partner; CutMix: the partner's pixels inside the box."""
+    mode, lam, box = mix_parameters(pair_seed, config)
+    height, width = config.output_size
+    rows = tf.range(height)[:, None]
+    cols = tf.range(width)[None, :]
+    inside = (rows >= box[0]) & (rows < box[2]) & (cols >= box[1]) & (cols < box[3])
+    cut = tf.where(inside[:, :, None], partner, x)
+    mixed = lam * x + (1.0 - lam) * partner
+    return tf.where(mode == 2, cut, tf.where(mode == 1, mixed, x))
+
+
+def _augmented_dataset(images, seeds, config, batch_size, order=None, partners=None):
     """tf.data of batches of replay_augment(images[i], seeds[i]) in ``order`` (default: index
-    order). Writer and reader both use this, so stored and replayed pixels come from one graph."""
+    order), each mixed with its partner's (``partners[i]``, ``mix_pair``) when the config mixes.
+    Writer and reader both use this, so stored and replayed pixels come from one graph."""
     config = _as_config(config)
     order = np.arange(len(images)) if order is None else np.asarray(order)
-    ds = tf.data.Dataset.from_tensor_slices((images[order], np.asarray(seeds)[order]))
-    ds = ds.map(lambda x, s: replay_augment(x, s, config), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    seeds = np.asarray(seeds)
+    if config.mixes and partners is None:
+        raise ValueError("this augmentation mixes pairs of images (mixup / cutmix): give the "
+                         "epoch's partners (epoch_partners(seed, epoch, num_images))")
+    if config.mixes:
+        other = np.asarray(partners)[order]
+        ds = tf.data.Dataset.from_tensor_slices((images[order], seeds[order], images[other],
+                                                 seeds[other]))
+
+        def augment(x, s, y, t):
+            a, b = replay_augment(x, s, config), replay_augment(y, t, config)
+            return mix_pair(a, b, tf.bitwise.bitwise_xor(s, t), config)
+
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((images[order], seeds[order]))
+        ds = ds.map(lambda x, s: replay_augment(x, s, config),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds if batch_size is None else ds.batch(batch_size)
 
 
@@ -377,7 +479,8 @@ def write_store(teacher, images, directory, *, epochs, topk, config, seed=0, bat
     n = len(images)
 
     # The number of classes: one image through the teacher (also checks its output).
-    probe = next(iter(_augmented_dataset(images[:1], epoch_seeds(seed, 0, 1), config, 1)))
+    probe = next(iter(_augmented_dataset(images[:1], epoch_seeds(seed, 0, 1), config, 1,
+                                         partners=[0])))
     _, _, num_classes = _teacher_probabilities(teacher, probe.numpy(), preprocess, topk,
                                                "probing the teacher on one image")
     ids_dtype = ids_dtype_for(num_classes)
@@ -418,7 +521,8 @@ def write_store(teacher, images, directory, *, epochs, topk, config, seed=0, bat
         seeds = epoch_seeds(seed, e, n)
         with atomic_path(directory / epoch_filename(e)) as tmp, open(tmp, "wb") as f:
             start = 0
-            for batch in _augmented_dataset(images, seeds, config, batch_size):
+            for batch in _augmented_dataset(images, seeds, config, batch_size,
+                                            partners=epoch_partners(seed, e, n)):
                 batch = batch.numpy()
                 ids, values, _ = _teacher_probabilities(
                     teacher, batch, preprocess, topk,
@@ -510,17 +614,20 @@ class SoftLabelStore:
                  "values": np.asarray(rec["values"], np.float32)}
         return replay_dataset(self.images, np.asarray(rec["seed"], np.int32), self.config,
                               batch_size, shuffle_seed=shuffle_seed,
-                              drop_remainder=drop_remainder, labels=labels, extra=extra)
+                              drop_remainder=drop_remainder, labels=labels, extra=extra,
+                              partners=epoch_partners(self.header["seed"], epoch,
+                                                      self.num_images))
 
 
 def replay_dataset(images, seeds, config, batch_size, shuffle_seed=None, drop_remainder=False,
-                   labels=None, extra=None):
+                   labels=None, extra=None, partners=None):
     """tf.data of (replay_augment(images[i], seeds[i]) batched, dict) (the images alone when
     the dict would be empty): the store's reader, and
     the same images without a store (an online teacher, hard labels: ``epoch_seeds`` gives the
     seeds a store would hold). The dict holds ``extra``'s per-image arrays and, with
     ``labels`` (N,) ints, "labels" int32. Image order, or a permutation from
-    PCG64(shuffle_seed)."""
+    PCG64(shuffle_seed). ``partners``: the epoch's MixUp / CutMix partners (``epoch_partners``)
+    when the config mixes."""
     batch_size = check_int(batch_size, "batch_size", 1)
     images = _check_images(images)
     seeds = np.asarray(seeds, np.int32)
@@ -537,7 +644,7 @@ def replay_dataset(images, seeds, config, batch_size, shuffle_seed=None, drop_re
     order = np.arange(len(images))
     if shuffle_seed is not None:
         order = np.random.Generator(np.random.PCG64(int(shuffle_seed))).permutation(len(images))
-    augmented = _augmented_dataset(images, seeds, config, None, order)
+    augmented = _augmented_dataset(images, seeds, config, None, order, partners)
     if not extra:   # the images alone
         return augmented.batch(batch_size, drop_remainder=drop_remainder).prefetch(
             tf.data.AUTOTUNE)
@@ -596,6 +703,7 @@ def open_store(directory, images, *, expect=None):
     return store
 
 
-__all__ = ["AUGMENT_VERSION", "FORMAT_VERSION", "ReplayAugment", "SoftLabelStore", "epoch_seeds",
-           "images_fingerprint", "open_store", "record_dtype", "replay_augment",
-           "replay_dataset", "teacher_fingerprint", "write_store"]
+__all__ = ["AUGMENT_VERSION", "FORMAT_VERSION", "ReplayAugment", "SoftLabelStore",
+           "epoch_partners", "epoch_seeds", "images_fingerprint", "mix_pair", "mix_parameters",
+           "open_store", "record_dtype", "replay_augment", "replay_dataset",
+           "teacher_fingerprint", "write_store"]
