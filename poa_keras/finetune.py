@@ -894,6 +894,18 @@ def load_teacher(teacher):
     return ImageClassifier.from_preset(teacher)
 
 
+def teacher_name(recipe):
+    """The teacher's name in a store's header: ``distill.teacher`` as given, or the teacher
+    recipe's name; None without either."""
+    distill = section(recipe, "distill")
+    if distill["teacher"]:
+        return distill["teacher"]
+    if distill["teacher_recipe"]:
+        teacher_recipe = load_finetune_recipe(distill["teacher_recipe"])
+        return teacher_recipe.get("name") or os.path.basename(str(distill["teacher_recipe"]))
+    return None
+
+
 def distill_teacher(recipe, output_dir, verbose="auto"):
     """(teacher model, its name for the store's header) of a distillation recipe: loaded from
     ``distill.teacher``, or the classifier of ``distill.teacher_recipe``, which is run (or
@@ -913,8 +925,7 @@ def distill_teacher(recipe, output_dir, verbose="auto"):
     preset = os.path.join(run_dir, "classifier")
     if not os.path.isdir(preset):
         finetune(teacher_recipe, run_dir, verbose=verbose)
-    name = teacher_recipe.get("name") or os.path.basename(str(distill["teacher_recipe"]))
-    return ImageClassifier.from_preset(preset), name
+    return ImageClassifier.from_preset(preset), teacher_name(recipe)
 
 
 def write_recipe_store(recipe, teacher, images, directory, teacher_name=None, image_size=None,
@@ -954,11 +965,11 @@ def distill_batches(recipe, images, labels, config, store, steps, start_epoch, s
     threads = section(recipe, "data")["threads"]
     for epoch in range(start_epoch, stop_epoch):
         shuffle = epoch_seed(seed, epoch)
+        shard = epoch % store_epochs   # a store may hold more epochs than the recipe reads
         if store is not None:
-            ds = store.dataset(epoch % store.epochs, batch, shuffle_seed=shuffle,
-                               drop_remainder=True, labels=labels)
+            ds = store.dataset(shard, batch, shuffle_seed=shuffle, drop_remainder=True,
+                               labels=labels)
         else:
-            shard = epoch % store_epochs
             ds = replay_dataset(images, epoch_seeds(seed, shard, len(images)), config, batch,
                                 shuffle_seed=shuffle, drop_remainder=True, labels=labels,
                                 partners=epoch_partners(seed, shard, len(images)))
@@ -995,7 +1006,7 @@ def _finished_store(recipe, directory, images, config):
     seed, epochs; the teacher's name when ``distill.teacher`` is given), or None when there
     is none yet or it is incomplete and a teacher can complete it. A student on a finished
     store never loads its teacher."""
-    from poa_keras.data.softlabels import HEADER, open_store
+    from poa_keras.data.softlabels import HEADER, IncompleteStore, open_store
 
     distill = section(recipe, "distill")
     if not os.path.isfile(os.path.join(directory, HEADER)):
@@ -1006,12 +1017,13 @@ def _finished_store(recipe, directory, images, config):
     expect = {"topk": int(distill["topk"]), "config": config,
               "seed": int(recipe.get("seed") or 0),
               "epochs": distill["store_epochs"] or int(recipe["train"]["epochs"])}
-    if distill["teacher"]:
-        expect["teacher"] = distill["teacher"]
+    name = teacher_name(recipe)
+    if name is not None:
+        expect["teacher"] = name
     try:
         return open_store(directory, images, expect=expect)
-    except ValueError as error:
-        if "shard" in str(error) and (distill["teacher"] or distill["teacher_recipe"]):
+    except IncompleteStore:
+        if distill["teacher"] or distill["teacher_recipe"]:
             return None   # a missing or cut shard: the teacher writes it (write_store resumes)
         raise
 

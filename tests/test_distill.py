@@ -217,6 +217,9 @@ def test_recipe_writes_the_store_then_a_student_trains_without_the_teacher(
     other["augment"] = dict(other["augment"], flip_prob=0.0)
     with pytest.raises(ValueError, match="another augment"):
         runner.finetune(other, tmp_path / "d", verbose=0)
+    with pytest.raises(ValueError, match="another teacher than asked for"):   # by name
+        runner.finetune(tiny_recipe(store=str(store_dir), teacher="another/teacher"),
+                        tmp_path / "f", verbose=0)
     with pytest.raises(FileNotFoundError, match="holds no soft-label store"):
         runner.finetune(tiny_recipe(store=str(tmp_path / "none")), tmp_path / "e", verbose=0)
     assert open_store(store_dir, runner.labelled_data(tiny_recipe()).train[0]).epochs == 1

@@ -74,6 +74,10 @@ _IDENTITY = ("format", "format_version", "teacher", "teacher_fingerprint", "topk
              "augment_version", "seed", "ids_dtype", "record_bytes")
 
 
+class IncompleteStore(ValueError):
+    """A store's epoch shard is missing or of the wrong size (``write_store`` completes it)."""
+
+
 def record_dtype(topk, ids_dtype="int16"):
     """numpy structured dtype of one record: seed <i4, ids (K,), values <f2 (K,): 4 + 4K bytes."""
     ids = {"int16": "<i2", "uint16": "<u2"}[ids_dtype]
@@ -589,12 +593,12 @@ class SoftLabelStore:
         path = self.shard_path(epoch)
         expected = self.num_images * self.record_bytes
         if not path.is_file():
-            raise ValueError(f"soft-label shard {path} is missing (expected {expected} bytes: "
+            raise IncompleteStore(f"soft-label shard {path} is missing (expected {expected} bytes: "
                              f"{self.num_images} images x {self.record_bytes} bytes); run "
                              f"write_store again to complete the store")
         size = path.stat().st_size
         if size != expected:
-            raise ValueError(f"soft-label shard {path} is truncated or corrupt: {size} bytes, "
+            raise IncompleteStore(f"soft-label shard {path} is truncated or corrupt: {size} bytes, "
                              f"expected {expected} ({self.num_images} images x "
                              f"{self.record_bytes} bytes); run write_store again to rewrite it")
         return path
@@ -703,7 +707,8 @@ def open_store(directory, images, *, expect=None):
     return store
 
 
-__all__ = ["AUGMENT_VERSION", "FORMAT_VERSION", "ReplayAugment", "SoftLabelStore",
+__all__ = ["AUGMENT_VERSION", "FORMAT_VERSION", "IncompleteStore", "ReplayAugment",
+           "SoftLabelStore",
            "epoch_partners", "epoch_seeds", "images_fingerprint", "mix_pair", "mix_parameters",
            "open_store", "record_dtype", "replay_augment", "replay_dataset",
            "teacher_fingerprint", "write_store"]
