@@ -928,22 +928,42 @@ def distill_teacher(recipe, output_dir, verbose="auto"):
     return ImageClassifier.from_preset(preset), teacher_name(recipe)
 
 
+def _input_size(backbone):
+    """The side of a backbone's input: its preprocessing record's size, else its image_size."""
+    record = backbone.preprocessing
+    return int(record.image_size[0]) if record is not None and record.image_size \
+        else int(backbone.image_size)
+
+
+def augmented_size(recipe):
+    """The side of the augmented images a recipe trains at: ``augment.image_size``, else its
+    model's input size (read without building the network)."""
+    size = section(recipe, "augment")["image_size"]
+    if size:
+        return int(size)
+    from poa_keras.backbones import BACKBONE_CLASSES, Backbone
+
+    model = section(recipe, "model")
+    if model["config"] is not None:
+        cls = next(c for c in BACKBONE_CLASSES.values() if model["config"] in c.configs)
+        return _input_size(cls.unbuilt(config_name=model["config"],
+                                       **(model["config_args"] or {})))
+    check_model_source(recipe)
+    return _input_size(Backbone.from_preset(model["preset"], load_weights=False))
+
+
 def write_recipe_store(recipe, teacher, images, directory, teacher_name=None, image_size=None,
                        verbose=1):
     """Pass 1 of a distillation recipe: the soft-label store of ``teacher`` over ``images``
     (``data.softlabels.write_store``: ``distill.store_epochs`` (default: ``train.epochs``)
     epochs, ``distill.topk``, the ``augment`` section's replayable augmentation at
-    ``image_size`` (default: the teacher's input size), the recipe's seed); resumable."""
+    ``image_size`` (default: ``augmented_size``, the student's), the recipe's seed);
+    resumable."""
     from poa_keras.data.softlabels import write_store
 
     distill = section(recipe, "distill")
     if image_size is None:
-        record = getattr(teacher, "preprocessing", None)
-        image_size = (section(recipe, "augment")["image_size"]
-                      or (record.image_size[0] if record is not None and record.image_size
-                          else None))
-        if image_size is None:
-            raise ValueError("the augmented image size is unknown: set augment.image_size")
+        image_size = augmented_size(recipe)
     return write_store(teacher, images, directory,
                        epochs=distill["store_epochs"] or int(recipe["train"]["epochs"]),
                        topk=int(distill["topk"]), config=replay_config(recipe, image_size),
@@ -976,7 +996,7 @@ def distill_batches(recipe, images, labels, config, store, steps, start_epoch, s
         yield from limit_threads(ds.take(steps), threads).as_numpy_iterator()
 
 
-def build_distillation(recipe, classifier, steps, teacher):
+def build_distillation(recipe, classifier, steps, teacher, store=None):
     """The compiled ``methods.distill.SoftLabelDistillation`` of a recipe around ``classifier``
     (AdamW; the ``train`` section's schedule, weight decay and clipping)."""
     import keras
@@ -991,7 +1011,7 @@ def build_distillation(recipe, classifier, steps, teacher):
         classifier, recipe=dict({k: train[k] for k in keys}, steps_per_epoch=int(steps)),
         teacher=teacher if targets.startswith("teacher") else None,
         topk=int(section(recipe, "distill")["topk"]) if targets == "teacher" else None,
-        targets={"teacher_dense": "teacher"}.get(targets, targets))
+        targets={"teacher_dense": "teacher"}.get(targets, targets), store=store)
     trainer.compile(optimizer=keras.optimizers.AdamW(
         learning_rate=trainer.learning_rate_at(0), weight_decay=float(train["weight_decay"]),
         beta_1=float(opt["beta_1"]), beta_2=float(opt["beta_2"]),
@@ -1033,10 +1053,7 @@ def _distillation_run(recipe, data, output_dir, verbose, progress):
     training images in memory, the teacher (its recipe run first), the store (targets
     "stored"), the classifier with the teacher's classes and its trainer."""
     backbone = model_backbone(recipe)
-    record = backbone.preprocessing
-    image_size = section(recipe, "augment")["image_size"] or (
-        record.image_size[0] if record is not None and record.image_size
-        else int(backbone.image_size))
+    image_size = section(recipe, "augment")["image_size"] or _input_size(backbone)
     images, labels = in_memory_images(data.train, int(section(recipe, "data")["image_size"]),
                                       count=data.num_train, progress=progress)
     distill = section(recipe, "distill")
@@ -1076,7 +1093,7 @@ def _distillation_run(recipe, data, output_dir, verbose, progress):
         [int(recipe.get("seed") or 0), 1]).generate_state(1)[0] % 2 ** 31))
     classifier = recipe_classifier(recipe, backbone, num_classes)
     compile_for_labels(classifier, recipe)
-    trainer = build_distillation(recipe, classifier, steps, teacher)
+    trainer = build_distillation(recipe, classifier, steps, teacher, store)
     # labels ride along for the accuracy log only when they index the teacher's classes
     keep_labels = num_classes == len(data.class_names)
     return {"trainer": trainer, "classifier": classifier, "num_classes": num_classes,

@@ -147,6 +147,9 @@ def test_bad_input(setup):
         SoftLabelDistillation(student, RECIPE, targets="soft")
     with pytest.raises(ValueError, match="unknown recipe key 'lr_sched'"):
         SoftLabelDistillation(student, dict(RECIPE, lr_sched=1))
+    with pytest.raises(ValueError, match="the store holds 6-class soft labels, the student has "
+                                         "7 classes"):
+        SoftLabelDistillation(classifier(STUDENT, 0, 7), RECIPE, store=store)
     with pytest.raises(ValueError, match="must map images to class logits"):   # a backbone
         SoftLabelDistillation(student, RECIPE, teacher=from_config_name("resnet_bn_test"))
     trainer = SoftLabelDistillation(fresh_student(setup), RECIPE)
@@ -278,6 +281,13 @@ def test_distill_store_command_and_the_online_and_hard_label_arms(tmp_path, cli)
                        "--topk=11", f"--output={tmp_path / 'z'}", "--verbose=0")
     assert code == 1 and "topk=11 is larger than the teacher's number of classes 10" in err
     assert not list((tmp_path / "z").glob("epoch_*"))
+    small = str(tmp_path / "small.keras")     # takes 16 px images; the replay gives 32 px
+    keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(),
+                      keras.layers.Dense(10)]).save(small)
+    code, _, err = cli("distill-store", f"--recipe={recipe}", f"--teacher={small}",
+                       f"--output={tmp_path / 'w'}", "--verbose=0")
+    assert code == 1 and "the teacher failed on the augmented images" in err, err
+    assert "(1, 32, 32, 3)" in err
 
 
 @pytest.mark.parametrize("change, message", [
@@ -302,6 +312,32 @@ def test_bad_distillation_recipes_are_refused_on_loading(change, message):
         recipe[name] = dict(recipe[name], **values)
     with pytest.raises(ValueError, match=message):
         load_finetune_recipe(recipe)
+
+
+def test_folder_images_are_resized_and_centre_cropped_for_the_store(tmp_path):
+    import tensorflow as tf
+
+    from poa_keras.finetune import in_memory_images, labelled_data
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("cat", "dog")):
+        (tmp_path / name).mkdir()
+        for i, (h, w) in enumerate(((40, 60), (50, 30), (36, 36))):
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            tf.io.write_file(str(tmp_path / name / f"{i}.png"), tf.io.encode_png(image))
+    recipe = dict(tiny_recipe(), data=dict(source="folder", path=str(tmp_path), val_fraction=0.34,
+                                           image_size=24))
+    data = labelled_data(recipe)
+    images, labels = in_memory_images(data.train, 24, count=data.num_train)
+    assert images.dtype == np.uint8 and images.shape == (data.num_train, 24, 24, 3)
+    assert sorted(set(labels.tolist())) <= [0, 1] and len(labels) == data.num_train
+    # one image by hand: the shorter side to 24 (antialiased bilinear), then the centre
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    one = tf.data.Dataset.from_tensors((image, 0))
+    got = in_memory_images(one, 24)[0][0]
+    resized = tf.image.resize(image.astype(np.float32), (24, 36), antialias=True).numpy()
+    want = np.round(np.clip(resized[:, 6:30], 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_a_distillation_run_without_a_teacher_is_refused_before_anything_is_built(tmp_path):

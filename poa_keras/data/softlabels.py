@@ -388,9 +388,17 @@ def _teacher_probabilities(teacher, batch, preprocess, topk, context):
     """Teacher logits for a batch -> (ids, values) top-K of the softmax, sorted descending."""
     import keras
 
+    shape = tuple(batch.shape)
     if preprocess is not None:
         batch = preprocess(batch)
-    out = teacher(batch, training=False)
+    try:
+        out = teacher(batch, training=False)
+    except (ValueError, TypeError) as error:   # e.g. another input size than the replay's
+        raise ValueError(f"the teacher failed on the augmented images ({context}): a batch of "
+                         f"shape {shape} float32 in [0, 1]"
+                         f"{', through preprocess' if preprocess is not None else ''}; give "
+                         f"an augmentation output size the teacher takes, or a preprocess that "
+                         f"maps to its input ({type(error).__name__}: {error})") from error
     if not hasattr(out, "shape") or isinstance(out, (dict, list, tuple)):
         raise ValueError(f"the teacher must map images to class logits (B, C); it returned "
                          f"{type(out).__name__} ({context})")

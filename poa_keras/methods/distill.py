@@ -102,12 +102,15 @@ class SoftLabelDistillation(schedules_lib.PerStepLearningRate, PlannedTrainer):
             softmax (the dense arm of the benchmark).
         targets: "stored", "teacher" or "labels" (default: "teacher" with a teacher, else
             "stored").
+        store: optional, the ``SoftLabelStore`` the batches come from: its classes must be the
+            student's (the dense target spreads the rest over C - K classes, so another C would
+            be silently wrong).
         clip_grad: "recipe" (the recipe's ``clip_grad``), a number or None.
     """
 
     recipe_defaults = DISTILL_RECIPE
 
-    def __init__(self, student, recipe=None, teacher=None, topk=None, targets=None,
+    def __init__(self, student, recipe=None, teacher=None, topk=None, targets=None, store=None,
                  clip_grad="recipe", **kwargs):
         recipe = checked_recipe(recipe, self.recipe_defaults, type(self).__name__)
         targets = targets or ("teacher" if teacher is not None else "stored")
@@ -141,6 +144,13 @@ class SoftLabelDistillation(schedules_lib.PerStepLearningRate, PlannedTrainer):
                                      "teacher's classes), or None for its full softmax")
                 self.topk = topk
             teacher.trainable = False
+        if store is not None:
+            if targets != "stored":
+                raise ValueError(f"a store serves targets='stored', not {targets!r}")
+            if store.num_classes != self.num_classes:
+                raise ValueError(f"the store holds {store.num_classes}-class soft labels, the "
+                                 f"student has {self.num_classes} classes: they must be the "
+                                 "same")
         self._student_input = _unit_range_input(student)
         self._teacher_input = _unit_range_input(teacher) if teacher is not None else None
 
