@@ -27,6 +27,7 @@ ALLOWED = {
     "presets": {"files", "preprocessing", "quantization", "version"},
     "elastic": {"files", "quantization", "validation"},
     "data": {"files", "validation"},
+    "convert": set(),
     "backbones": {"elastic", "files", "preprocessing", "presets", "quantization", "validation",
                   "version"},
     "heads": {"elastic", "validation"},

@@ -1,0 +1,95 @@
+"""Reading PyTorch checkpoints without PyTorch and without running pickled code
+(poa_keras/convert/torch_checkpoint.py): every tensor dtype and layout against torch itself,
+DINO's argparse.Namespace, and crafted or damaged files refused with nothing executed."""
+import argparse
+import collections
+import zipfile
+
+import numpy as np
+import pytest
+
+from poa_keras.convert import read_torch_checkpoint
+
+torch = pytest.importorskip("torch", reason="torch writes the reference files (the reader "
+                                            "itself needs numpy only)")
+
+
+def test_tensors_of_every_dtype_and_layout_equal_torch_load(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=g)
+    state = collections.OrderedDict(
+        w=base, t=base.t(), s=base[1:, ::2], p=torch.nn.Parameter(torch.randn(3, generator=g)),
+        h=torch.randn(5, generator=g).half(), b=torch.randn(2, 3, generator=g).bfloat16(),
+        i=torch.arange(12).reshape(3, 4)[:, 1], bo=torch.tensor([True, False]),
+        u=torch.arange(5, dtype=torch.uint8), scalar=torch.tensor(2.5), empty=torch.zeros(0, 3))
+    path = tmp_path / "ckpt.pth"
+    args = argparse.Namespace(arch="vit_small", patch_size=16, lr=5e-4)
+    torch.save({"model": state, "epoch": 7, "args": args, "nested": [base[0], (base[1],)]},
+               path)
+    got = read_torch_checkpoint(path)
+    assert got["epoch"] == 7 and got["args"] == {"arch": "vit_small", "patch_size": 16,
+                                                 "lr": 5e-4}
+    want = torch.load(path, weights_only=False)["model"]
+    assert list(got["model"]) == list(want)
+    for key, tensor in want.items():
+        expected = tensor.detach().float().numpy() if tensor.dtype == torch.bfloat16 \
+            else tensor.detach().numpy()
+        assert got["model"][key].dtype == expected.dtype, key
+        np.testing.assert_array_equal(got["model"][key], expected, err_msg=key)
+    np.testing.assert_array_equal(got["nested"][1][0], base[1].numpy())
+
+
+def _archive(path, payload, storages=None):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("ckpt/data.pkl", payload)
+        for key, raw in (storages or {}).items():
+            archive.writestr(f"ckpt/data/{key}", raw)
+
+
+@pytest.mark.parametrize("module, name", [("os", "system"), ("builtins", "eval"),
+                                          ("posix", "system"), ("torch", "load"),
+                                          ("numpy", "load")])
+def test_a_pickle_asking_for_anything_else_is_refused_and_nothing_runs(tmp_path, module, name):
+    marker = tmp_path / "ran"
+    # GLOBAL module.name, then call it with one string argument (REDUCE)
+    payload = (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X"
+               + len(f"touch {marker}").to_bytes(4, "little") + f"touch {marker}".encode()
+               + b"\x85R.")
+    path = tmp_path / "evil.pth"
+    _archive(path, payload)
+    with pytest.raises(ValueError, match=f"asks for {module}.{name}.*refused, nothing was "
+                                         "executed"):
+        read_torch_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_damaged_and_legacy_files_are_refused(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.randn(64, 64)}, good)
+    raw = good.read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="not a PyTorch zip checkpoint .*truncated download"):
+        read_torch_checkpoint(cut)
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.randn(2)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="legacy format; re-save it once"):
+        read_torch_checkpoint(legacy)
+    # a storage entry missing from the archive
+    with zipfile.ZipFile(good) as archive:
+        pkl = archive.read([n for n in archive.namelist() if n.endswith("data.pkl")][0])
+    missing = tmp_path / "missing.pth"
+    _archive(missing, pkl)
+    with pytest.raises(ValueError, match="lacks ckpt/data/0: the file is truncated"):
+        read_torch_checkpoint(missing)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        read_torch_checkpoint(tmp_path / "none.pth")
+    # a tensor claiming more elements than its storage holds
+    short = tmp_path / "short.pth"
+    _archive(short, pkl, {"0": np.zeros(10, np.float32).tobytes()})
+    with pytest.raises(ValueError, match="overruns its storage of 10 elements"):
+        read_torch_checkpoint(short)
+    not_pickle = tmp_path / "junk.pth"
+    _archive(not_pickle, b"\x80\x02junk")
+    with pytest.raises(ValueError, match="does not load"):
+        read_torch_checkpoint(not_pickle)
