@@ -93,3 +93,56 @@ def test_damaged_and_legacy_files_are_refused(tmp_path):
     _archive(not_pickle, b"\x80\x02junk")
     with pytest.raises(ValueError, match="does not load"):
         read_torch_checkpoint(not_pickle)
+
+
+def test_tinyvit_from_an_official_state_dict_equals_the_numpy_reference(tmp_path):
+    # the state dict in the official layout comes from test_tinyvit's own mapping, whose numpy
+    # forward of the reference code checks it; it goes through a .pth file and the reader
+    import keras
+    from conftest import randomize, randomize_bn_variances, to_np
+    from test_tinyvit import numpy_tinyvit, state_dict
+
+    from poa_keras import TinyViT
+    from poa_keras.backbones.tinyvit import CONFIGS
+    from poa_keras.convert import tinyvit_config, tinyvit_from_state_dict
+
+    keras.utils.set_random_seed(0)
+    source = TinyViT.from_config_name("tinyvit_test", name="source")
+    randomize(source, seed=1)
+    randomize_bn_variances(source, seed=2)
+    sd = state_dict(source)
+    rng = np.random.default_rng(4)
+    sd["head.weight"] = rng.normal(0, 0.2, (7, 24)).astype("float32")
+    sd["head.bias"] = rng.normal(0, 0.2, 7).astype("float32")
+    sd["layers.1.blocks.0.attn.attention_bias_idxs"] = np.zeros((9, 9), np.int64)   # dropped
+    path = tmp_path / "tiny_vit.pth"
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
+                "epoch": 3}, path)
+    checkpoint = read_torch_checkpoint(path)
+
+    config, classes = tinyvit_config(checkpoint)
+    reference = CONFIGS["tinyvit_test"]
+    assert classes == 7 and config["embed_dims"] == reference["embed_dims"]
+    assert config["depths"] == reference["depths"]
+    assert config["num_heads"][1:] == reference["num_heads"][1:]
+    assert config["window_sizes"][1:] == reference["window_sizes"][1:]
+    model = tinyvit_from_state_dict(checkpoint, image_size=32)
+    images = rng.uniform(-1, 1, (2, 27, 41, 3)).astype("float32")
+    ref = numpy_tinyvit(sd, reference, images)
+    want = ref["pooled"] @ sd["head.weight"].T + sd["head.bias"]
+    np.testing.assert_allclose(to_np(model(images)), want, rtol=1e-4, atol=1e-4)
+
+    # every key exactly once: a missing, an unknown or a misshapen one is named
+    state = dict(checkpoint["model"])
+    del state["layers.2.blocks.1.mlp.fc2.bias"]
+    with pytest.raises(ValueError, match=r"lacks 1 key\(s\).*layers.2.blocks.1.mlp.fc2.bias"):
+        tinyvit_from_state_dict(state, image_size=32)
+    with pytest.raises(ValueError, match="does not use: \\['layers.1.extra'\\]"):
+        tinyvit_from_state_dict(dict(checkpoint["model"], **{"layers.1.extra": np.zeros(2)}),
+                                image_size=32)
+    state = dict(checkpoint["model"])
+    state["norm_head.weight"] = np.ones(25, np.float32)
+    with pytest.raises(ValueError, match=r"norm_head.weight: shape \(25,\) does not fit"):
+        tinyvit_from_state_dict(state, image_size=32)
+    with pytest.raises(ValueError, match="not a TinyViT state dict"):
+        tinyvit_from_state_dict({"cls_token": np.zeros((1, 1, 8), np.float32)})

@@ -1,0 +1,157 @@
+"""TinyViT's official state dict (microsoft/Cream ``TinyViT/models/tiny_vit.py``; the released
+``tiny_vit_{5m,11m,21m}_*.pth``, REFERENCE.md §4) -> a ``TinyViT`` (and its ImageClassifier
+head), one weight per key, the configuration read from the shapes.
+
+    from poa_keras.convert import read_torch_checkpoint, tinyvit_from_state_dict
+    model = tinyvit_from_state_dict(read_torch_checkpoint("tiny_vit_5m_22kto1k_distill.pth"))
+    # an ImageClassifier (1000 classes) on TinyViT(embed_dims=(64, 128, 160, 320), ...)
+
+The mapping is the one of ``backbones/tinyvit.py``'s docstring. Every key of the checkpoint is
+used exactly once (the ``attention_bias_idxs`` buffers, which the model recomputes, are
+dropped): a missing or an unknown key, or a shape that disagrees with the configuration the
+shapes give, is refused by name.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+# a BatchNorm's / LayerNorm's torch names -> Keras variable names
+_NORM = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
+         "running_var": "moving_variance"}
+_IGNORED = re.compile(r"(^|\.)attention_bias_idxs$|(^|\.)num_batches_tracked$")
+
+
+def _state(checkpoint):
+    """The state dict of a checkpoint (``ckpt["model"]`` when it is a training checkpoint)."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+        raise ValueError("a TinyViT checkpoint is a state dict of arrays, or a dict with one "
+                         "under 'model'")
+    return {k: v for k, v in state.items() if not _IGNORED.search(k)}
+
+
+def _count(state, pattern):
+    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    if found != set(range(len(found))):
+        raise ValueError(f"the checkpoint's {pattern} indices are {sorted(found)}, not 0..n-1")
+    return len(found)
+
+
+def tinyvit_config(state):
+    """The ``TinyViT`` arguments the shapes of an official state dict give (``embed_dims``,
+    ``depths``, ``num_heads``, ``window_sizes``, ``mlp_ratio``, ``mbconv_expand_ratio``) and the
+    head's classes (None without ``head.weight``)."""
+    state = _state(state)
+    stages = _count(state, r"layers\.(\d+)\.")
+    if stages < 2 or "patch_embed.seq.2.c.weight" not in state:
+        raise ValueError("not a TinyViT state dict: it needs patch_embed.seq.* and at least two "
+                         f"layers.<i> stages (found {stages})")
+    dims, depths, heads, windows = [], [], [], []
+    for i in range(stages):
+        depths.append(_count(state, rf"layers\.{i}\.blocks\.(\d+)\."))
+        if i == 0:
+            dims.append(int(state["patch_embed.seq.2.c.weight"].shape[0]))
+            continue
+        bias = state[f"layers.{i}.blocks.0.attn.attention_biases"]
+        dims.append(int(state[f"layers.{i}.blocks.0.attn.proj.weight"].shape[0]))
+        heads.append(int(bias.shape[0]))
+        window = int(round(np.sqrt(bias.shape[1])))
+        if window * window != bias.shape[1]:
+            raise ValueError(f"layers.{i}.blocks.0.attn.attention_biases has {bias.shape[1]} "
+                             "offsets, not a square window's")
+        windows.append(window)
+    head_dim = dims[1] // heads[0]
+    expand = state["layers.0.blocks.0.conv1.c.weight"].shape[0] / dims[0]
+    mlp = state["layers.1.blocks.0.mlp.fc1.weight"].shape[0] / dims[1]
+    # stage 0 is MBConv: its heads and window are unused (the reference's lists still hold one)
+    config = dict(embed_dims=tuple(dims), depths=tuple(depths),
+                  num_heads=(max(1, dims[0] // head_dim),) + tuple(heads),
+                  window_sizes=(windows[0],) + tuple(windows), mlp_ratio=float(mlp),
+                  mbconv_expand_ratio=float(expand))
+    classes = int(state["head.weight"].shape[0]) if "head.weight" in state else None
+    return config, classes
+
+
+def _official_key(path, value_ndim):
+    """(official key, how to lay the torch array out for Keras) of a Keras variable path below
+    the model's name."""
+    parts = path.split("/")
+    top, rest = parts[0], parts[1:]
+    if top.startswith("patch_embed_seq_"):
+        prefix = "patch_embed.seq." + top.rsplit("_", 1)[1]
+    elif top.startswith("layers_"):
+        _, i, kind, *j = top.split("_")
+        prefix = f"layers.{i}.{kind}" + (f".{j[0]}" if j else "")
+    else:
+        prefix = top
+    leaf = rest[-1]
+    inner = [p for p in rest[:-1] if p not in ("dense", "conv")]
+    if leaf == "kernel":
+        if value_ndim == 2:
+            layout = "conv1x1" if rest[-3] == "c" else "linear"
+        else:
+            layout = "conv" if rest[-2] == "conv" else "depthwise"
+        return ".".join([prefix] + inner + ["weight"]), layout
+    if leaf == "attention_biases":
+        return ".".join([prefix] + rest), "same"
+    torch_leaf = {v: k for k, v in _NORM.items()}.get(leaf, leaf)
+    return ".".join([prefix] + inner + [torch_leaf]), "same"
+
+
+def _to_keras(value, layout):
+    if layout == "conv1x1":      # (out, in, 1, 1) -> (in, out)
+        return value.reshape(value.shape[0], value.shape[1]).T
+    if layout == "linear":       # (out, in) -> (in, out)
+        return value.T
+    if layout == "conv":         # (out, in, k, k) -> (k, k, in, out)
+        return value.transpose(2, 3, 1, 0)
+    if layout == "depthwise":    # (C, 1, k, k) -> (k, k, C, 1)
+        return value.transpose(2, 3, 0, 1)
+    return value
+
+
+def tinyvit_from_state_dict(checkpoint, image_size=224, name=None, **overrides):
+    """A ``TinyViT`` with the weights of an official state dict (or a checkpoint holding one
+    under ``"model"``), inside an ``ImageClassifier`` (pooling "cls": the reference's head) when
+    it has ``head.*``. ``image_size`` and ``overrides`` (e.g. ``window_sizes`` for the 384 / 512
+    models, which the shapes cannot tell from 224's when the table sizes agree) go to
+    ``TinyViT``."""
+    from poa_keras.backbones import TinyViT
+    from poa_keras.classifier import ImageClassifier
+
+    state = _state(checkpoint)
+    config, classes = tinyvit_config(state)
+    config.update(overrides)
+    kwargs = {} if name is None else {"name": name}
+    backbone = TinyViT(image_size=image_size, **config, **kwargs)
+    model = backbone if classes is None else ImageClassifier(backbone, classes, pooling="cls")
+    used, assignments = set(), []
+    for variable in backbone.weights:
+        key, layout = _official_key(variable.path.split("/", 1)[1], len(variable.shape))
+        assignments.append((variable, key, layout))
+    if classes is not None:
+        assignments += [(model.head.kernel, "head.weight", "linear"),
+                        (model.head.bias, "head.bias", "same")]
+    missing = [key for _, key, _ in assignments if key not in state]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} key(s) of a TinyViT with "
+                         f"{config}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    for variable, key, layout in assignments:
+        value = _to_keras(np.asarray(state[key]), layout)
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(f"{key}: shape {tuple(state[key].shape)} does not fit the model's "
+                             f"{tuple(variable.shape)} (as Keras lays it out) for {config}")
+        if key in used:
+            raise ValueError(f"{key} would be used twice")
+        used.add(key)
+        variable.assign(value.astype(variable.dtype))
+    unknown = sorted(set(state) - used)
+    if unknown:
+        raise ValueError(f"the checkpoint has {len(unknown)} key(s) a TinyViT does not use: "
+                         f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    return model
+
+
+__all__ = ["tinyvit_config", "tinyvit_from_state_dict"]
