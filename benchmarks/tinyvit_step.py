@@ -33,20 +33,20 @@ flags.DEFINE_integer("batch", 64, "Images per step.")
 FLAGS = flags.FLAGS
 
 
-def models():
-    import keras
-
+def teacher_model():
     from poa_keras import ImageClassifier
     from poa_keras.finetune import load_finetune_recipe, model_backbone
 
     if FLAGS.teacher:
-        teacher = ImageClassifier.from_preset(FLAGS.teacher)
-    else:
-        teacher = ImageClassifier(model_backbone(load_finetune_recipe("demo_tinyvit_teacher")),
-                                  10)
-    keras.utils.set_random_seed(0)
-    student = model_backbone(load_finetune_recipe("demo_tinyvit"))
-    return teacher, student
+        return ImageClassifier.from_preset(FLAGS.teacher)
+    return ImageClassifier(model_backbone(load_finetune_recipe("demo_tinyvit_teacher")), 10)
+
+
+def student_backbone():
+    """demo_tinyvit's student, the same weights at every call (the recipe's seed)."""
+    from poa_keras.finetune import load_finetune_recipe, model_backbone
+
+    return model_backbone(load_finetune_recipe("demo_tinyvit"))
 
 
 def main(argv):
@@ -59,7 +59,7 @@ def main(argv):
     from poa_keras.methods import SoftLabelDistillation
 
     batch, steps = FLAGS.batch, FLAGS.steps
-    teacher, backbone = models()
+    teacher, backbone = teacher_model(), student_backbone()
     images = make_shapes(batch, image_size=32, seed=0)[0]
     with tempfile.TemporaryDirectory() as tmp:
         store = write_store(teacher, images, tmp, epochs=1, topk=10, verbose=0,
@@ -71,7 +71,7 @@ def main(argv):
     arms = {}
     for name, kwargs, data in (("stored", {}, (x, sparse)),
                                ("online", dict(teacher=teacher, topk=10), (x, None))):
-        student = ImageClassifier(backbone, 10, pooling="cls")
+        student = ImageClassifier(student_backbone(), 10, pooling="cls")   # one per arm
         trainer = SoftLabelDistillation(student, recipe, **kwargs)
         trainer.compile(optimizer=keras.optimizers.AdamW())
         trainer.train_on_batch(*data)                       # warm-up (compiles)

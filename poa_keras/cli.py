@@ -836,7 +836,8 @@ def cmd_distill_store():
     _say(f"{store.epochs} epoch(s) x {store.num_images} images x {store.record_bytes} bytes = "
          f"{size:,} bytes ({store.num_classes} classes, augmentation "
          f"{store.config.get_config()}); {time.perf_counter() - start:.0f} s. Train a student "
-         f"on it: poa-keras finetune --recipe={recipe_name} --override=distill.store={output!r}")
+         f"on it: poa-keras finetune --recipe={recipe_name} --override=distill.store={output!r} "
+         f"--override=distill.store_epochs={store.epochs} --override=distill.topk={store.topk}")
     return 0
 
 

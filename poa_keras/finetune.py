@@ -92,7 +92,8 @@ DEFAULTS = {
                   label_smoothing=0.0),
     "checkpoint": dict(every_epochs=1, keep=2, max_abs=1e12),
     # TinyViT's fast distillation (REFERENCE.md §4): present and non-empty, the run trains on a
-    # teacher's soft labels (``distill_setup``) instead of the data's labels.
+    # teacher's soft labels (``_distillation_run``) instead of the data's labels; its train and
+    # augment defaults are TinyViT's (``distillation_defaults``).
     "distill": dict(teacher=None, teacher_recipe=None, targets="stored", topk=10,
                     store=None, store_epochs=None, teacher_batch_size=64),
 }
@@ -113,8 +114,26 @@ def recipe_names():
 
 
 def section(recipe, name):
-    """A section of a recipe with its defaults filled in (a new dict)."""
-    return dict(DEFAULTS[name], **(recipe.get(name) or {}))
+    """A section of a recipe with its defaults filled in (a new dict): ``DEFAULTS``, and for a
+    distillation recipe (a ``distill`` section) TinyViT's (``distillation_defaults``) over
+    them."""
+    defaults = DEFAULTS[name]
+    if recipe.get("distill") and name in ("train", "augment"):
+        defaults = dict(defaults, **distillation_defaults()[name])
+    return dict(defaults, **(recipe.get(name) or {}))
+
+
+def distillation_defaults():
+    """The ``train`` and ``augment`` defaults of a distillation recipe: TinyViT's 22k
+    distillation (``methods.distill.DISTILL_RECIPE``: AdamW lr 2.5e-4 x batch / 512, 5 warmup
+    epochs, weight decay 0.01, clipping 5; no layer decay, no label smoothing; no mixup /
+    cutmix / RandAugment, colour jitter 0.4, the replay's bilinear crop)."""
+    from poa_keras.methods.distill import DISTILL_RECIPE
+
+    return {"train": dict(DISTILL_RECIPE, layer_decay=1.0, patch_embed_lr_mult=1.0,
+                          label_smoothing=0.0),
+            "augment": dict(interpolation="bilinear", randaugment_ops=0, color_jitter=0.4,
+                            mixup=0.0, cutmix=0.0)}
 
 
 def load_finetune_recipe(recipe, overrides=()):
@@ -1023,9 +1042,10 @@ def build_distillation(recipe, classifier, steps, teacher, store=None):
 
 def _finished_store(recipe, directory, images, config):
     """The complete store in ``directory`` written for this recipe (images, K, augmentation,
-    seed, epochs; the teacher's name when ``distill.teacher`` is given), or None when there
-    is none yet or it is incomplete and a teacher can complete it. A student on a finished
-    store never loads its teacher."""
+    seed, epochs; the teacher's name: ``distill.teacher``'s when given, else, for the run's own
+    store, the teacher recipe's), or None when there is none yet or it is incomplete (a missing
+    shard, fewer epochs) and a teacher can complete it. A student on a finished store never
+    loads its teacher."""
     from poa_keras.data.softlabels import HEADER, IncompleteStore, open_store
 
     distill = section(recipe, "distill")
@@ -1037,7 +1057,9 @@ def _finished_store(recipe, directory, images, config):
     expect = {"topk": int(distill["topk"]), "config": config,
               "seed": int(recipe.get("seed") or 0),
               "epochs": distill["store_epochs"] or int(recipe["train"]["epochs"])}
-    name = teacher_name(recipe)
+    # a store named explicitly (distill.store) is the user's choice: its teacher's name is
+    # compared only with a distill.teacher given; the run's own store with its teacher recipe's
+    name = distill["teacher"] if distill["store"] else teacher_name(recipe)
     if name is not None:
         expect["teacher"] = name
     try:
@@ -1054,17 +1076,24 @@ def _distillation_run(recipe, data, output_dir, verbose, progress):
     "stored"), the classifier with the teacher's classes and its trainer."""
     backbone = model_backbone(recipe)
     image_size = section(recipe, "augment")["image_size"] or _input_size(backbone)
+    distill = section(recipe, "distill")
+    teacher = teacher_name = None
+    if distill["teacher"] and distill["targets"] != "labels":   # a bad file fails before the
+        teacher, teacher_name = distill_teacher(recipe, output_dir, verbose)   # images decode
     images, labels = in_memory_images(data.train, int(section(recipe, "data")["image_size"]),
                                       count=data.num_train, progress=progress)
-    distill = section(recipe, "distill")
     config = replay_config(recipe, image_size)
     store = None
     store_dir = distill["store"] or os.path.join(output_dir, "store")
-    teacher = teacher_name = None
     if distill["targets"] == "stored":
         store = _finished_store(recipe, store_dir, images, config)
-    if store is None and distill["targets"] != "labels":
+    if store is None and teacher is None and distill["targets"] != "labels":
         teacher, teacher_name = distill_teacher(recipe, output_dir, verbose)
+    if teacher is not None and distill["targets"] != "stored":
+        from poa_keras.data.softlabels import check_teacher
+
+        check_teacher(teacher, images, config, int(distill["topk"]),
+                      seed=int(recipe.get("seed") or 0))   # logits, and K <= its classes
     if distill["targets"] == "stored" and store is None:
         store = write_recipe_store(recipe, teacher, images, store_dir, teacher_name=teacher_name,
                                    image_size=image_size,
@@ -1086,6 +1115,11 @@ def _distillation_run(recipe, data, output_dir, verbose, progress):
         raise ValueError(f"the data has labels up to {int(labels.max())}, the classifier "
                          f"{num_classes} classes")
     steps = steps_per_epoch(recipe, len(images))
+    full = len(images) // int(recipe["train"]["batch_size"])
+    if steps > full:
+        raise ValueError(f"data.steps_per_epoch={steps}: a replayed epoch of {len(images)} "
+                         f"images holds {full} full batches of {recipe['train']['batch_size']}; "
+                         f"give at most {full} (each epoch replays its own stored epoch)")
     import keras
 
     # the head's initialisation: from the seed alone, whether a teacher was built or not
@@ -1096,7 +1130,16 @@ def _distillation_run(recipe, data, output_dir, verbose, progress):
     trainer = build_distillation(recipe, classifier, steps, teacher, store)
     # labels ride along for the accuracy log only when they index the teacher's classes
     keep_labels = num_classes == len(data.class_names)
+    if store is not None:
+        identity = store.header["teacher_fingerprint"]
+    elif teacher is not None:
+        from poa_keras.data.softlabels import teacher_fingerprint
+
+        identity = teacher_fingerprint(teacher)
+    else:
+        identity = None
     return {"trainer": trainer, "classifier": classifier, "num_classes": num_classes,
+            "teacher_fingerprint": identity,
             "steps": steps, "images": images, "labels": labels if keep_labels else None,
             "config": config, "store": store}
 
@@ -1165,10 +1208,21 @@ def finetune(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
     data = labelled_data(recipe, progress=progress)
     batch = int(recipe["train"]["batch_size"])
     total_epochs = int(recipe["train"]["epochs"])
+    state = {"recipe": recipe}
     if recipe.get("distill"):
         run = _distillation_run(recipe, data, output_dir, verbose, progress)
         model, num_classes, steps = run["trainer"], run["num_classes"], run["steps"]
         classifier = run["classifier"]
+        # the teacher behind the targets (the store's, or the online one): a resumed run goes
+        # on with the one it started with
+        state["teacher_fingerprint"] = run["teacher_fingerprint"]
+        if latest is not None:
+            before = manager.read_state(latest).get("teacher_fingerprint")
+            if before is not None and before != run["teacher_fingerprint"]:
+                raise ValueError(f"{output_dir} was trained on the soft labels of another teacher "
+                                 f"(weights sha256 {before[:12]}..., now "
+                                 f"{str(run['teacher_fingerprint'])[:12]}...); use a new "
+                                 "output directory")
     else:
         num_classes = section(recipe, "classifier")["num_classes"] or len(data.class_names)
         if num_classes < len(data.class_names):
@@ -1214,7 +1268,7 @@ def finetune(recipe, output_dir, *, overrides=(), resume=True, verbose="auto", c
             warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
             fit_epochs(model, stream, output_dir=output_dir, manager=manager, steps=steps,
                        start_epoch=start_epoch, stop_epoch=stop_epoch, history=history,
-                       state={"recipe": recipe}, every_epochs=checkpointing["every_epochs"],
+                       state=state, every_epochs=checkpointing["every_epochs"],
                        advice=("Lower train.lr or raise train.warmup_epochs and run the recipe "
                                "in a new output directory; or check the data for NaN values."),
                        verbose=verbose, callbacks=callbacks, **fit_kwargs)

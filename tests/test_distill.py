@@ -57,6 +57,8 @@ def test_targets_and_loss_against_numpy():
     loss = float(keras.ops.convert_to_numpy(soft_target_cross_entropy(student, dense)))
     expected = -(dense * numpy_log_softmax(student.astype(np.float64))).sum(-1).mean()
     assert loss == pytest.approx(expected, rel=1e-5)
+    nested = keras.ops.convert_to_numpy(dense_soft_targets(ids[None], values[None], 9))
+    np.testing.assert_array_equal(nested, dense[None])                   # leading dims kept
     full = keras.ops.convert_to_numpy(dense_soft_targets([[2, 0, 1]], [[.5, .3, .2]], 3))
     np.testing.assert_allclose(full, [[.3, .2, .5]], atol=1e-7)          # K = C
     with pytest.raises(ValueError, match="same shape"):
@@ -220,9 +222,14 @@ def test_recipe_writes_the_store_then_a_student_trains_without_the_teacher(
     other["augment"] = dict(other["augment"], flip_prob=0.0)
     with pytest.raises(ValueError, match="another augment"):
         runner.finetune(other, tmp_path / "d", verbose=0)
+    monkeypatch.undo()
+    import shutil
+
+    renamed = str(tmp_path / "renamed_teacher")
+    shutil.copytree(teacher_preset, renamed)
     with pytest.raises(ValueError, match="another teacher than asked for"):   # by name
-        runner.finetune(tiny_recipe(store=str(store_dir), teacher="another/teacher"),
-                        tmp_path / "f", verbose=0)
+        runner.finetune(tiny_recipe(store=str(store_dir), teacher=renamed), tmp_path / "f",
+                        verbose=0)
     with pytest.raises(FileNotFoundError, match="holds no soft-label store"):
         runner.finetune(tiny_recipe(store=str(tmp_path / "none")), tmp_path / "e", verbose=0)
     assert open_store(store_dir, runner.labelled_data(tiny_recipe()).train[0]).epochs == 1
@@ -245,6 +252,63 @@ def test_a_stopped_distillation_run_resumes_as_the_straight_run(tmp_path, teache
     for a, b in zip(straight.history, result.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert result.top1 == pytest.approx(straight.top1)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason=RUNNER_REASON)
+def test_a_store_grows_a_resume_keeps_its_teacher_and_epochs_stay_whole(tmp_path,
+                                                                         teacher_preset):
+    from poa_keras.data.softlabels import write_store
+    from poa_keras.finetune import finetune, labelled_data
+
+    store = str(tmp_path / "store")
+    finetune(tiny_recipe(teacher=teacher_preset, store=store), tmp_path / "a", verbose=0)
+    # the recipe now reads 2 stored epochs: its teacher adds the second to the same store
+    grown = tiny_recipe(teacher=teacher_preset, store=store)
+    grown["distill"]["store_epochs"] = 2
+    finetune(grown, tmp_path / "b", verbose=0, epochs=1)
+    assert (tmp_path / "store" / "epoch_0001.bin").stat().st_size == 48 * (4 + 4 * K)
+    # resuming b on the store of another teacher (same images, K, augmentation) is refused
+    images = labelled_data(grown).train[0]
+    other = classifier("resnet_bn_test", seed=9, classes=10)
+    from poa_keras.finetune import replay_config
+
+    write_store(other, images, tmp_path / "other", epochs=2, topk=K, seed=0, verbose=0,
+                config=replay_config(grown, 32), teacher_name=teacher_preset)   # same name
+    switched = dict(grown, distill=dict(grown["distill"], store=str(tmp_path / "other")))
+    with pytest.raises(ValueError, match="trained on the soft labels of another teacher"):
+        finetune(switched, tmp_path / "b", verbose=0)
+    # an epoch is the replay of one stored epoch: no more steps than its full batches
+    with pytest.raises(ValueError, match="holds 3 full batches of 16; give at most 3"):
+        finetune(dict(grown, data=dict(grown["data"], steps_per_epoch=4)), tmp_path / "c",
+                 verbose=0)
+
+
+def test_a_teacher_that_returns_probabilities_is_refused_before_anything_is_written(tmp_path):
+    from poa_keras.data.softlabels import ReplayAugment, write_store
+
+    images = make_shapes(8, image_size=32, seed=0)[0]
+    softmax = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
+                                keras.layers.Dense(10, activation="softmax")])
+    with pytest.raises(ValueError, match="returned probabilities .* give the model before its "
+                                         "softmax"):
+        write_store(softmax, images, tmp_path / "store", epochs=1, topk=3, verbose=0,
+                    config=ReplayAugment(output_size=32))
+    assert not (tmp_path / "store").exists()
+
+
+def test_distillation_recipes_default_to_tinyvits_settings():
+    from poa_keras.finetune import load_finetune_recipe, section
+
+    recipe = load_finetune_recipe(dict(tiny_recipe(teacher="t"), train=dict(epochs=9,
+                                                                           batch_size=8),
+                                       augment={}))
+    train, augment = section(recipe, "train"), section(recipe, "augment")
+    assert (train["lr"], train["reference_batch"], train["weight_decay"]) == (2.5e-4, 512, 0.01)
+    assert (train["clip_grad"], train["warmup_epochs"], train["layer_decay"]) == (5.0, 5, 1.0)
+    assert (augment["mixup"], augment["randaugment_ops"], augment["color_jitter"]) == (0, 0, 0.4)
+    plain = dict(tiny_recipe(), train=dict(epochs=3, batch_size=8))
+    plain.pop("distill")
+    assert section(plain, "train")["layer_decay"] == 0.85        # fine-tuning's own defaults
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason=RUNNER_REASON)

@@ -411,6 +411,11 @@ def _teacher_probabilities(teacher, batch, preprocess, topk, context):
                          f"({context})")
     if not np.isfinite(logits).all():
         raise ValueError(f"the teacher returned NaN or inf logits ({context})")
+    if logits.shape[1] > 1 and (logits >= 0).all() and \
+            np.allclose(logits.astype(np.float64).sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError(f"the teacher returned probabilities (every row >= 0, summing to 1), "
+                         f"not logits ({context}): give the model before its softmax; the "
+                         f"store takes the softmax itself")
     if logits.shape[1] < topk:
         raise ValueError(f"topk={topk} is larger than the teacher's number of classes "
                          f"{logits.shape[1]}; valid: 1 <= topk <= {logits.shape[1]}")
@@ -442,6 +447,30 @@ def _remove_dead_temporaries(directory):
             os.unlink(os.path.join(directory, name))
         except OSError:
             pass
+
+
+def check_teacher(teacher, images, config, topk=1, preprocess="auto", seed=0, count=1):
+    """The teacher's number of classes, from its output on the first ``count`` images augmented
+    as epoch 0 of ``seed``; a ValueError when it fails on them or returns anything but class
+    logits (B, C), C >= ``topk``: a dict, another shape, integers, NaN, or probabilities (rows
+    >= 0 summing to 1: give the logits before the softmax)."""
+    images = _check_images(images)
+    config = _as_config(config)
+    preprocess = _resolve_preprocess(teacher, preprocess)
+    count = min(int(count), len(images))
+    probe = next(iter(_augmented_dataset(images[:count], epoch_seeds(seed, 0, count), config,
+                                         count, partners=np.arange(count))))
+    return _teacher_probabilities(teacher, probe.numpy(), preprocess, topk,
+                                  f"probing the teacher on {count} image(s)")[2]
+
+
+def _resolve_preprocess(teacher, preprocess):
+    if isinstance(preprocess, str) and preprocess == "auto":
+        record = getattr(teacher, "preprocessing", None)
+        preprocess = None if record is None else record.from_unit_range
+    if preprocess is not None and not callable(preprocess):
+        raise TypeError(f"preprocess must be 'auto', None or a callable, got {preprocess!r}")
+    return preprocess
 
 
 def write_store(teacher, images, directory, *, epochs, topk, config, seed=0, batch_size=64,
@@ -479,22 +508,15 @@ def write_store(teacher, images, directory, *, epochs, topk, config, seed=0, bat
     seed = check_int(seed, "seed", 0)
     batch_size = check_int(batch_size, "batch_size", 1)
     config = _as_config(config)
-    if isinstance(preprocess, str) and preprocess == "auto":
-        record = getattr(teacher, "preprocessing", None)
-        preprocess = None if record is None else record.from_unit_range
-    if preprocess is not None and not callable(preprocess):
-        raise TypeError(f"preprocess must be 'auto', None or a callable, got {preprocess!r}")
+    preprocess = _resolve_preprocess(teacher, preprocess)
     if not callable(teacher) or not hasattr(teacher, "weights"):
         raise TypeError(f"teacher must be a Keras model, got {type(teacher).__name__}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     n = len(images)
-
-    # The number of classes: one image through the teacher (also checks its output).
-    probe = next(iter(_augmented_dataset(images[:1], epoch_seeds(seed, 0, 1), config, 1,
-                                         partners=[0])))
-    _, _, num_classes = _teacher_probabilities(teacher, probe.numpy(), preprocess, topk,
-                                               "probing the teacher on one image")
+    # The number of classes: images through the teacher (also checks its output), before
+    # anything is written
+    num_classes = check_teacher(teacher, images, config, topk, preprocess, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
     ids_dtype = ids_dtype_for(num_classes)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "teacher": teacher_name if teacher_name is not None else teacher.name,
@@ -601,14 +623,16 @@ class SoftLabelStore:
         path = self.shard_path(epoch)
         expected = self.num_images * self.record_bytes
         if not path.is_file():
-            raise IncompleteStore(f"soft-label shard {path} is missing (expected {expected} bytes: "
-                             f"{self.num_images} images x {self.record_bytes} bytes); run "
-                             f"write_store again to complete the store")
+            raise IncompleteStore(
+                f"soft-label shard {path} is missing (expected {expected} bytes: "
+                f"{self.num_images} images x {self.record_bytes} bytes); run write_store "
+                f"(poa-keras distill-store) again to complete it")
         size = path.stat().st_size
         if size != expected:
-            raise IncompleteStore(f"soft-label shard {path} is truncated or corrupt: {size} bytes, "
-                             f"expected {expected} ({self.num_images} images x "
-                             f"{self.record_bytes} bytes); run write_store again to rewrite it")
+            raise IncompleteStore(
+                f"soft-label shard {path} is truncated or corrupt: {size} bytes, expected "
+                f"{expected} ({self.num_images} images x {self.record_bytes} bytes); run "
+                f"write_store (poa-keras distill-store) again to rewrite it")
         return path
 
     def records(self, epoch):
@@ -707,8 +731,9 @@ def open_store(directory, images, *, expect=None):
                          f"{header.get('augment_version')!r}, this poa_keras replays version "
                          f"{AUGMENT_VERSION}: the stored labels do not match its images")
     if min_epochs is not None and int(header["epochs"]) < int(min_epochs):
-        raise ValueError(f"{directory} holds {header['epochs']} epochs, expected at least "
-                         f"{min_epochs}")
+        raise IncompleteStore(f"{directory} holds {header['epochs']} epochs, expected at least "
+                              f"{min_epochs}; its teacher can add them (write_store, or "
+                              f"poa-keras distill-store --epochs={min_epochs})")
     store = SoftLabelStore(directory, images, header)
     for e in range(store.epochs):
         store.check_shard(e)
@@ -716,7 +741,6 @@ def open_store(directory, images, *, expect=None):
 
 
 __all__ = ["AUGMENT_VERSION", "FORMAT_VERSION", "IncompleteStore", "ReplayAugment",
-           "SoftLabelStore",
-           "epoch_partners", "epoch_seeds", "images_fingerprint", "mix_pair", "mix_parameters",
-           "open_store", "record_dtype", "replay_augment", "replay_dataset",
-           "teacher_fingerprint", "write_store"]
+           "SoftLabelStore", "check_teacher", "epoch_partners", "epoch_seeds",
+           "images_fingerprint", "mix_pair", "mix_parameters", "open_store", "record_dtype",
+           "replay_augment", "replay_dataset", "teacher_fingerprint", "write_store"]

@@ -38,11 +38,19 @@ def dense_soft_targets(ids, values, num_classes):
     if k > num_classes:
         raise ValueError(f"{k} top-K values for {num_classes} classes; K must be <= the number "
                          "of classes")
-    onehot = ops.one_hot(ops.cast(ids, "int32"), num_classes, dtype="float32")   # (..., K, C)
-    written = ops.sum(onehot * ops.expand_dims(values, -1), axis=-2)
-    covered = ops.sum(onehot, axis=-2)
-    rest = (1.0 - ops.sum(values, axis=-1, keepdims=True)) / float(max(num_classes - k, 1))
-    return written + (1.0 - covered) * rest
+    # scattered, O(batch x C) memory (a (batch, K, C) one-hot would not fit at 22k classes)
+    lead = ops.shape(values)[:-1]
+    flat_values = ops.reshape(values, (-1,))
+    flat_ids = ops.reshape(ops.cast(ids, "int32"), (-1,))
+    rows = ops.shape(flat_values)[0] // k
+    row_ids = ops.reshape(ops.repeat(ops.expand_dims(ops.arange(rows, dtype="int32"), 1), k,
+                                     axis=1), (-1,))
+    where = ops.stack([row_ids, flat_ids], axis=1)
+    written = ops.scatter(where, flat_values, (rows, num_classes))
+    covered = ops.scatter(where, ops.ones_like(flat_values), (rows, num_classes))
+    rest = (1.0 - ops.sum(ops.reshape(flat_values, (rows, k)), axis=-1, keepdims=True)) / \
+        float(max(num_classes - k, 1))
+    return ops.reshape(written + (1.0 - covered) * rest, (*lead, num_classes))
 
 
 def soft_target_cross_entropy(logits, targets):
