@@ -98,14 +98,16 @@ flags.DEFINE_string("recipe", "demo", "pretrain: a shipped recipe name (demo, de
                     "poa_vit_l16_in1k, dino_vit_s16_in1k) or a .py file defining RECIPE. "
                     "finetune: a fine-tuning recipe (demo_finetune, finetune_mae_tiny_in1k) or "
                     "a .py file defining FINETUNE_RECIPE; without it, finetune runs from its "
-                    "flags. Each command refuses the other's recipes.")
+                    "flags. Each command refuses the other's recipes. distill-store: a "
+                    "distillation recipe (one with a distill section; default demo_tinyvit).")
 flags.DEFINE_string("teacher", None, "finetune --recipe (a distillation recipe, e.g. "
                     "demo_tinyvit) / distill-store: the teacher, an ImageClassifier preset (a "
                     "directory such as a fine-tuning run's classifier/, or a registered name) "
                     "or a .keras file (loaded in safe mode); sets distill.teacher.")
 flags.DEFINE_integer("topk", None, "distill-store: K, the teacher probabilities kept per image "
                      "and epoch (default: the recipe's distill.topk, 10).")
-flags.DEFINE_multi_string("override", [], "pretrain / finetune --recipe: section.key=value "
+flags.DEFINE_multi_string("override", [], "pretrain / finetune --recipe / distill-store: "
+                          "section.key=value "
                           "changes of the recipe, e.g. --override=train.epochs=1 (repeatable; "
                           "values are Python literals).")
 flags.DEFINE_integer("epochs", None, "pretrain, finetune --recipe: stop after this many epochs "
