@@ -11,7 +11,8 @@ s and arm: ``finetune("demo_tinyvit", RUNS/seed<s>/<arm>, overrides=[distill.tar
 seed=s, the teacher])`` (the seed drives the student's initialisation, the augmentation seeds
 and the order). Per run: the held-out top-1 of the classifier and the k-NN top-1 (k = 20) of
 its backbone's features (the 3200 training images as the memory, the 1000 held-out images used
-for no choice), and the wall time; then mean +- sd per arm and paired t-tests, as JSON lines.
+for no choice), and the wall time; then mean +- sd per arm and paired t-tests, as JSON lines
+(``tinyvit_summary.summarize``; that script merges seeds run in separate processes).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quality  # noqa: E402  (mean_sd, paired_test, emit; its flags: --runs, --seeds, ...)
+import quality  # noqa: E402  (emit; its flags: --runs, --seeds, ...)
+import tinyvit_summary  # noqa: E402
 
 flags.DEFINE_list("distill_arms", ["stored", "teacher", "teacher_dense", "labels"],
                   "Arms (distill.targets of recipes/demo_tinyvit.py).")
@@ -59,7 +61,7 @@ def main(argv):
     quality.emit({"record": "teacher", "top1": quality._r(teacher.top1),
                   "knn_top1": quality._r(knn), "seconds": round(seconds, 1)})
     preset = teacher.preset_dir
-    results = {arm: {} for arm in FLAGS.distill_arms}
+    students = []
     for seed in FLAGS.seeds:
         for arm in FLAGS.distill_arms:
             overrides = [f"distill.targets={arm!r}", "distill.teacher_recipe=None",
@@ -68,26 +70,11 @@ def main(argv):
                 overrides.append(f"distill.teacher={preset!r}")
             result, knn, seconds = run("demo_tinyvit", os.path.join(
                 FLAGS.runs, f"seed{seed}", arm), overrides)
-            results[arm][int(seed)] = (result.top1, knn)
-            quality.emit({"record": "student", "arm": arm, "seed": int(seed),
-                          "top1": quality._r(result.top1), "knn_top1": quality._r(knn),
-                          "seconds": round(seconds, 1)})
-    for arm in FLAGS.distill_arms:
-        for i, what in enumerate(("top1", "knn_top1")):
-            mean, sd = quality.mean_sd(v[i] for v in results[arm].values())
-            quality.emit({"record": "summary", "arm": arm, "metric": what,
-                          "mean": quality._r(mean), "sd": quality._r(sd),
-                          "seeds": sorted(results[arm])})
-    for a, b in (("stored", "teacher"), ("stored", "teacher_dense"), ("stored", "labels")):
-        if a not in results or b not in results:
-            continue
-        seeds = sorted(set(results[a]) & set(results[b]))
-        for i, what in enumerate(("top1", "knn_top1")):
-            diff, sd, t, p, n = quality.paired_test([results[a][s][i] for s in seeds],
-                                                    [results[b][s][i] for s in seeds])
-            quality.emit({"record": "paired", "pair": f"{a}-{b}", "metric": what,
-                          "diff_mean": quality._r(diff), "diff_sd": quality._r(sd),
-                          "t": quality._r(t), "p": quality._r(p), "n": n})
+            students.append({"record": "student", "arm": arm, "seed": int(seed),
+                             "top1": quality._r(result.top1), "knn_top1": quality._r(knn),
+                             "seconds": round(seconds, 1)})
+            quality.emit(students[-1])
+    tinyvit_summary.summarize(students)
 
 
 if __name__ == "__main__":

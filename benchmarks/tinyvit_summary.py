@@ -24,6 +24,11 @@ def main(paths):
                       key=lambda r: (r["seed"], r["arm"]))
     for record in teachers[:1] + students:
         quality.emit(record)
+    summarize(students)
+
+
+def summarize(students):
+    """Emits the per-arm mean +- sd and the paired tests of the student records."""
     results = {}
     for r in students:
         results.setdefault(r["arm"], {})[r["seed"]] = r
