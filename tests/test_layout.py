@@ -145,3 +145,15 @@ def test_no_private_name_is_imported_across_files(folder):
             if private or private_module:
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {module} {private}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_sub_package_is_installed():
+    # pyproject.toml lists the packages one by one (zoo/ and recipes/ live outside poa_keras/):
+    # a new room missing there imports from a checkout but not from the installed package
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    rooms = {"poa_keras." + p.parent.relative_to(PACKAGE).as_posix().replace("/", ".")
+             for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    assert rooms <= listed, sorted(rooms - listed)
