@@ -464,10 +464,17 @@ def check_teacher(teacher, images, config, topk=1, preprocess="auto", seed=0, co
                                   f"probing the teacher on {count} image(s)")[2]
 
 
+def unit_range_input(model):
+    """How [0, 1] images (the replay's output) enter ``model``: its preprocessing record's
+    ``from_unit_range`` (an ImageClassifier: normalisation and input size), or None (as they
+    are) for a model without one. The store's teacher and the distillation trainer share it."""
+    record = getattr(model, "preprocessing", None)
+    return None if record is None else record.from_unit_range
+
+
 def _resolve_preprocess(teacher, preprocess):
     if isinstance(preprocess, str) and preprocess == "auto":
-        record = getattr(teacher, "preprocessing", None)
-        preprocess = None if record is None else record.from_unit_range
+        preprocess = unit_range_input(teacher)
     if preprocess is not None and not callable(preprocess):
         raise TypeError(f"preprocess must be 'auto', None or a callable, got {preprocess!r}")
     return preprocess
@@ -743,4 +750,5 @@ def open_store(directory, images, *, expect=None):
 __all__ = ["AUGMENT_VERSION", "FORMAT_VERSION", "IncompleteStore", "ReplayAugment",
            "SoftLabelStore", "check_teacher", "epoch_partners", "epoch_seeds",
            "images_fingerprint", "mix_pair", "mix_parameters", "open_store", "record_dtype",
-           "replay_augment", "replay_dataset", "teacher_fingerprint", "write_store"]
+           "replay_augment", "replay_dataset", "teacher_fingerprint", "unit_range_input",
+           "write_store"]

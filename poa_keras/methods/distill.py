@@ -64,13 +64,6 @@ def learning_rate_schedule(recipe, steps_per_epoch=None):
     return schedules_lib.warmup_cosine_lr(dict(DISTILL_RECIPE, **recipe), steps_per_epoch)
 
 
-def _unit_range_input(model):
-    """The function taking [0, 1] images to ``model``'s input: its preprocessing record's
-    ``from_unit_range`` when it has one, else the identity."""
-    preprocessing = getattr(model, "preprocessing", None)
-    return (lambda x: x) if preprocessing is None else preprocessing.from_unit_range
-
-
 def num_classes_of(model, what="model"):
     """The number of classes of a model mapping images to logits (B, C)."""
     classes = getattr(model, "num_classes", None)
@@ -151,8 +144,13 @@ class SoftLabelDistillation(schedules_lib.PerStepLearningRate, PlannedTrainer):
                 raise ValueError(f"the store holds {store.num_classes}-class soft labels, the "
                                  f"student has {self.num_classes} classes: they must be the "
                                  "same")
-        self._student_input = _unit_range_input(student)
-        self._teacher_input = _unit_range_input(teacher) if teacher is not None else None
+        # imported here: the store module imports TensorFlow, which poa_keras.methods does not
+        from poa_keras.data.softlabels import unit_range_input
+
+        identity = lambda x: x   # noqa: E731  (a model without a preprocessing record)
+        self._student_input = unit_range_input(student) or identity
+        self._teacher_input = (unit_range_input(teacher) or identity) if teacher is not None \
+            else None
 
     # ------------------------------------------------------------------------------ schedule
     def step_hyperparameters(self, step):
