@@ -6,9 +6,10 @@ from poa_keras.backbones import (Backbone, ElasticResNet, ElasticSwin, ElasticVi
                                  TinyViT)
 from poa_keras.elastic import ResNetSubnet, SubnetSampler, SwinSubnet, ViTSubnet
 from poa_keras.classifier import ImageClassifier
+from poa_keras import convert   # registers the converters of the zoo's checkpoint formats
 from poa_keras.preprocessing import ImagePreprocessing
 
 __all__ = ["Backbone", "ElasticResNet", "ElasticSwin", "ElasticViT", "ImageClassifier",
-           "ImagePreprocessing", "ResNet", "ResNetSubnet", "SubnetSampler", "SwinSubnet",
+           "ImagePreprocessing", "ResNet", "convert", "ResNetSubnet", "SubnetSampler", "SwinSubnet",
            "TinyViT", "ViTSubnet", "elastic", "preprocessing", "presets", "quantization",
            "__version__"]

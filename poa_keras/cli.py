@@ -23,6 +23,9 @@ usage: poa-keras <command> [--flags]      (KERAS_BACKEND=jax|tensorflow|torch pi
     export    write one subnet (optionally int8) as deployable artefacts (preset, SavedModel,
               ONNX, LiteRT, torch .pt2 as the backend allows) with sizes, checks and the int8
               accuracy change
+    convert   an officially released checkpoint (DINO, DINOv2, MAE, MAE-Lite, TinyViT) -> a
+              preset: --source names the zoo preset it is, --checkpoint the file or URL (the
+              card's URL by default); prints the file's sha256 (docs/zoo.md)
     info      backend, registered presets, every family's named configurations, export formats
     subnets   the subnet grid of a teacher: size, parameters, sampling weight, names
     demo      build the demo elastic teacher, list its subnets, extract one and run it
@@ -56,7 +59,7 @@ import warnings
 from absl import app, flags, logging
 
 COMMANDS = ("pretrain", "sweep", "analyze", "extract", "finetune", "distill-store", "export",
-            "info", "subnets", "demo")
+            "convert", "info", "subnets", "demo")
 
 FLAGS = flags.FLAGS
 # -- the model
@@ -167,6 +170,11 @@ flags.DEFINE_enum("pooling", "cls", ["cls", "avg", "avg_norm"], "finetune: the h
                   "cls token, the mean patch token, or that mean through a LayerNorm (avg_norm: "
                   "MAE-Lite's fc_norm) (ViT; others use their pooled output).")
 # -- export
+flags.DEFINE_string("source", None, "convert: the zoo preset the checkpoint is (e.g. "
+                    "dino_vit_b16, dinov2_vit_s14, mae_vit_b16_full, tinyvit_5m_22kto1k; "
+                    "`poa-keras info` lists them).")
+flags.DEFINE_string("checkpoint", None, "convert: the official checkpoint, a local file or an "
+                    "https:// / file:// URL (default: the card's URL).")
 flags.DEFINE_enum("quantize", "none", ["none", "int8"], "export: quantize a copy with "
                   "model.quantize('int8') before exporting it.")
 flags.DEFINE_string("formats", "auto", "export: comma-separated formats among preset, "
@@ -202,6 +210,7 @@ COMMAND_FLAGS = {   # the flags each command reads (`poa-keras COMMAND --help` l
     + _DATA_FLAGS + ("output",),
     "distill-store": ("teacher", "recipe", "override", "data", "on_bad_image", "epochs", "topk",
                       "output", "verbose"),
+    "convert": ("source", "checkpoint", "output"),
     "info": (),
     "subnets": _MODEL_FLAGS,
     "demo": _MODEL_FLAGS + _SIZE_FLAGS + ("batch_size", "output"),
@@ -299,7 +308,7 @@ def _load_backbone(preset=None):
     if FLAGS.weights == "auto" and not os.path.isdir(source):
         card = presets.get_card(source)
         if not (card.get("weights") or {}).get("url"):
-            _say(f"note: preset {source!r} has no published weights yet; using random weights")
+            _say(f"note: preset {source!r} has no published weights; using random weights")
             load = False
     return Backbone.from_preset(source, load_weights=load)
 
@@ -488,8 +497,79 @@ def cmd_info():
         _say(f"  {fmt:<15} {'yes' if reason is None else 'no: ' + reason}")
 
 
+ZOO_TABLE_BEGIN = "<!-- zoo table: generated from zoo/*.json by tests/test_zoo.py -->"
+ZOO_TABLE_END = "<!-- end of the zoo table -->"
+
+
+def zoo_table():
+    """docs/zoo.md's table, one row per registered preset, from the zoo cards alone (name,
+    family, parameters of the architecture, source, licence, digest rule, status)."""
+    from poa_keras import presets
+
+    rows = ["| preset | family (configuration) | parameters | source | licence | digest | "
+            "status |", "| --- | --- | ---: | --- | --- | --- | --- |"]
+    for name, card in presets.list_presets().items():
+        arch, weights = card["architecture"], card.get("weights") or {}
+        klass = presets.registered_class(presets.registered_name_of(arch["class_name"]))
+        params = klass.unbuilt(config_name=arch["config_name"]).subnet_params()
+        if weights.get("sha256"):
+            digest = f"sha256 `{weights['sha256'][:12]}…`"
+        elif weights.get("url") or weights.get("file") or weights.get("format"):
+            digest = weights.get("digest", presets.TRUST_ON_FIRST_USE)
+        else:
+            digest = "-"
+        if weights.get("file"):
+            status = "weights in the package"
+        elif weights.get("url"):
+            status = (f"converted on first load ({weights['format']})" if weights.get("format")
+                      else "downloaded on first load")
+        else:
+            status = weights.get("status", "not published").split(":")[0]
+        source = card.get("source", card.get("paper", ""))
+        rows.append(f"| `{name}` | {arch['class_name']} ({arch['config_name']}) | "
+                    f"{params / 1e6:.1f} M | {source} | {card['license']} | {digest} | "
+                    f"{status} |")
+    return "\n".join(rows)
+
+
 def cmd_subnets():
     _print_grid(_load_backbone())
+
+
+def cmd_convert():
+    from poa_keras import convert, presets
+
+    output = _require_output("convert")
+    convertible = {name: card for name, card in presets.list_presets().items()
+                   if (card.get("weights") or {}).get("format") in convert.FORMATS}
+    name = FLAGS.source
+    if name not in convertible:
+        raise ValueError(f"convert needs --source, one of the zoo presets with an official "
+                         f"checkpoint; got {name!r}; valid: {', '.join(sorted(convertible))}")
+    card = convertible[name]
+    weights = card["weights"]
+    checkpoint = FLAGS.checkpoint or weights.get("url")
+    if not checkpoint:
+        raise ValueError(f"--source={name} has no direct download "
+                         f"({weights.get('status', 'no URL')}); give --checkpoint=FILE")
+    if "://" in checkpoint:   # downloaded once into the cache, with the preset's digest rule
+        path = presets.download(name, checkpoint, weights.get("sha256"),
+                                f"{weights['format']}.checkpoint")
+    else:
+        path = checkpoint
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--checkpoint={path}: no such file")
+    digest = presets.sha256_of(path)
+    if weights.get("sha256") and digest != weights["sha256"]:
+        raise ValueError(f"--checkpoint={path} has sha256 {digest}, but {name}'s published "
+                         f"file has {weights['sha256']}: another file (or a damaged one)")
+    start = time.perf_counter()
+    convert.convert_file(path, card, output)
+    _say(f"converted {path} -> {output} ({time.perf_counter() - start:.1f} s)")
+    _say(f"sha256 of the checkpoint: {digest}")
+    if not weights.get("sha256"):
+        _say(f"  (the card of {name} publishes none: trust-on-first-use; paste it into "
+             f"zoo/{name}.json's weights.sha256 to pin it)")
 
 
 def cmd_extract():

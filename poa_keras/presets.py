@@ -52,6 +52,8 @@ METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "model.weights.h5"
 TASK_FILE = "task.json"
 TASK_WEIGHTS_FILE = "task.weights.h5"
+DECODER_FILE = "decoder.json"                # MAE's decoder, in converted full MAE presets
+DECODER_WEIGHTS_FILE = "decoder.weights.h5"
 KERAS_WEIGHTS = "keras_h5"   # the weights format of our own presets
 
 _CONVERTERS = {}   # weights format -> convert(checkpoint_path, card, output_dir)
@@ -180,6 +182,7 @@ class PresetSource:
     weights: Path | None = None
     weights_sha256: str | None = None
     preprocessing: ImagePreprocessing | None = None
+    directory: Path | None = None   # where the preset's files are (a converted one's too)
 
 
 def resolve(preset, load_weights=True) -> PresetSource:
@@ -219,7 +222,7 @@ def read_directory(directory, load_weights=True, where=None) -> PresetSource:
         registered_name=config.get("registered_name") or registered_name_of(class_name),
         config=config["config"], quantization=mode,
         weights=directory / WEIGHTS_FILE if load_weights else None,
-        weights_sha256=metadata.get("weights_sha256"),
+        weights_sha256=metadata.get("weights_sha256"), directory=directory,
         preprocessing=read_preprocessing(config["config"].get("preprocessing"),
                                          f"{where}: {CONFIG_FILE}"))
 
@@ -252,45 +255,100 @@ def _resolve_registered(name, load_weights):
                                                            f"{where} (its zoo card)"))
     if not load_weights:
         return source
-    if not weights.get("url"):  # say so before anything is built
+    if not weights.get("url") and not weights.get("file"):  # say so before anything is built
         status = weights.get("status", "not published")
         raise ValueError(
-            f"preset {name!r} has no published weights yet ({status}). Use load_weights=False "
+            f"preset {name!r} has no published weights ({status}). Use load_weights=False "
             "for the architecture with random weights, or pass a local preset directory.")
     fmt = weights.get("format", KERAS_WEIGHTS)
     if fmt != KERAS_WEIGHTS and fmt not in _CONVERTERS:
         raise ValueError(f"{where}: its weights are a {fmt!r} checkpoint and no converter is "
                          f"registered for that format; known formats: {weights_formats()} "
                          "(converters register with poa_keras.presets.register_converter)")
-    suffix = "weights.h5" if fmt == KERAS_WEIGHTS else f"{fmt}.checkpoint"
-    try:
-        path = Path(keras.utils.get_file(
-            fname=f"{name}.{suffix}", origin=weights["url"], file_hash=weights.get("sha256"),
-            hash_algorithm="sha256", cache_dir=cache_dir(),
-            cache_subdir=os.path.join("poa_keras", name)))
-    except Exception as error:
-        # Keras raises a plain Exception for HTTP and URL errors (its digest check, a
-        # ValueError, and anything else pass through)
-        if type(error) is not Exception and not isinstance(error, OSError):
-            raise
-        cached = Path(os.path.expanduser(cache_dir() or os.path.join("~", ".keras")),
-                      "poa_keras", name, f"{name}.{suffix}")
-        raise ConnectionError(
-            f"{where}: cannot download its weights from {weights['url']} ({error}). Check the "
-            f"network connection and try again, or download the file yourself to {cached} "
-            "(its sha256 is checked).") from error
-    if fmt == KERAS_WEIGHTS:
+    if weights.get("file"):   # shipped inside the package, beside the card
+        path = Path(str(_card_dir().joinpath(weights["file"])))
+        if fmt != KERAS_WEIGHTS:
+            raise ValueError(f"{where}: a packaged weights file must be Keras h5 weights")
         return dataclasses.replace(source, weights=path, weights_sha256=weights.get("sha256"))
+    path = download(name, weights["url"], weights.get("sha256"),
+                    "weights.h5" if fmt == KERAS_WEIGHTS else f"{fmt}.checkpoint")
+    if fmt == KERAS_WEIGHTS:
+        return dataclasses.replace(source, weights=path)   # its digest was checked
     # Converted once per checkpoint (keyed by its digest: a new release converts anew), then
     # read from the cache.
-    digest = weights.get("sha256") or sha256_of(path)
-    converted = path.parent / f"preset_{fmt}_{digest[:16]}"
+    converted = path.parent / f"preset_{fmt}_{sha256_of(path)[:16]}"
     if not (converted / CONFIG_FILE).is_file():
+        print(f"{where}: converting {path.name} (once; the preset is cached in {converted})")
         _CONVERTERS[fmt](path, card, converted)
     result = read_directory(converted, load_weights, where=f"{where} (converted from {fmt})")
     if result.preprocessing is None:   # the card's record, if the converter wrote none
         result = dataclasses.replace(result, preprocessing=source.preprocessing)
     return result
+
+
+TRUST_ON_FIRST_USE = "trust-on-first-use"
+
+
+def download(name, url, sha256, suffix):
+    """The local copy of a registered preset's file: downloaded once (``keras.utils.get_file``,
+    with its progress bar) into ``<cache>/poa_keras/<name>/<name>.<suffix>`` and checked.
+
+    One rule for every file: the digest it must have is the card's ``sha256`` or, where the
+    publisher gives none (``sha256: null``, ``digest: trust-on-first-use``), the one recorded
+    at its first download (``<file>.sha256``, kept when the file is deleted; the first
+    download prints it for pasting into the card). The download goes to a staging name and is
+    renamed into place only once complete and checked, so an interrupted download leaves
+    nothing a later load would take. A file whose digest disagrees, downloaded or cached, is
+    removed (no poisoned cache) and refused, naming the preset, the expected and the actual
+    digest."""
+    root = Path(os.path.expanduser(cache_dir() or os.path.join("~", ".keras")))
+    folder = root / "poa_keras" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{name}.{suffix}"
+    record = folder / f"{name}.{suffix}.sha256"
+    expected = sha256 or (record.read_text().strip() if record.is_file() else None)
+    where = f"preset {name!r}"
+    if final.is_file():
+        _check_digest(final, expected, where, record)
+        return final
+    staging = folder / f".{final.name}.partial"
+    if staging.exists():
+        staging.unlink()   # a download killed before it finished
+    try:
+        keras.utils.get_file(fname=staging.name, origin=url, cache_dir=str(root),
+                             cache_subdir=os.path.join("poa_keras", name))
+    except Exception as error:
+        # Keras raises a plain Exception for HTTP and URL errors (anything else passes)
+        if staging.exists():
+            staging.unlink()
+        if type(error) is not Exception and not isinstance(error, OSError):
+            raise
+        raise ConnectionError(
+            f"{where}: cannot download its weights from {url} ({error}). Check the network "
+            "connection and try "
+            f"again, or download the file yourself and either put it at {final} (its digest "
+            "is checked) or convert it with `poa-keras convert --source="
+            f"{name} --checkpoint=FILE --output=DIR` and load DIR.") from error
+    _check_digest(staging, expected, where, record)
+    os.replace(staging, final)
+    return final
+
+
+def _check_digest(path, expected, where, record):
+    actual = sha256_of(path)
+    if expected is None:   # trust on first use: record it, say it
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(actual + "\n")
+        os.replace(tmp, record)
+        print(f"{where}: no published digest; first use of {path.name}, sha256 {actual} "
+              f"(trust-on-first-use: recorded in {record}; later loads are checked against it; "
+              "paste it into the zoo card's weights.sha256)")
+        return
+    if actual != expected:
+        path.unlink()
+        raise ValueError(f"{where}: {path.name} has sha256 {actual}, expected {expected}; the "
+                         "file was removed from the cache (a corrupted or tampered download, or "
+                         "a new release: check the source)")
 
 
 def cache_dir():
@@ -320,10 +378,12 @@ class TaskSource:
 
 
 def read_task(preset, load_weights=True) -> TaskSource | None:
-    """The ``TaskSource`` of a task preset directory; None for a backbone-only preset (a
-    registered name, or a directory without task.json)."""
+    """The ``TaskSource`` of a task preset (a directory, or a registered name whose converted
+    checkpoint holds a classification head); None for a backbone-only preset."""
     directory = Path(os.fspath(preset))
-    if not (directory / TASK_FILE).is_file():
+    if not directory.is_dir() and load_weights and str(preset) in list_presets():
+        directory = resolve(preset).directory   # a converted classifier (TinyViT's heads)
+    if directory is None or not (directory / TASK_FILE).is_file():
         return None
     where = f"preset {str(directory)!r}"
     task = _read_json(directory / TASK_FILE, where)
@@ -397,7 +457,8 @@ def load_weights(model, weights_path, expected_sha256, where):
                          f"corrupted, truncated or of another architecture ({error})") from error
 
 
-__all__ = ["CONFIG_FILE", "KERAS_WEIGHTS", "METADATA_FILE", "PresetSource", "TASK_FILE",
+__all__ = ["CONFIG_FILE", "DECODER_FILE", "DECODER_WEIGHTS_FILE", "KERAS_WEIGHTS",
+           "TRUST_ON_FIRST_USE", "download", "METADATA_FILE", "PresetSource", "TASK_FILE",
            "TASK_WEIGHTS_FILE", "TaskSource", "WEIGHTS_FILE", "cache_dir", "get_card",
            "list_presets", "load_variables", "load_weights", "read_directory",
            "read_preprocessing", "read_task", "register_converter", "registered_class",

@@ -27,7 +27,7 @@ ALLOWED = {
     "presets": {"files", "preprocessing", "quantization", "version"},
     "elastic": {"files", "quantization", "validation"},
     "data": {"files", "validation"},
-    "convert": {"backbones", "classifier"},
+    "convert": {"backbones", "classifier", "elastic", "heads", "presets"},
     "backbones": {"elastic", "files", "preprocessing", "presets", "quantization", "validation",
                   "version"},
     "heads": {"elastic", "validation"},

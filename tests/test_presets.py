@@ -76,7 +76,7 @@ def test_registered_presets():
 
 
 def test_unpublished_weights_say_so():
-    with pytest.raises(ValueError, match=r"'poa_vit_l' has no published weights yet.*"
+    with pytest.raises(ValueError, match=r"'poa_vit_l' has no published weights \(never published.*"
                                          r"load_weights=False"):
         Backbone.from_preset("poa_vit_l")
 

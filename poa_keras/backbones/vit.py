@@ -166,6 +166,17 @@ CONFIGS.update({
     "vit_mae_demo_wide": dict(image_size=32, patch_size=4, embed_dim=128, depth=4, head_dim=16,
                               pos_embed="sincos"),
 })
+# The released models of the zoo (docs/zoo.md). DINO: DeiT-style ViT-S / B at patch 16 and 8,
+# its own position-embedding resize rule. DINOv2: trained at 518 (a 37 x 37 grid at patch 14),
+# LayerScale (init 1.0 before training), a mask token, the same resize rule.
+for _size in ("s", "b"):
+    for _p in (16, 8):
+        CONFIGS[f"dino_vit_{_size}{_p}"] = dict(CONFIGS[f"vit_{_size}{_p}"],
+                                                pos_embed_resize="dino")
+for _size in ("s", "b", "l"):
+    CONFIGS[f"dinov2_vit_{_size}14"] = dict(
+        CONFIGS[f"vit_{_size}14"], image_size=518, layer_scale_init=1.0, use_mask_token=True,
+        pos_embed_resize="dino")
 del _size, _w, _d, _h, _p
 
 

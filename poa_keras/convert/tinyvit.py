@@ -17,9 +17,7 @@ import re
 
 import numpy as np
 
-# a BatchNorm's / LayerNorm's torch names -> Keras variable names
-_NORM = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
-         "running_var": "moving_variance"}
+from poa_keras.convert.state import NORM_KEYS, assign_state
 _IGNORED = re.compile(r"(^|\.)attention_bias_idxs$|(^|\.)num_batches_tracked$")
 
 
@@ -96,62 +94,44 @@ def _official_key(path, value_ndim):
         return ".".join([prefix] + inner + ["weight"]), layout
     if leaf == "attention_biases":
         return ".".join([prefix] + rest), "same"
-    torch_leaf = {v: k for k, v in _NORM.items()}.get(leaf, leaf)
-    return ".".join([prefix] + inner + [torch_leaf]), "same"
+    return ".".join([prefix] + inner + [NORM_KEYS.get(leaf, leaf)]), "same"
 
 
-def _to_keras(value, layout):
-    if layout == "conv1x1":      # (out, in, 1, 1) -> (in, out)
-        return value.reshape(value.shape[0], value.shape[1]).T
-    if layout == "linear":       # (out, in) -> (in, out)
-        return value.T
-    if layout == "conv":         # (out, in, k, k) -> (k, k, in, out)
-        return value.transpose(2, 3, 1, 0)
-    if layout == "depthwise":    # (C, 1, k, k) -> (k, k, C, 1)
-        return value.transpose(2, 3, 0, 1)
-    return value
+def load_tinyvit_state(backbone, state, what):
+    """Writes an official TinyViT state dict into ``backbone`` (a ``TinyViT`` of that
+    configuration); returns the backbone, or an ``ImageClassifier`` on it (pooling "cls": the
+    reference's head) when the state has ``head.*``. Every key is used exactly once (the
+    ``attention_bias_idxs`` buffers, which the model recomputes, are dropped)."""
+    from poa_keras.classifier import ImageClassifier
+
+    state = _state(state)
+    model = backbone
+    plan = []
+    for variable in backbone.weights:
+        plan.append((variable, *_official_key(variable.path.split("/", 1)[1],
+                                              len(variable.shape))))
+    if "head.weight" in state:
+        model = ImageClassifier(backbone, int(state["head.weight"].shape[0]), pooling="cls")
+        plan += [(model.head.kernel, "head.weight", "linear"),
+                 (model.head.bias, "head.bias", "same")]
+    assign_state(plan, state, what)
+    return model
 
 
 def tinyvit_from_state_dict(checkpoint, image_size=224, name=None, **overrides):
     """A ``TinyViT`` with the weights of an official state dict (or a checkpoint holding one
     under ``"model"``), inside an ``ImageClassifier`` (pooling "cls": the reference's head) when
-    it has ``head.*``. ``image_size`` and ``overrides`` (e.g. ``window_sizes`` for the 384 / 512
-    models, which the shapes cannot tell from 224's when the table sizes agree) go to
-    ``TinyViT``."""
+    it has ``head.*``; the configuration is read from the shapes. ``image_size`` and
+    ``overrides`` (e.g. ``window_sizes`` for the 384 / 512 models, which the shapes cannot tell
+    from 224's when the table sizes agree) go to ``TinyViT``."""
     from poa_keras.backbones import TinyViT
-    from poa_keras.classifier import ImageClassifier
 
     state = _state(checkpoint)
-    config, classes = tinyvit_config(state)
+    config, _ = tinyvit_config(state)
     config.update(overrides)
     kwargs = {} if name is None else {"name": name}
     backbone = TinyViT(image_size=image_size, **config, **kwargs)
-    model = backbone if classes is None else ImageClassifier(backbone, classes, pooling="cls")
-    used, assignments = set(), []
-    for variable in backbone.weights:
-        key, layout = _official_key(variable.path.split("/", 1)[1], len(variable.shape))
-        assignments.append((variable, key, layout))
-    if classes is not None:
-        assignments += [(model.head.kernel, "head.weight", "linear"),
-                        (model.head.bias, "head.bias", "same")]
-    missing = [key for _, key, _ in assignments if key not in state]
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} key(s) of a TinyViT with "
-                         f"{config}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    for variable, key, layout in assignments:
-        value = _to_keras(np.asarray(state[key]), layout)
-        if tuple(value.shape) != tuple(variable.shape):
-            raise ValueError(f"{key}: shape {tuple(state[key].shape)} does not fit the model's "
-                             f"{tuple(variable.shape)} (as Keras lays it out) for {config}")
-        if key in used:
-            raise ValueError(f"{key} would be used twice")
-        used.add(key)
-        variable.assign(value.astype(variable.dtype))
-    unknown = sorted(set(state) - used)
-    if unknown:
-        raise ValueError(f"the checkpoint has {len(unknown)} key(s) a TinyViT does not use: "
-                         f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
-    return model
+    return load_tinyvit_state(backbone, state, f"a TinyViT with {config}")
 
 
-__all__ = ["tinyvit_config", "tinyvit_from_state_dict"]
+__all__ = ["load_tinyvit_state", "tinyvit_config", "tinyvit_from_state_dict"]

@@ -1,0 +1,211 @@
+"""The zoo: every card, docs/zoo.md's table (generated from the cards, so it cannot drift), and
+a registered official checkpoint end to end through a file:// URL (no network): downloaded
+once, its digest trusted on first use or checked against the card, converted once, cached;
+a tampered cache, an interrupted download, an unreachable URL; `poa-keras convert`."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import to_np
+from poa_keras import Backbone, ImageClassifier, convert, presets
+from poa_keras.cli import ZOO_TABLE_BEGIN, ZOO_TABLE_END, zoo_table
+
+torch = pytest.importorskip("torch", reason="torch writes the official test checkpoints")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_card_is_complete_and_names_a_buildable_architecture():
+    cards = presets.list_presets()
+    assert len(cards) >= 24
+    for name, card in cards.items():
+        assert card["name"] == name and card["license"] and card["description"], name
+        weights = card["weights"]
+        fmt = weights.get("format", presets.KERAS_WEIGHTS)
+        assert fmt in presets.weights_formats(), (name, fmt)
+        url = weights.get("url")
+        assert url is None or url.startswith("https://"), name
+        if not (url or weights.get("file")):
+            assert weights.get("status"), f"{name}: no weights and no status saying why"
+        if weights.get("sha256") is None and (url or weights.get("file")):
+            assert weights.get("digest") == presets.TRUST_ON_FIRST_USE, name
+        presets.read_preprocessing(card.get("preprocessing"), name)
+        arch = card["architecture"]
+        klass = presets.registered_class(presets.registered_name_of(arch["class_name"]))
+        assert arch["config_name"] in klass.configs, name
+    # the architectures' sizes, against the published counts (REFERENCE.md §5b)
+    for name, count in (("dino_vit_s16", 21_665_664), ("dino_vit_b16", 85_798_656)):
+        arch = cards[name]["architecture"]
+        vit = presets.registered_class("poa_keras>ElasticViT")
+        assert vit.unbuilt(config_name=arch["config_name"]).subnet_params() == count
+
+
+def test_docs_zoo_table_is_the_one_the_cards_give():
+    text = (ROOT / "docs" / "zoo.md").read_text()
+    start, end = text.index(ZOO_TABLE_BEGIN) + len(ZOO_TABLE_BEGIN), text.index(ZOO_TABLE_END)
+    assert text[start:end].strip() == zoo_table(), (
+        "docs/zoo.md's table is out of date: replace it with the output of "
+        "`python -c 'from poa_keras.cli import zoo_table; print(zoo_table())'`")
+
+
+# ------------------------------------------------------------- a registered checkpoint, e2e
+
+def _official_checkpoint(path, seed=0):
+    from test_converters import official_vit_state
+
+    # vit_elastic_test in DINOv2's layout: width 64, 4 blocks, patch 8, 4 x 4 grid
+    state = official_vit_state(np.random.default_rng(seed), 64, 4, 8, 4, layer_scale=True,
+                               mask_token=True)
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    return state
+
+
+@pytest.fixture
+def registered(tmp_path, monkeypatch):
+    """A card of format dinov2_pth whose URL is a local file (file://), in a fresh cache."""
+    source = tmp_path / "published" / "ckpt.pth"
+    source.parent.mkdir()
+    state = _official_checkpoint(source)
+    card = {"name": "zoo_test", "license": "test", "description": "test",
+            "architecture": {"class_name": "ElasticViT", "config_name": "vit_elastic_test"},
+            "weights": {"format": "dinov2_pth", "url": source.as_uri(), "sha256": None,
+                        "digest": presets.TRUST_ON_FIRST_USE}}
+    monkeypatch.setattr(presets, "list_presets", lambda: {"zoo_test": card})
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    folder = tmp_path / "keras_home" / "poa_keras" / "zoo_test"
+    return card, source, state, folder
+
+
+def test_trust_on_first_use_then_every_load_is_checked(registered, capsys):
+    card, source, state, folder = registered
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    model = Backbone.from_preset("zoo_test")
+    out = capsys.readouterr().out
+    digest = presets.sha256_of(source)
+    assert f"sha256 {digest}" in out and "trust-on-first-use" in out and "converting" in out
+    record = folder / "zoo_test.dinov2_pth.checkpoint.sha256"
+    assert record.read_text().strip() == digest
+    want, _, _ = convert.convert_checkpoint(convert.read_torch_checkpoint(source), card)
+    np.testing.assert_array_equal(to_np(model(x)["cls"]), to_np(want(x)["cls"]))
+    np.testing.assert_array_equal(to_np(model.cls_token), state["cls_token"])
+    # a second load: from the cache, no download and no conversion; a size extracted
+    small = Backbone.from_preset("zoo_test", width=32, depth=2)
+    assert "converting" not in capsys.readouterr().out and small.embed_dim == 32
+
+    # the cached file tampered with: refused by name and digests, removed (record kept)
+    cached = folder / "zoo_test.dinov2_pth.checkpoint"
+    cached.write_bytes(cached.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ValueError, match=rf"preset 'zoo_test': zoo_test.dinov2_pth.checkpoint "
+                                         rf"has sha256 [0-9a-f]{{64}}, expected {digest}"):
+        Backbone.from_preset("zoo_test")
+    assert not cached.exists() and record.exists()
+    # the published file changed: the new download disagrees with the digest first trusted
+    _official_checkpoint(source, seed=2)
+    with pytest.raises(ValueError, match=f"expected {digest}.*removed from the cache"):
+        Backbone.from_preset("zoo_test")
+    assert not cached.exists() and not list(folder.glob(".*partial"))
+
+
+def test_an_interrupted_download_leaves_nothing_a_later_load_takes(registered):
+    card, source, state, folder = registered
+    folder.mkdir(parents=True)
+    # a download killed half-way leaves its staging file: never taken as the checkpoint
+    (folder / ".zoo_test.dinov2_pth.checkpoint.partial").write_bytes(
+        source.read_bytes()[:1000])
+    model = Backbone.from_preset("zoo_test")
+    np.testing.assert_array_equal(to_np(model.cls_token), state["cls_token"])
+    assert not list(folder.glob(".*partial"))
+
+
+def test_a_published_digest_is_checked_and_a_mismatch_is_not_cached(registered):
+    card, source, state, folder = registered
+    card["weights"]["sha256"] = "f" * 64
+    with pytest.raises(ValueError, match=f"expected {'f' * 64}"):
+        Backbone.from_preset("zoo_test")
+    assert not [p for p in folder.iterdir() if not p.name.endswith(".sha256")]
+    card["weights"]["sha256"] = presets.sha256_of(source)
+    Backbone.from_preset("zoo_test")
+
+
+def test_an_unreachable_url_says_how_to_provide_the_file(registered):
+    card, source, state, folder = registered
+    card["weights"]["url"] = (source.parent / "gone.pth").as_uri()
+    with pytest.raises(ConnectionError, match=r"cannot download its weights from .*gone.pth.*"
+                                              r"poa-keras convert --source=zoo_test"):
+        Backbone.from_preset("zoo_test")
+
+
+def test_a_converted_classifier_loads_with_its_head(tmp_path, monkeypatch):
+    """TinyViT's 1k / 22k files hold a head: the converted preset is a task preset."""
+    import keras
+    from conftest import randomize
+    from test_tinyvit import state_dict
+
+    from poa_keras import TinyViT
+
+    keras.utils.set_random_seed(0)
+    source = TinyViT.from_config_name("tinyvit_test", name="source")
+    randomize(source, seed=1)
+    sd = state_dict(source)
+    rng = np.random.default_rng(4)
+    sd["head.weight"] = rng.normal(0, 0.2, (7, 24)).astype("float32")
+    sd["head.bias"] = rng.normal(0, 0.2, 7).astype("float32")
+    path = tmp_path / "tiny_vit.pth"
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}},
+               path)
+    card = {"name": "tinyvit_zoo_test", "license": "test", "description": "test",
+            "architecture": {"class_name": "TinyViT", "config_name": "tinyvit_test"},
+            "weights": {"format": "tinyvit_pth", "url": path.as_uri(), "sha256": None,
+                        "digest": presets.TRUST_ON_FIRST_USE}}
+    monkeypatch.setattr(presets, "list_presets", lambda: {"tinyvit_zoo_test": card})
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    classifier = ImageClassifier.from_preset("tinyvit_zoo_test")
+    x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    want = to_np(source(x)["pooled"]) @ sd["head.weight"].T + sd["head.bias"]
+    np.testing.assert_allclose(to_np(classifier(x)), want, atol=1e-4, rtol=1e-4)
+    backbone = Backbone.from_preset("tinyvit_zoo_test")
+    np.testing.assert_allclose(to_np(backbone(x)["pooled"]), to_np(source(x)["pooled"]),
+                               atol=1e-5)
+
+
+# -------------------------------------------------------------------------- poa-keras convert
+
+def test_convert_command_writes_the_preset_and_prints_the_digest(registered, cli, tmp_path):
+    card, source, state, folder = registered
+    code, out, err = cli("convert", "--source=zoo_test", f"--checkpoint={source}",
+                         f"--output={tmp_path / 'out'}")
+    assert code == 0, err
+    assert f"sha256 of the checkpoint: {presets.sha256_of(source)}" in out
+    assert "paste it into zoo/zoo_test.json" in out
+    model = Backbone.from_preset(tmp_path / "out")
+    np.testing.assert_array_equal(to_np(model.cls_token), state["cls_token"])
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["converted_from"]["sha256"] == presets.sha256_of(source)
+    # from the card's URL (file://), through the cache
+    code, out, err = cli("convert", "--source=zoo_test", f"--output={tmp_path / 'out2'}")
+    assert code == 0, err
+
+
+def test_convert_command_bad_input(registered, cli, tmp_path):
+    card, source, state, folder = registered
+    out_dir = f"--output={tmp_path / 'out'}"
+    code, _, err = cli("convert", "--source=dino_vit_z16", f"--checkpoint={source}", out_dir)
+    assert code == 1 and "got 'dino_vit_z16'; valid: zoo_test" in err
+    code, _, err = cli("convert", "--source=zoo_test", f"--checkpoint={tmp_path / 'no.pth'}",
+                       out_dir)
+    assert code == 1 and "no such file" in err
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(source.read_bytes()[:5000])
+    code, _, err = cli("convert", "--source=zoo_test", f"--checkpoint={cut}", out_dir)
+    assert code == 1 and "not a PyTorch zip checkpoint" in err and "truncated download" in err
+    # a checkpoint of another architecture: the shape that disagrees is named
+    other = tmp_path / "other.pth"
+    from test_converters import official_vit_state
+
+    sd = official_vit_state(np.random.default_rng(0), 96, 4, 8, 4, layer_scale=True,
+                            mask_token=True)
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, other)
+    code, _, err = cli("convert", "--source=zoo_test", f"--checkpoint={other}", out_dir)
+    assert code == 1 and "cls_token: shape (1, 1, 96) does not fit zoo_test" in err, err
+    assert not (tmp_path / "out").exists()   # nothing half written
