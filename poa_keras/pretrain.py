@@ -55,6 +55,7 @@ import math
 import numbers
 import os
 import pkgutil
+from pathlib import Path
 
 import numpy as np
 
@@ -431,7 +432,7 @@ def backbone_keys(config):
     if config not in names:
         raise ValueError(f"unknown backbone configuration backbone.config={config!r}"
                          f"{_did_you_mean(config, names, quote=True)}; known: {sorted(names)}")
-    return _init_keys(BACKBONE_CLASSES[names[config]], Backbone) | {"name", "dtype"}
+    return _init_keys(BACKBONE_CLASSES[names[config]], Backbone) | {"name", "dtype", "init"}
 
 
 def _init_keys(cls, base):
@@ -456,7 +457,7 @@ def head_keys(method, head):
         from poa_keras.heads.mae import MAEDecoder
 
         return (_init_keys(MAEDecoder, MAEDecoder) - {"in_dim", "patch_size", "in_channels"}) \
-            | {"name", "dtype"}
+            | {"name", "dtype", "init"}
     cls = MultiProjectionHead if method == "poa" and "out_dim" not in head else DINOHead
     return _init_keys(cls, cls) | {"name", "dtype"}
 
@@ -500,6 +501,12 @@ def validate_recipe(recipe):
     backbone = dict(recipe["backbone"])
     config = backbone.pop("config")
     _check_keys("backbone", recipe["backbone"], backbone_keys(config) | {"config"})
+    for section in ("backbone", "head"):
+        init = recipe[section].get("init")
+        if init is not None and not isinstance(init, (str, os.PathLike)):
+            raise ValueError(f"{section}.init must be a preset (a registered name or a "
+                             f"directory), got {init!r}")
+    backbone.pop("init", None)
     _check_keys("head", recipe["head"], head_keys(recipe["method"], recipe["head"]))
     if recipe["method"] in TWO_VIEW_METHODS:
         for part, keys in two_view_head_keys().items():
@@ -743,9 +750,12 @@ def build_trainer(recipe, steps, teacher=None):
     keras.utils.set_random_seed(int(recipe.get("seed", 0)))
     bcfg = dict(recipe["backbone"])
     config = bcfg.pop("config")
+    init = bcfg.pop("init", None)
     # named after its configuration, so the saved teacher preset says what it is
     # ("teacher_vit_elastic_demo"; sweeps and plots show that name)
     backbone = from_config_name(config, name=bcfg.pop("name", config), **bcfg)
+    if init is not None:   # e.g. a released dense model made elastic (Backbone.elastify)
+        initialise_from_preset(backbone, init)
     backbone.preprocessing = data_preprocessing(recipe)   # the teacher preset records it
     train = dict(recipe["train"], steps_per_epoch=int(steps))
     cls = method_class(recipe["method"])
@@ -757,7 +767,10 @@ def build_trainer(recipe, steps, teacher=None):
         # or hands its step value to the optimizer ("decoupled")
         learning_rate, weight_decay = trainer.learning_rate_at(0), None
     elif recipe["method"] == "mae":
+        decoder_init = head.pop("init", None)
         trainer = cls(backbone, decoder=head, recipe=train, teacher=teacher)
+        if decoder_init is not None:   # a converted full MAE checkpoint's decoder
+            load_decoder_from_preset(trainer.decoder, decoder_init)
         values = trainer.step_hyperparameters(0)
         learning_rate, weight_decay = values["learning_rate"], values["weight_decay"]
     else:
@@ -777,6 +790,49 @@ def build_trainer(recipe, steps, teacher=None):
             epsilon=float(opt.get("epsilon", 1e-8)))
     trainer.compile(optimizer=optimizer)
     return trainer
+
+
+def initialise_from_preset(backbone, preset):
+    """``backbone.init``: every weight of the preset's network copied into the recipe's
+    backbone (its configuration, e.g. an elastic grid over a released dense model; shapes must
+    agree); what the preset lacks (a mask token) keeps its initialisation."""
+    from poa_keras.backbones import Backbone
+
+    source = Backbone.from_preset(preset)
+    try:
+        return backbone.copy_weights_from(source)
+    except ValueError as error:
+        raise ValueError(f"backbone.init={os.fspath(preset)!r} does not fit the recipe's "
+                         f"backbone: {error}") from error
+
+
+def load_decoder_from_preset(decoder, preset):
+    """``head.init`` of an MAE recipe: the decoder weights a converted full MAE checkpoint
+    keeps in its preset (``decoder.weights.h5``), by variable path; shapes must agree."""
+    import json
+
+    from poa_keras import presets
+
+    where = f"head.init={os.fspath(preset)!r}"
+    directory = presets.resolve(preset).directory
+    if directory is None or not (Path(directory) / presets.DECODER_WEIGHTS_FILE).is_file():
+        raise ValueError(f"{where}: the preset holds no MAE decoder ({presets.DECODER_FILE}, "
+                         f"{presets.DECODER_WEIGHTS_FILE}); convert a full MAE checkpoint "
+                         "(e.g. mae_vit_b16_full)")
+    directory = Path(directory)
+    metadata = json.loads((directory / presets.METADATA_FILE).read_text())
+    arrays = presets.load_variables(directory / presets.DECODER_WEIGHTS_FILE,
+                                    (metadata.get("decoder") or {}).get("weights_sha256"), where)
+    mine = {v.path.split("/", 1)[1]: v for v in decoder.weights}
+    if set(arrays) != set(mine) or any(tuple(arrays[k].shape) != tuple(mine[k].shape)
+                                       for k in arrays):
+        saved = json.loads((directory / presets.DECODER_FILE).read_text())["config"]
+        theirs = ", ".join(f"{k} {saved.get(k)}" for k in ("dim", "depth", "num_heads"))
+        raise ValueError(f"{where}: its decoder ({theirs}) does not fit the recipe's head "
+                         f"(dim {decoder.dim}, depth {decoder.depth}, num_heads "
+                         f"{decoder.num_heads})")
+    for path, value in arrays.items():
+        mine[path].assign(value)
 
 
 def distillation_teacher(recipe, output_dir, verbose="auto"):

@@ -209,3 +209,115 @@ def test_convert_command_bad_input(registered, cli, tmp_path):
     code, _, err = cli("convert", "--source=zoo_test", f"--checkpoint={other}", out_dir)
     assert code == 1 and "cls_token: shape (1, 1, 96) does not fit zoo_test" in err, err
     assert not (tmp_path / "out").exists()   # nothing half written
+
+
+# ------------------------------------------------------- elastify, and training from a release
+
+def _dense_preset(tmp_path, seed=0):
+    """A small released-style DENSE ViT (DINO's layout: no LayerScale, no mask token), converted
+    and saved as a preset: width 64, 2 blocks, patch 8, 32 x 32 images."""
+    from test_converters import official_vit_state
+
+    state = official_vit_state(np.random.default_rng(seed), 64, 2, 8, 4)
+    card = {"name": "dense_test", "architecture": {"class_name": "ElasticViT",
+                                                   "config_name": "vit_elastic_test"},
+            "weights": {"format": "dino_pth"}}
+    model, _, _ = convert.convert_checkpoint(
+        state, card, depth=2, min_width=64, min_depth=2, layer_scale_init=None,
+        use_mask_token=False, named_subnets=None)
+    model.save_to_preset(tmp_path / "dense")
+    return model, tmp_path / "dense"
+
+
+def test_elastify_a_released_dense_model(tmp_path):
+    from poa_keras import ElasticViT, ViTSubnet
+
+    dense, path = _dense_preset(tmp_path)
+    elastic = ElasticViT.elastify(path, min_width=32, min_depth=1, use_mask_token=True)
+    assert elastic.widths == [32, 48, 64] and elastic.depths == [1, 2]
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(to_np(elastic(x)["cls"]), to_np(dense(x)["cls"]), atol=1e-6)
+    np.testing.assert_array_equal(to_np(elastic.mask_token), np.zeros(64, np.float32))
+    spec = ViTSubnet(32, 1)   # a slice of the released weights, standalone
+    np.testing.assert_allclose(to_np(elastic.extract(spec)(x)["cls"]),
+                               to_np(elastic(x, subnet=spec)["cls"]), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\['min_widht'\] are not ElasticViT arguments; "
+                                         r"valid: \[.*'min_width'"):
+        ElasticViT.elastify(path, min_widht=32)
+    with pytest.raises(ValueError, match="holds an ElasticViT, not an TinyViT"):
+        from poa_keras import TinyViT
+
+        TinyViT.elastify(path)
+
+
+def test_a_pretraining_recipe_starts_from_a_released_model(tmp_path):
+    """backbone.init: POA's student (and so its EMA teacher) start from the release; the
+    elastic grid is the recipe's."""
+    from poa_keras.pretrain import build_trainer, load_recipe, validate_recipe
+
+    dense, path = _dense_preset(tmp_path)
+    recipe = load_recipe("demo", [
+        "backbone.config='vit_elastic_test'", "backbone.depth=2", "backbone.min_depth=1",
+        "backbone.layer_scale_init=None", f"backbone.init={str(path)!r}",
+        "backbone.named_subnets=None"])
+    validate_recipe(recipe)
+    trainer = build_trainer(recipe, steps=2)
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    for model in (trainer.backbone, trainer.teacher_backbone):
+        np.testing.assert_allclose(to_np(model(x)["cls"]), to_np(dense(x)["cls"]), atol=1e-6)
+    bad = load_recipe("demo", [f"backbone.init={str(path)!r}"])   # 96 wide: does not fit
+    with pytest.raises(ValueError, match=r"backbone.init=.* does not fit the recipe's "
+                                         r"backbone: .*shape"):
+        build_trainer(validate_recipe(bad), steps=2)
+
+
+def test_mae_pretraining_continues_from_a_full_checkpoint(tmp_path):
+    """head.init: the decoder of a converted full MAE file (its preset keeps it)."""
+    from test_converters import official_mae_state
+
+    from poa_keras.pretrain import build_trainer, load_recipe, validate_recipe
+
+    state = official_mae_state(np.random.default_rng(0), 64, 4, 4, 8, decoder=(32, 1))
+    path = tmp_path / "mae_full.pth"
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                          state.items()}}, path)
+    card = {"name": "mae_full_test", "architecture": {
+        "class_name": "ElasticViT", "config_name": "vit_mae_demo",
+        "decoder": {"dim": 32, "depth": 1, "num_heads": 2}}, "weights": {"format": "mae_pth"}}
+    convert.convert_file(path, card, tmp_path / "mae_preset")
+    recipe = load_recipe("demo_mae", [f"backbone.init={str(tmp_path / 'mae_preset')!r}",
+                                      f"head.init={str(tmp_path / 'mae_preset')!r}"])
+    trainer = build_trainer(validate_recipe(recipe), steps=2)
+    np.testing.assert_array_equal(to_np(trainer.decoder.mask_token), state["mask_token"])
+    np.testing.assert_array_equal(to_np(trainer.decoder.decoder_pred.dense.kernel),
+                                  state["decoder_pred.weight"].T)
+    np.testing.assert_array_equal(to_np(trainer.backbone.cls_token), state["cls_token"])
+    wrong = load_recipe("demo_mae", [f"head.init={str(tmp_path / 'mae_preset')!r}",
+                                     "head.dim=48", "head.num_heads=3"])
+    with pytest.raises(ValueError, match=r"its decoder \(dim 32, depth 1, num_heads 2\) does "
+                                         r"not fit the recipe's head \(dim 48"):
+        build_trainer(validate_recipe(wrong), steps=2)
+    encoder_only = load_recipe("demo_mae", [f"head.init={str(tmp_path / 'dense_none')!r}"])
+    with pytest.raises(ValueError):
+        build_trainer(validate_recipe(encoder_only), steps=2)
+
+
+def test_the_shipped_demo_teacher_is_trained_and_loads_offline():
+    from poa_keras.data import load_shapes
+    from poa_keras.eval import knn_eval
+
+    card = presets.get_card("poa_vit_demo")
+    weights = presets.resolve("poa_vit_demo").weights
+    assert presets.sha256_of(weights) == card["weights"]["sha256"]
+    small = Backbone.from_preset("poa_vit_demo", width=64, depth=4)
+    assert (small.embed_dim, small.depth) == (64, 4)
+    # trained: k-NN of its smallest and intact subnets on held-out shapes images, far above
+    # chance (10 classes); an untrained network of this configuration stays near it
+    teacher = Backbone.from_preset("poa_vit_demo")
+    untrained = Backbone.from_preset("poa_vit_demo", load_weights=False)
+    (x_train, y_train), (x_val, y_val), _ = load_shapes(num_train=600, num_val=300,
+                                                        image_size=32, seed=5)
+    for spec in ("small", "large"):
+        top1 = knn_eval(teacher, x_train, y_train, x_val, y_val, subnet=spec, ks=(20,))[20]
+        base = knn_eval(untrained, x_train, y_train, x_val, y_val, subnet=spec, ks=(20,))[20]
+        assert top1["top1"] > 0.3 and top1["top1"] > base["top1"] + 0.15, (spec, top1, base)

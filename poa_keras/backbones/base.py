@@ -362,6 +362,54 @@ class Backbone(FrozenGCQuantize, keras.Model):
                 else backbone.subnet_from_kwargs(**subnet_kwargs))
         return backbone.extract(spec)
 
+    @classmethod
+    def elastify(cls, preset, **config):
+        """An elastic network initialised from a preset's weights: typically a released DENSE
+        model (``ElasticViT.elastify("dino_vit_b16", min_width=384, min_depth=6)``), whose
+        every (width, depth) sub-network then exists by slicing, ready for POA to train them
+        all (the recipe key ``backbone.init`` does this for a pretraining run).
+
+        ``config`` overrides entries of the preset's configuration (the grid: ``min_width``,
+        ``min_depth``, ``named_subnets``, ``net_select_scale``; ``use_mask_token=True`` for
+        iBOT); every weight of the preset is copied (``copy_weights_from``), the new ones
+        (a mask token) keep their initialisation. The intact network computes what the
+        preset computes."""
+        dense = Backbone.from_preset(preset)
+        if cls is not Backbone and not isinstance(dense, cls):
+            raise ValueError(f"preset {os.fspath(preset)!r} holds an {type(dense).__name__}, "
+                             f"not an {cls.__name__}")
+        base = dense.get_config()
+        unknown = sorted(set(config) - set(base))
+        if unknown:
+            valid = sorted(k for k in base if k not in ("name", "dtype", "trainable"))
+            raise ValueError(f"elastify: {unknown} are not {type(dense).__name__} arguments; "
+                             f"valid: {valid}")
+        base.update(config)
+        elastic = type(dense).from_config(base)
+        elastic.copy_weights_from(dense)
+        return elastic
+
+    def copy_weights_from(self, source):
+        """Copies every weight of ``source`` (a network of this family whose variables are a
+        subset of this one's, e.g. the dense model this elastic one was configured from) by
+        its path below the model's name; shapes must agree. Returns the paths of this
+        network's weights that ``source`` lacks (kept at their initialisation)."""
+        def by_path(model):
+            return {v.path.split("/", 1)[1]: v for v in model.weights}
+
+        mine, theirs = by_path(self), by_path(source)
+        extra = sorted(set(theirs) - set(mine))
+        if extra:
+            raise ValueError(f"{source.name} has weights this {type(self).__name__} lacks: "
+                             f"{extra[:6]}{' ...' if len(extra) > 6 else ''}")
+        for path, variable in theirs.items():
+            if tuple(variable.shape) != tuple(mine[path].shape):
+                raise ValueError(f"{path}: {source.name}'s shape {tuple(variable.shape)} "
+                                 f"differs from {tuple(mine[path].shape)} here")
+        for path, variable in theirs.items():
+            mine[path].assign(variable)
+        return sorted(set(mine) - set(theirs))
+
     def subnet_from_kwargs(self, **kwargs):
         raise NotImplementedError
 
