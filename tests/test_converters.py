@@ -452,3 +452,79 @@ def test_a_checkpoint_of_another_architecture_or_damaged_is_named(tmp_path):
     with pytest.raises(ValueError, match="fine-tuned MAE-Lite file"):
         convert_checkpoint({"model": tuned}, _card("m", "mae_vit_tiny16", "maelite_pth"),
                            depth=2)
+
+
+# ------------------------------------------------------------- full size, one backend (slow)
+
+_ONE_BACKEND = pytest.mark.skipif(
+    __import__("keras").backend.backend() != "torch",
+    reason="one full-size proof per architecture, on one backend (torch, the quickest to build "
+           "them here); the 2-block proofs above run the same converters on every backend")
+
+
+@pytest.mark.slow
+@_ONE_BACKEND
+@pytest.mark.parametrize("source", ["dino_vit_b16", "dinov2_vit_s14", "mae_vit_b16"])
+def test_full_size_vits_equal_transformers(tmp_path, source):
+    rng = np.random.default_rng(7)
+    if source == "dino_vit_b16":
+        sd = official_vit_state(rng, 768, 12, 16, 14)
+        card, hf = _card(source, "dino_vit_b16", "dino_pth"), _hf_vit(sd, 768, 12, 12, 16, 224)
+    elif source == "dinov2_vit_s14":
+        sd = official_vit_state(rng, 384, 12, 14, 37, layer_scale=True, mask_token=True)
+        config = transformers.Dinov2Config(
+            hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+            image_size=518, patch_size=14, layer_norm_eps=1e-6, layerscale_value=1.0,
+            attn_implementation="eager")
+        arrays = _hf_embeddings(sd, "embeddings.")
+        arrays.update(_hf_blocks(sd, 12, "encoder.layer.", ("norm1", "norm2", True)))
+        arrays.update({"layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]})
+        hf = _load_hf(transformers.Dinov2Model(config), arrays)
+        hf.embeddings.interpolate_pos_encoding = types.MethodType(official_resize,
+                                                                  hf.embeddings)
+        card = _card(source, "dinov2_vit_s14", "dinov2_pth")
+    else:
+        sd = official_mae_state(rng, 768, 12, 16, 14, decoder=(512, 1))
+        hf = _hf_mae(sd, 768, 12, 12, 16, 224, (512, 1, 16)).vit
+        hf.embeddings.config.mask_ratio = 0.0
+        sd = {k: v for k, v in sd.items() if not k.startswith("decoder") and k != "mask_token"}
+        card = _card(source, "mae_vit_base16", "mae_pth")
+    model, _, _ = convert_checkpoint(_save(tmp_path / "full.pth", {"model": sd}
+                                           if source.startswith("mae") else sd), card)
+    x = _images(rng, 224, 224)
+    kwargs = {"noise": torch.arange(196, dtype=torch.float32).repeat(2, 1)} \
+        if source.startswith("mae") else {}
+    if source == "dino_vit_b16":
+        kwargs["interpolate_pos_encoding"] = True
+    with torch.no_grad():
+        ref = hf(pixel_values=_torch_nchw(x), **kwargs).last_hidden_state.numpy()
+    out = model(x)
+    np.testing.assert_allclose(to_np(out["cls"]), ref[:, 0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(to_np(out["patch_tokens"]), ref[:, 1:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@_ONE_BACKEND
+def test_full_size_tinyvit_5m_equals_the_numpy_reference(tmp_path):
+    import keras
+    from conftest import randomize, randomize_bn_variances
+    from test_tinyvit import numpy_tinyvit, state_dict
+
+    from poa_keras import TinyViT
+    from poa_keras.backbones.tinyvit import CONFIGS
+
+    keras.utils.set_random_seed(0)
+    source = TinyViT.from_config_name("tinyvit_5m", name="source")
+    randomize(source, seed=1)
+    randomize_bn_variances(source, seed=2)
+    sd = state_dict(source)
+    rng = np.random.default_rng(3)
+    sd["head.weight"] = rng.normal(0, 0.05, (1000, 320)).astype("float32")
+    sd["head.bias"] = rng.normal(0, 0.05, 1000).astype("float32")
+    checkpoint = _save(tmp_path / "tiny_vit_5m_1k.pth", {"model": sd})
+    model, _, _ = convert_checkpoint(checkpoint, _card("tinyvit_5m_1k", "tinyvit_5m",
+                                                       "tinyvit_pth", class_name="TinyViT"))
+    x = _images(rng, 96, 96, batch=1)
+    ref = numpy_tinyvit(sd, CONFIGS["tinyvit_5m"], x)
+    want = ref["pooled"] @ sd["head.weight"].T + sd["head.bias"]
+    np.testing.assert_allclose(to_np(model(x)), want, atol=1e-4, rtol=1e-4)

@@ -70,7 +70,8 @@ def registered(tmp_path, monkeypatch):
     card = {"name": "zoo_test", "license": "test", "description": "test",
             "architecture": {"class_name": "ElasticViT", "config_name": "vit_elastic_test"},
             "weights": {"format": "dinov2_pth", "url": source.as_uri(), "sha256": None,
-                        "digest": presets.TRUST_ON_FIRST_USE}}
+                        "digest": presets.TRUST_ON_FIRST_USE},
+            "preprocessing": {"image_size": 40, "crop_pct": 0.8, "interpolation": "bicubic"}}
     monkeypatch.setattr(presets, "list_presets", lambda: {"zoo_test": card})
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     folder = tmp_path / "keras_home" / "poa_keras" / "zoo_test"
@@ -89,6 +90,9 @@ def test_trust_on_first_use_then_every_load_is_checked(registered, capsys):
     want, _, _ = convert.convert_checkpoint(convert.read_torch_checkpoint(source), card)
     np.testing.assert_array_equal(to_np(model(x)["cls"]), to_np(want(x)["cls"]))
     np.testing.assert_array_equal(to_np(model.cls_token), state["cls_token"])
+    assert model.preprocessing == presets.read_preprocessing(card["preprocessing"], "card")
+    config = json.loads(next(folder.glob("preset_*/config.json")).read_text())
+    assert config["config"]["preprocessing"]["crop_pct"] == 0.8   # the preset records it
     # a second load: from the cache, no download and no conversion; a size extracted
     small = Backbone.from_preset("zoo_test", width=32, depth=2)
     assert "converting" not in capsys.readouterr().out and small.embed_dim == 32
