@@ -234,11 +234,12 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
         return LRMultiplierOptimizer(inner, self.lr_multipliers(layer_decay, patch_embed_lr_mult))
 
     # -- presets -------------------------------------------------------------------------------
-    def save_to_preset(self, preset_dir):
+    def save_to_preset(self, preset_dir, metadata=None):
         """Writes the classifier as one preset, atomically: its (fine-tuned) backbone as a
         backbone preset (config.json with the preprocessing, metadata.json, model.weights.h5;
         ``Backbone.from_preset`` loads it) plus ``task.json`` (this config without the
         backbone) and ``task.weights.h5`` (the head). The optimizer is not saved.
+        ``metadata``: more entries of metadata.json (a converted checkpoint's source).
         ``ImageClassifier.from_preset(preset_dir)`` reloads the classifier."""
         if not isinstance(self.backbone, Backbone):
             raise TypeError(f"save_to_preset needs a poa_keras Backbone, got "
@@ -263,8 +264,8 @@ class ImageClassifier(FrozenGCQuantize, keras.Model):
                 "parameter_count": int(self.count_params()),
                 "weights_sha256": presets.sha256_of(directory / presets.TASK_WEIGHTS_FILE)}}
 
-        metadata = self.backbone.preset_metadata()
-        presets.save_preset(self.backbone, preset_dir, metadata=metadata,
+        written = dict(self.backbone.preset_metadata(), **(metadata or {}))
+        presets.save_preset(self.backbone, preset_dir, metadata=written,
                             write_extra=write_task)
 
     @classmethod

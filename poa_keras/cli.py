@@ -485,10 +485,9 @@ def cmd_info():
          f"{keras.backend.backend()}")
     _say("registered presets:")
     for name, card in presets.list_presets().items():
-        weights = "weights published" if (card.get("weights") or {}).get("url") else \
-            "no weights yet"
-        _say(f"  {name:<16} {card['architecture']['class_name']} "
-             f"({card['architecture']['config_name']}), {weights}: {card['description']}")
+        _say(f"  {name:<20} {card['architecture']['class_name']} "
+             f"({card['architecture']['config_name']}), {presets.weights_status(card)}: "
+             f"{card['description']}")
     _say("named configurations (--config):")
     for class_name, cls in BACKBONE_CLASSES.items():
         _say(f"  {class_name}: {', '.join(sorted(cls.configs))}")
@@ -518,13 +517,7 @@ def zoo_table():
             digest = weights.get("digest", presets.TRUST_ON_FIRST_USE)
         else:
             digest = "-"
-        if weights.get("file"):
-            status = "weights in the package"
-        elif weights.get("url"):
-            status = (f"converted on first load ({weights['format']})" if weights.get("format")
-                      else "downloaded on first load")
-        else:
-            status = weights.get("status", "not published").split(":")[0]
+        status = presets.weights_status(card)
         source = card.get("source", card.get("paper", ""))
         rows.append(f"| `{name}` | {arch['class_name']} ({arch['config_name']}) | "
                     f"{params / 1e6:.1f} M | {source} | {card['license']} | {digest} | "
@@ -552,19 +545,35 @@ def cmd_convert():
     if not checkpoint:
         raise ValueError(f"--source={name} has no direct download "
                          f"({weights.get('status', 'no URL')}); give --checkpoint=FILE")
-    if "://" in checkpoint:   # downloaded once into the cache, with the preset's digest rule
-        path = presets.download(name, checkpoint, weights.get("sha256"),
-                                f"{weights['format']}.checkpoint")
-    else:
-        path = checkpoint
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--checkpoint={path}: no such file")
-    digest = presets.sha256_of(path)
-    if weights.get("sha256") and digest != weights["sha256"]:
-        raise ValueError(f"--checkpoint={path} has sha256 {digest}, but {name}'s published "
-                         f"file has {weights['sha256']}: another file (or a damaged one)")
-    start = time.perf_counter()
-    convert.convert_file(path, card, output)
+    card_file = checkpoint == weights.get("url")
+    with presets.cache_lock(name):
+        if "://" in checkpoint:   # downloaded once into the cache, with the preset's digest rule
+            # a URL other than the card's gets its own cache name and no trust record
+            suffix = f"{weights['format']}.checkpoint" if card_file else \
+                f"{weights['format']}.{presets.sha256_of_text(checkpoint)[:12]}.checkpoint"
+            path, digest, first_use = presets.download(
+                name, checkpoint, weights.get("sha256") if card_file else None, suffix,
+                record=card_file)
+        else:
+            path, first_use = checkpoint, False
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"--checkpoint={path}: no such file; the file of {name} is "
+                    f"{weights.get('url') or weights.get('status', 'not downloadable')}")
+            digest = presets.sha256_of(path)
+            if weights.get("sha256") and digest != weights["sha256"]:
+                raise ValueError(f"--checkpoint={path} has sha256 {digest}, but {name}'s "
+                                 f"published file has {weights['sha256']}: another file (or a "
+                                 "damaged one)")
+        start = time.perf_counter()
+        try:
+            convert.convert_file(path, card, output)
+        except Exception:
+            if first_use:   # never trusted: a later load downloads it again
+                os.remove(path)
+            raise
+        if first_use:
+            presets.trust(name, path, digest)
     _say(f"converted {path} -> {output} ({time.perf_counter() - start:.1f} s)")
     _say(f"sha256 of the checkpoint: {digest}")
     if not weights.get("sha256"):

@@ -31,6 +31,7 @@ downloaded file on first use and caches the converted preset beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -67,6 +68,10 @@ def _card_dir():
         return Path(__file__).resolve().parent.parent / "zoo"
 
 
+def sha256_of_text(text) -> str:
+    return hashlib.sha256(str(text).encode()).hexdigest()
+
+
 @functools.lru_cache(maxsize=1)
 def list_presets() -> dict:
     """{name: card} of every registered preset (the zoo/ cards)."""
@@ -76,6 +81,19 @@ def list_presets() -> dict:
             card = json.loads(entry.read_text())
             cards[card["name"]] = card
     return dict(sorted(cards.items()))
+
+
+def weights_status(card) -> str:
+    """One line on where a card's weights come from: shipped in the package, downloaded (and
+    converted from which format) on first load, or why there are none."""
+    weights = card.get("weights") or {}
+    if weights.get("file"):
+        return "weights in the package"
+    if weights.get("url"):
+        fmt = weights.get("format", KERAS_WEIGHTS)
+        return ("downloaded on first load" if fmt == KERAS_WEIGHTS
+                else f"converted on first load ({fmt})")
+    return weights.get("status", "not published").split(":")[0]
 
 
 def get_card(name) -> dict:
@@ -270,85 +288,152 @@ def _resolve_registered(name, load_weights):
         if fmt != KERAS_WEIGHTS:
             raise ValueError(f"{where}: a packaged weights file must be Keras h5 weights")
         return dataclasses.replace(source, weights=path, weights_sha256=weights.get("sha256"))
-    path = download(name, weights["url"], weights.get("sha256"),
-                    "weights.h5" if fmt == KERAS_WEIGHTS else f"{fmt}.checkpoint")
-    if fmt == KERAS_WEIGHTS:
-        return dataclasses.replace(source, weights=path)   # its digest was checked
-    # Converted once per checkpoint (keyed by its digest: a new release converts anew), then
-    # read from the cache.
-    converted = path.parent / f"preset_{fmt}_{sha256_of(path)[:16]}"
-    if not (converted / CONFIG_FILE).is_file():
-        print(f"{where}: converting {path.name} (once; the preset is cached in {converted})")
-        _CONVERTERS[fmt](path, card, converted)
+    suffix = "weights.h5" if fmt == KERAS_WEIGHTS else f"{fmt}.checkpoint"
+    with cache_lock(name):
+        path, digest, first_use = download(name, weights["url"], weights.get("sha256"), suffix)
+        if fmt == KERAS_WEIGHTS:
+            if first_use:
+                trust(name, path, digest)
+            # its digest was just checked; the load checks nothing more
+            return dataclasses.replace(source, weights=path)
+        # Converted once per checkpoint, card architecture and poa_keras version (a new
+        # release, a changed card or a fixed converter converts anew), then read from the cache
+        converted = path.parent / f"preset_{fmt}_{digest[:16]}_{_conversion_key(card)}"
+        if not (converted / CONFIG_FILE).is_file():
+            print(f"{where}: converting {path.name} (once; the preset is cached in "
+                  f"{converted})")
+            try:
+                _CONVERTERS[fmt](path, card, converted)
+            except Exception:
+                if first_use:   # never trusted: the next load downloads it again
+                    path.unlink(missing_ok=True)
+                raise
+        if first_use:
+            trust(name, path, digest)
     result = read_directory(converted, load_weights, where=f"{where} (converted from {fmt})")
     if result.preprocessing is None:   # the card's record, if the converter wrote none
         result = dataclasses.replace(result, preprocessing=source.preprocessing)
     return result
 
 
+def _conversion_key(card):
+    spec = json.dumps([card["architecture"], card.get("preprocessing"),
+                       card["weights"].get("format"), __version__], sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:8]
+
+
 TRUST_ON_FIRST_USE = "trust-on-first-use"
 
 
-def download(name, url, sha256, suffix):
-    """The local copy of a registered preset's file: downloaded once (``keras.utils.get_file``,
-    with its progress bar) into ``<cache>/poa_keras/<name>/<name>.<suffix>`` and checked.
-
-    One rule for every file: the digest it must have is the card's ``sha256`` or, where the
-    publisher gives none (``sha256: null``, ``digest: trust-on-first-use``), the one recorded
-    at its first download (``<file>.sha256``, kept when the file is deleted; the first
-    download prints it for pasting into the card). The download goes to a staging name and is
-    renamed into place only once complete and checked, so an interrupted download leaves
-    nothing a later load would take. A file whose digest disagrees, downloaded or cached, is
-    removed (no poisoned cache) and refused, naming the preset, the expected and the actual
-    digest."""
+def cache_folder(name):
+    """``<cache>/poa_keras/<name>/``, created: where a registered preset's files go."""
     root = Path(os.path.expanduser(cache_dir() or os.path.join("~", ".keras")))
     folder = root / "poa_keras" / name
     folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def cache_lock(name):
+    """Holds an exclusive lock on a preset's cache folder (download, check, conversion and
+    trust record are one step: two processes loading the same preset do not interleave);
+    a no-op where ``fcntl`` does not exist."""
+    try:
+        import fcntl
+    except ImportError:   # not POSIX
+        yield
+        return
+    with open(cache_folder(name) / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _record_path(path):
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def download(name, url, sha256, suffix, record=True):
+    """``(path, digest, first_use)`` of a registered preset's file: downloaded once
+    (``keras.utils.get_file``, with its progress bar) into ``<cache>/poa_keras/<name>/<name>.<suffix>``
+    and checked. Call it under ``cache_lock(name)``.
+
+    One rule for every file: the digest it must have is ``sha256`` (the card's) or, where the
+    publisher gives none (``sha256: null``, ``digest: trust-on-first-use``), the one recorded at
+    its first use (``<file>.sha256``, kept when the file is deleted). ``first_use`` is True when
+    neither exists: the caller records the digest with ``trust`` once the file proved usable
+    (converted), so a file that fails is never trusted. ``record=False``: no record is read
+    (a file that is not the card's). The download goes to a unique staging name and is renamed
+    into place only once complete and checked, so an interrupted download leaves nothing a
+    later load would take. A file whose digest disagrees, downloaded or cached, is removed (no
+    poisoned cache) and refused, naming the preset, the expected and the actual digest. Only
+    https:// and file:// URLs are fetched."""
+    import urllib.parse
+    import uuid
+
+    scheme = urllib.parse.urlparse(str(url)).scheme
+    if scheme not in ("https", "file"):
+        raise ValueError(f"preset {name!r}: {url} is not an https:// or file:// URL")
+    folder = cache_folder(name)
     final = folder / f"{name}.{suffix}"
-    record = folder / f"{name}.{suffix}.sha256"
-    expected = sha256 or (record.read_text().strip() if record.is_file() else None)
+    recorded = _record_path(final)
+    from_record = not sha256 and record and recorded.is_file()
+    expected = sha256 or (recorded.read_text().strip() if from_record else None)
     where = f"preset {name!r}"
     if final.is_file():
-        _check_digest(final, expected, where, record)
-        return final
-    staging = folder / f".{final.name}.partial"
-    if staging.exists():
-        staging.unlink()   # a download killed before it finished
+        return final, _check_digest(final, expected, where, recorded if from_record else None), \
+            expected is None and record
+    for stale in folder.glob(f".{final.name}*.partial"):   # downloads killed before the end
+        stale.unlink(missing_ok=True)
+    staging = folder / f".{final.name}.{uuid.uuid4().hex[:12]}.partial"
     try:
-        keras.utils.get_file(fname=staging.name, origin=url, cache_dir=str(root),
+        keras.utils.get_file(fname=staging.name, origin=url, cache_dir=str(folder.parent.parent),
                              cache_subdir=os.path.join("poa_keras", name))
     except Exception as error:
         # Keras raises a plain Exception for HTTP and URL errors (anything else passes)
-        if staging.exists():
-            staging.unlink()
+        staging.unlink(missing_ok=True)
         if type(error) is not Exception and not isinstance(error, OSError):
             raise
         raise ConnectionError(
             f"{where}: cannot download its weights from {url} ({error}). Check the network "
-            "connection and try "
-            f"again, or download the file yourself and either put it at {final} (its digest "
-            "is checked) or convert it with `poa-keras convert --source="
+            "connection and try again, or download the file yourself and either put it at "
+            f"{final} (its digest is checked) or convert it with `poa-keras convert --source="
             f"{name} --checkpoint=FILE --output=DIR` and load DIR.") from error
-    _check_digest(staging, expected, where, record)
+    digest = _check_digest(staging, expected, where, recorded if from_record else None,
+                           shown=final.name)
     os.replace(staging, final)
-    return final
+    return final, digest, expected is None and record
 
 
-def _check_digest(path, expected, where, record):
+def trust(name, path, digest):
+    """Records ``digest`` as the one ``path`` (a registered preset's file) must keep
+    (trust-on-first-use; see ``download``) and says so."""
+    recorded = _record_path(path)
+    tmp = recorded.with_name(recorded.name + ".tmp")
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, recorded)
+    print(f"preset {name!r}: no published digest; first use of {Path(path).name}, sha256 "
+          f"{digest} (trust-on-first-use: recorded in {recorded}; later loads are checked "
+          "against it; paste it into the zoo card's weights.sha256 to pin it)")
+
+
+def _check_digest(path, expected, where, record, shown=None):
+    """The sha256 of ``path`` (hashed at every load: a cached file is checked each time);
+    when it differs from ``expected`` the file is removed and a ValueError names the preset
+    and both digests (and ``record``, the trust-on-first-use record the expected one came
+    from, if so)."""
     actual = sha256_of(path)
-    if expected is None:   # trust on first use: record it, say it
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(actual + "\n")
-        os.replace(tmp, record)
-        print(f"{where}: no published digest; first use of {path.name}, sha256 {actual} "
-              f"(trust-on-first-use: recorded in {record}; later loads are checked against it; "
-              "paste it into the zoo card's weights.sha256)")
-        return
-    if actual != expected:
-        path.unlink()
-        raise ValueError(f"{where}: {path.name} has sha256 {actual}, expected {expected}; the "
-                         "file was removed from the cache (a corrupted or tampered download, or "
-                         "a new release: check the source)")
+    if expected is not None and actual != expected:
+        Path(path).unlink()
+        origin = (f"recorded at its first use in {record}; if the publisher re-released the "
+                  "file, delete that record to trust the new one" if record is not None else
+                  "the card's")
+        raise ValueError(f"{where}: {shown or Path(path).name} has sha256 {actual}, expected "
+                         f"{expected} ({origin}); the file was removed from the cache (a "
+                         "corrupted or tampered download, or a new release)")
+    return actual
 
 
 def cache_dir():
@@ -458,9 +543,11 @@ def load_weights(model, weights_path, expected_sha256, where):
 
 
 __all__ = ["CONFIG_FILE", "DECODER_FILE", "DECODER_WEIGHTS_FILE", "KERAS_WEIGHTS",
-           "TRUST_ON_FIRST_USE", "download", "METADATA_FILE", "PresetSource", "TASK_FILE",
+           "TRUST_ON_FIRST_USE", "cache_folder", "cache_lock", "download", "trust",
+           "weights_status", "METADATA_FILE", "PresetSource", "TASK_FILE",
            "TASK_WEIGHTS_FILE", "TaskSource", "WEIGHTS_FILE", "cache_dir", "get_card",
            "list_presets", "load_variables", "load_weights", "read_directory",
            "read_preprocessing", "read_task", "register_converter", "registered_class",
            "registered_name_of", "resolve", "save_preset", "save_variables", "sha256_of",
+           "sha256_of_text",
            "weights_formats"]

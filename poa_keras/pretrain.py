@@ -754,9 +754,19 @@ def build_trainer(recipe, steps, teacher=None):
     # named after its configuration, so the saved teacher preset says what it is
     # ("teacher_vit_elastic_demo"; sweeps and plots show that name)
     backbone = from_config_name(config, name=bcfg.pop("name", config), **bcfg)
+    recipe_preprocessing = data_preprocessing(recipe)
     if init is not None:   # e.g. a released dense model made elastic (Backbone.elastify)
-        initialise_from_preset(backbone, init)
-    backbone.preprocessing = data_preprocessing(recipe)   # the teacher preset records it
+        released = initialise_from_preset(backbone, init)
+        if (released.mean, released.std) != (recipe_preprocessing.mean,
+                                             recipe_preprocessing.std):
+            import warnings
+
+            warnings.warn(f"backbone.init={os.fspath(init)!r} was trained on images normalised "
+                          f"with mean {released.mean} / std {released.std}; this recipe's data "
+                          f"are normalised with mean {recipe_preprocessing.mean} / std "
+                          f"{recipe_preprocessing.std} (data.normalize): it starts from inputs "
+                          "it never saw", stacklevel=2)
+    backbone.preprocessing = recipe_preprocessing   # the teacher preset records it
     train = dict(recipe["train"], steps_per_epoch=int(steps))
     cls = method_class(recipe["method"])
     head = dict(recipe["head"])
@@ -795,15 +805,17 @@ def build_trainer(recipe, steps, teacher=None):
 def initialise_from_preset(backbone, preset):
     """``backbone.init``: every weight of the preset's network copied into the recipe's
     backbone (its configuration, e.g. an elastic grid over a released dense model; shapes must
-    agree); what the preset lacks (a mask token) keeps its initialisation."""
+    agree); what the preset lacks (a mask token) keeps its initialisation. Returns the
+    preset's ``ImagePreprocessing``."""
     from poa_keras.backbones import Backbone
 
     source = Backbone.from_preset(preset)
     try:
-        return backbone.copy_weights_from(source)
+        backbone.copy_weights_from(source)
     except ValueError as error:
         raise ValueError(f"backbone.init={os.fspath(preset)!r} does not fit the recipe's "
                          f"backbone: {error}") from error
+    return source.preprocessing
 
 
 def load_decoder_from_preset(decoder, preset):
@@ -812,6 +824,7 @@ def load_decoder_from_preset(decoder, preset):
     import json
 
     from poa_keras import presets
+    from poa_keras.elastic import assign_by_path, weights_by_path
 
     where = f"head.init={os.fspath(preset)!r}"
     directory = presets.resolve(preset).directory
@@ -823,7 +836,7 @@ def load_decoder_from_preset(decoder, preset):
     metadata = json.loads((directory / presets.METADATA_FILE).read_text())
     arrays = presets.load_variables(directory / presets.DECODER_WEIGHTS_FILE,
                                     (metadata.get("decoder") or {}).get("weights_sha256"), where)
-    mine = {v.path.split("/", 1)[1]: v for v in decoder.weights}
+    mine = weights_by_path(decoder)
     if set(arrays) != set(mine) or any(tuple(arrays[k].shape) != tuple(mine[k].shape)
                                        for k in arrays):
         saved = json.loads((directory / presets.DECODER_FILE).read_text())["config"]
@@ -831,8 +844,7 @@ def load_decoder_from_preset(decoder, preset):
         raise ValueError(f"{where}: its decoder ({theirs}) does not fit the recipe's head "
                          f"(dim {decoder.dim}, depth {decoder.depth}, num_heads "
                          f"{decoder.num_heads})")
-    for path, value in arrays.items():
-        mine[path].assign(value)
+    assign_by_path(decoder, arrays, where)
 
 
 def distillation_teacher(recipe, output_dir, verbose="auto"):

@@ -87,12 +87,68 @@ def test_damaged_and_legacy_files_are_refused(tmp_path):
     # a tensor claiming more elements than its storage holds
     short = tmp_path / "short.pth"
     _archive(short, pkl, {"0": np.zeros(10, np.float32).tobytes()})
-    with pytest.raises(ValueError, match="overruns its storage of 10 elements"):
+    with pytest.raises(ValueError, match="4096 elements, more than its storage's 10"):
         read_torch_checkpoint(short)
     not_pickle = tmp_path / "junk.pth"
     _archive(not_pickle, b"\x80\x02junk")
     with pytest.raises(ValueError, match="does not load"):
         read_torch_checkpoint(not_pickle)
+
+
+class _StorageRef:
+    """Pickled as the persistent id of storage "0" (10 floats) in a crafted archive."""
+
+
+class _CraftedTensor:
+    def __init__(self, offset, size, stride):
+        self.args = (_StorageRef(), offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+def _crafted(path, tensor):
+    import io
+    import pickle
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, _StorageRef):
+                return ("storage", torch.FloatStorage, "0", "cpu", 10)
+            return None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump({"w": tensor})
+    _archive(path, buffer.getvalue(), {"0": np.arange(10, dtype=np.float32).tobytes()})
+
+
+@pytest.mark.parametrize("offset, size, stride, message", [
+    (-2, (8,), (1,), "negative or mismatched"),          # would read past the buffer's end
+    (4, (4,), (-3,), "negative or mismatched"),          # would read before its start
+    (0, (10 ** 12, 1), (0, 1), "more than its storage"),  # a broadcast asking for terabytes
+    (0, (4,), (1, 1), "negative or mismatched"),
+    (8, (3,), (1,), "overruns its storage of 10"),
+])
+def test_crafted_tensor_geometry_is_refused(tmp_path, offset, size, stride, message):
+    path = tmp_path / "crafted.pth"
+    _crafted(path, _CraftedTensor(offset, size, stride))
+    with pytest.raises(ValueError, match=message):
+        read_torch_checkpoint(path)
+    _crafted(path, _CraftedTensor(2, (2, 3), (4, 1)))   # a legitimate strided view reads
+    np.testing.assert_array_equal(read_torch_checkpoint(path)["w"],
+                                  [[2, 3, 4], [6, 7, 8]])
+
+
+def test_a_compressed_entry_is_refused(tmp_path):
+    path = tmp_path / "zipped.pth"
+    torch.save({"w": torch.randn(4)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {n: archive.read(n) for n in archive.namelist()}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, raw in entries.items():
+            archive.writestr(name, raw)
+    with pytest.raises(ValueError, match="is compressed, which torch.save never does"):
+        read_torch_checkpoint(path)
 
 
 def test_tinyvit_from_an_official_state_dict_equals_the_numpy_reference(tmp_path):

@@ -115,7 +115,7 @@ def test_an_interrupted_download_leaves_nothing_a_later_load_takes(registered):
     card, source, state, folder = registered
     folder.mkdir(parents=True)
     # a download killed half-way leaves its staging file: never taken as the checkpoint
-    (folder / ".zoo_test.dinov2_pth.checkpoint.partial").write_bytes(
+    (folder / ".zoo_test.dinov2_pth.checkpoint.1f2e3d.partial").write_bytes(
         source.read_bytes()[:1000])
     model = Backbone.from_preset("zoo_test")
     np.testing.assert_array_equal(to_np(model.cls_token), state["cls_token"])
@@ -127,9 +127,26 @@ def test_a_published_digest_is_checked_and_a_mismatch_is_not_cached(registered):
     card["weights"]["sha256"] = "f" * 64
     with pytest.raises(ValueError, match=f"expected {'f' * 64}"):
         Backbone.from_preset("zoo_test")
-    assert not [p for p in folder.iterdir() if not p.name.endswith(".sha256")]
+    assert not [p for p in folder.iterdir() if p.name != ".lock"]   # nothing kept, no record
     card["weights"]["sha256"] = presets.sha256_of(source)
     Backbone.from_preset("zoo_test")
+
+
+def test_a_first_download_that_fails_to_convert_is_never_trusted(registered, capsys):
+    card, source, state, folder = registered
+    from test_converters import official_vit_state
+
+    wrong = official_vit_state(np.random.default_rng(0), 96, 4, 8, 4, layer_scale=True,
+                               mask_token=True)
+    torch.save({k: torch.from_numpy(v) for k, v in wrong.items()}, source)
+    with pytest.raises(ValueError, match=r"cls_token: shape \(1, 1, 96\) does not fit"):
+        Backbone.from_preset("zoo_test")
+    # neither the file nor a digest stays: the corrected upstream file is taken next time
+    assert not list(folder.glob("zoo_test.*"))
+    _official_checkpoint(source)
+    Backbone.from_preset("zoo_test")
+    assert "trust-on-first-use" in capsys.readouterr().out
+    assert (folder / "zoo_test.dinov2_pth.checkpoint.sha256").is_file()
 
 
 def test_an_unreachable_url_says_how_to_provide_the_file(registered):
@@ -168,6 +185,8 @@ def test_a_converted_classifier_loads_with_its_head(tmp_path, monkeypatch):
     x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
     want = to_np(source(x)["pooled"]) @ sd["head.weight"].T + sd["head.bias"]
     np.testing.assert_allclose(to_np(classifier(x)), want, atol=1e-4, rtol=1e-4)
+    meta = json.loads(next((tmp_path / "keras_home").rglob("metadata.json")).read_text())
+    assert meta["converted_from"]["sha256"] == presets.sha256_of(path) and "task" in meta
     backbone = Backbone.from_preset("tinyvit_zoo_test")
     np.testing.assert_allclose(to_np(backbone(x)["pooled"]), to_np(source(x)["pooled"]),
                                atol=1e-5)
@@ -189,6 +208,26 @@ def test_convert_command_writes_the_preset_and_prints_the_digest(registered, cli
     # from the card's URL (file://), through the cache
     code, out, err = cli("convert", "--source=zoo_test", f"--output={tmp_path / 'out2'}")
     assert code == 0, err
+
+
+def test_convert_command_from_another_url_leaves_the_card_alone(registered, cli, tmp_path):
+    card, source, state, folder = registered
+    other = tmp_path / "mirror" / "copy.pth"
+    other.parent.mkdir()
+    other.write_bytes(source.read_bytes())
+    code, out, err = cli("convert", "--source=zoo_test", f"--checkpoint={other.as_uri()}",
+                         f"--output={tmp_path / 'out'}")
+    assert code == 0, err
+    assert not list(folder.glob("*.sha256"))   # a mirror's file is not the card's trust record
+    assert not (folder / "zoo_test.dinov2_pth.checkpoint").exists()
+    code, _, err = cli("convert", "--source=zoo_test", "--checkpoint=http://example.com/x.pth",
+                       f"--output={tmp_path / 'out2'}")
+    assert code == 1 and "not an https:// or file:// URL" in err
+    code, _, err = cli("convert", "--source=zoo_test",
+                       f"--checkpoint={(tmp_path / 'gone.pth').as_uri()}",
+                       f"--output={tmp_path / 'out3'}")
+    assert code == 1 and "cannot download its weights from" in err and \
+        "--checkpoint=FILE" in err
 
 
 def test_convert_command_bad_input(registered, cli, tmp_path):
@@ -248,7 +287,7 @@ def test_elastify_a_released_dense_model(tmp_path):
     with pytest.raises(ValueError, match=r"\['min_widht'\] are not ElasticViT arguments; "
                                          r"valid: \[.*'min_width'"):
         ElasticViT.elastify(path, min_widht=32)
-    with pytest.raises(ValueError, match="holds an ElasticViT, not an TinyViT"):
+    with pytest.raises(ValueError, match="holds a ElasticViT, not a TinyViT"):
         from poa_keras import TinyViT
 
         TinyViT.elastify(path)
@@ -269,6 +308,13 @@ def test_a_pretraining_recipe_starts_from_a_released_model(tmp_path):
     x = np.random.default_rng(3).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
     for model in (trainer.backbone, trainer.teacher_backbone):
         np.testing.assert_allclose(to_np(model(x)["cls"]), to_np(dense(x)["cls"]), atol=1e-6)
+    other = load_recipe("demo", [
+        "backbone.config='vit_elastic_test'", "backbone.depth=2", "backbone.min_depth=1",
+        "backbone.layer_scale_init=None", f"backbone.init={str(path)!r}",
+        "backbone.named_subnets=None", "data.normalize='minus_one_one'"])
+    with pytest.warns(UserWarning, match=r"mean \(0.485.*this recipe's data are normalised "
+                                         r"with mean \(0.5, 0.5, 0.5\)"):
+        build_trainer(validate_recipe(other), steps=2)
     bad = load_recipe("demo", [f"backbone.init={str(path)!r}"])   # 96 wide: does not fit
     with pytest.raises(ValueError, match=r"backbone.init=.* does not fit the recipe's "
                                          r"backbone: .*shape"):
@@ -301,8 +347,14 @@ def test_mae_pretraining_continues_from_a_full_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"its decoder \(dim 32, depth 1, num_heads 2\) does "
                                          r"not fit the recipe's head \(dim 48"):
         build_trainer(validate_recipe(wrong), steps=2)
-    encoder_only = load_recipe("demo_mae", [f"head.init={str(tmp_path / 'dense_none')!r}"])
-    with pytest.raises(ValueError):
+    encoder = {k: v for k, v in state.items() if not k.startswith("decoder") and
+               k != "mask_token"}
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                          encoder.items()}}, tmp_path / "mae_encoder.pth")
+    card["architecture"].pop("decoder")
+    convert.convert_file(tmp_path / "mae_encoder.pth", card, tmp_path / "encoder_preset")
+    encoder_only = load_recipe("demo_mae", [f"head.init={str(tmp_path / 'encoder_preset')!r}"])
+    with pytest.raises(ValueError, match="holds no MAE decoder.*convert a full MAE checkpoint"):
         build_trainer(validate_recipe(encoder_only), steps=2)
 
 

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from poa_keras import presets
+from poa_keras.elastic.layers import assign_by_path, read_weight, weights_by_path
 from poa_keras.elastic.sampler import SubnetSampler
 from poa_keras.elastic.spec import IntactSubnet
 from poa_keras.preprocessing import ImagePreprocessing
@@ -376,8 +377,8 @@ class Backbone(FrozenGCQuantize, keras.Model):
         preset computes."""
         dense = Backbone.from_preset(preset)
         if cls is not Backbone and not isinstance(dense, cls):
-            raise ValueError(f"preset {os.fspath(preset)!r} holds an {type(dense).__name__}, "
-                             f"not an {cls.__name__}")
+            raise ValueError(f"preset {os.fspath(preset)!r} holds a {type(dense).__name__}, "
+                             f"not a {cls.__name__}")
         base = dense.get_config()
         unknown = sorted(set(config) - set(base))
         if unknown:
@@ -394,21 +395,9 @@ class Backbone(FrozenGCQuantize, keras.Model):
         subset of this one's, e.g. the dense model this elastic one was configured from) by
         its path below the model's name; shapes must agree. Returns the paths of this
         network's weights that ``source`` lacks (kept at their initialisation)."""
-        def by_path(model):
-            return {v.path.split("/", 1)[1]: v for v in model.weights}
-
-        mine, theirs = by_path(self), by_path(source)
-        extra = sorted(set(theirs) - set(mine))
-        if extra:
-            raise ValueError(f"{source.name} has weights this {type(self).__name__} lacks: "
-                             f"{extra[:6]}{' ...' if len(extra) > 6 else ''}")
-        for path, variable in theirs.items():
-            if tuple(variable.shape) != tuple(mine[path].shape):
-                raise ValueError(f"{path}: {source.name}'s shape {tuple(variable.shape)} "
-                                 f"differs from {tuple(mine[path].shape)} here")
-        for path, variable in theirs.items():
-            mine[path].assign(variable)
-        return sorted(set(mine) - set(theirs))
+        return assign_by_path(self, {path: read_weight(v, True) for path, v in
+                                     weights_by_path(source).items()},
+                              f"copying the weights of {source.name}", partial=True)
 
     def subnet_from_kwargs(self, **kwargs):
         raise NotImplementedError

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 
-from poa_keras.convert.state import NORM_KEYS, assign_state
+from poa_keras.convert.state import NORM_KEYS, RECOMPUTED_BUFFERS, assign_state
+from poa_keras.elastic import weights_by_path
 
 _BLOCK = re.compile(r"^stage(\d+)_block(\d+)$")
-_IGNORED = re.compile(r"(^|\.)num_batches_tracked$")
 
 
 def official_key(path, ndim):
@@ -52,12 +52,11 @@ def load_resnet_state(model, state, what):
     """Writes a torchvision ResNet state dict into ``model`` (a ``ResNet`` of the same
     architecture). Every key is used exactly once (``num_batches_tracked`` dropped)."""
     plan = []
-    for variable in model.weights:
-        path = variable.path.split("/", 1)[1]
+    for path, variable in weights_by_path(model).items():
         if path.endswith("/range"):   # fake-quantizer ranges: ours, not the checkpoint's
             continue
         plan.append((variable, *official_key(path, len(variable.shape))))
-    ignored = [k for k in state if _IGNORED.search(k)]
+    ignored = [k for k in state if RECOMPUTED_BUFFERS.search(k)]
     return assign_state(plan, state, what, ignored=ignored)
 
 

@@ -22,10 +22,11 @@ import numpy as np
 
 from poa_keras import presets
 from poa_keras.convert.resnet import load_resnet_state
-from poa_keras.convert.state import check_arrays, select_prefix, strip_prefix
+from poa_keras.convert.state import check_arrays, model_state, select_prefix, strip_prefix
 from poa_keras.convert.tinyvit import load_tinyvit_state
 from poa_keras.convert.torch_checkpoint import read_torch_checkpoint
 from poa_keras.convert.vit import load_vit_state
+from poa_keras.elastic import weights_by_path
 
 #: format -> what files it is (the card's ``weights.format``).
 FORMATS = {
@@ -46,12 +47,6 @@ FORMATS = {
 _DISTILL_PARTS = re.compile(r"^(module\.)?(tch_model|attn_adapter)\.")
 
 
-def _model_entry(checkpoint, where):
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        return checkpoint["model"]
-    return checkpoint
-
-
 def official_state(fmt, checkpoint, where="the checkpoint"):
     """The state dict in the source's own layout (timm ViT / torchvision ResNet / TinyViT key
     names) and the key groups dropped on purpose, from what ``read_torch_checkpoint`` gave."""
@@ -65,6 +60,7 @@ def official_state(fmt, checkpoint, where="the checkpoint"):
             head = [k for k in teacher if not k.split("module.", 1)[-1].startswith("backbone.")]
             if head:
                 dropped.append(f"the teacher's projection head ({len(head)} keys)")
+            dropped += [repr(key) for key in checkpoint if key != "teacher"]
             if not state:
                 raise ValueError(f"{where}: its 'teacher' has no backbone.* keys; DINO's full "
                                  "checkpoints keep the teacher's backbone under 'backbone.'")
@@ -73,9 +69,9 @@ def official_state(fmt, checkpoint, where="the checkpoint"):
     elif fmt == "dinov2_pth":
         state = strip_prefix(check_arrays(checkpoint, where), ("module.", "backbone."))
     elif fmt == "mae_pth":
-        state = check_arrays(_model_entry(checkpoint, where), where)
+        state = model_state(checkpoint, where)
     elif fmt == "maelite_pth":
-        state = check_arrays(_model_entry(checkpoint, where), where)
+        state = model_state(checkpoint, where)
         extra = [k for k in state if _DISTILL_PARTS.match(k)]
         if extra:
             dropped.append(f"the distillation teacher and attention adapter ({len(extra)} "
@@ -89,7 +85,7 @@ def official_state(fmt, checkpoint, where="the checkpoint"):
                 "cannot reproduce exactly; convert the pretrained file instead and fine-tune it "
                 "here (pooling='avg_norm')")
     else:   # tinyvit_pth
-        state = check_arrays(_model_entry(checkpoint, where), where)
+        state = model_state(checkpoint, where)
     return state, dropped
 
 
@@ -148,8 +144,10 @@ def _decoder_writer(decoder):
     def write(directory):
         import json
 
-        arrays = {v.path.split("/", 1)[1]: np.asarray(v.numpy() if hasattr(v, "numpy")
-                                                      else v) for v in decoder.weights}
+        import keras
+
+        arrays = {path: np.asarray(keras.ops.convert_to_numpy(v))
+                  for path, v in weights_by_path(decoder).items()}
         presets.save_variables(arrays, directory / presets.DECODER_WEIGHTS_FILE)
         (directory / presets.DECODER_FILE).write_text(json.dumps(
             {"class_name": type(decoder).__name__, "config": decoder.get_config()}, indent=2))
@@ -170,10 +168,11 @@ def convert_file(path, card, output_dir):
         "url": card["weights"].get("url"), "file": path.name,
         "sha256": presets.sha256_of(path), "dropped": dropped}}
     if getattr(model, "backbone", None) is not None:   # a classifier: backbone + task files
-        model.save_to_preset(output_dir)
+        model.save_to_preset(output_dir, metadata=metadata)
         return Path(output_dir)
     write = _decoder_writer(decoder) if decoder is not None else None
-    return presets.save_preset(model, output_dir, metadata=metadata, write_extra=write)
+    return presets.save_preset(model, output_dir, metadata=dict(model.preset_metadata(),
+                                                                **metadata), write_extra=write)
 
 
 def register():

@@ -11,6 +11,8 @@ written: a half-converted model never exists.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 #: How a torch array becomes a Keras variable's value.
@@ -19,6 +21,20 @@ LAYOUTS = ("same", "linear", "conv", "conv1x1", "depthwise", "flat")
 # a BatchNorm's / LayerNorm's Keras variable names -> torch names
 NORM_KEYS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
              "moving_variance": "running_var"}
+
+
+#: Buffers official state dicts carry that our models recompute or do not keep: BatchNorm's
+#: ``num_batches_tracked``, TinyViT's ``attention_bias_idxs``.
+RECOMPUTED_BUFFERS = re.compile(r"(^|\.)(num_batches_tracked|attention_bias_idxs)$")
+
+
+def model_state(checkpoint, what):
+    """The state dict of a checkpoint: ``checkpoint["model"]`` when it holds one (training
+    checkpoints of MAE, MAE-Lite, TinyViT), else the checkpoint itself; checked to be a dict of
+    arrays (``check_arrays``)."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        checkpoint = checkpoint["model"]
+    return check_arrays(checkpoint, what)
 
 
 def torch_to_keras(value, layout):
@@ -105,5 +121,5 @@ def select_prefix(state, prefix):
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-__all__ = ["LAYOUTS", "NORM_KEYS", "assign_state", "check_arrays", "select_prefix",
-           "strip_prefix", "torch_to_keras"]
+__all__ = ["LAYOUTS", "NORM_KEYS", "RECOMPUTED_BUFFERS", "assign_state", "check_arrays",
+           "model_state", "select_prefix", "strip_prefix", "torch_to_keras"]

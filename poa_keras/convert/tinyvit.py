@@ -17,17 +17,15 @@ import re
 
 import numpy as np
 
-from poa_keras.convert.state import NORM_KEYS, assign_state
-_IGNORED = re.compile(r"(^|\.)attention_bias_idxs$|(^|\.)num_batches_tracked$")
+from poa_keras.convert.state import NORM_KEYS, RECOMPUTED_BUFFERS, assign_state, model_state
+from poa_keras.elastic import weights_by_path
 
 
 def _state(checkpoint):
-    """The state dict of a checkpoint (``ckpt["model"]`` when it is a training checkpoint)."""
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
-        raise ValueError("a TinyViT checkpoint is a state dict of arrays, or a dict with one "
-                         "under 'model'")
-    return {k: v for k, v in state.items() if not _IGNORED.search(k)}
+    """The state dict of a checkpoint, TinyViT's recomputed buffers left out."""
+    state = model_state(checkpoint, "a TinyViT checkpoint (a state dict of arrays, or a dict "
+                                    "with one under 'model')")
+    return {k: v for k, v in state.items() if not RECOMPUTED_BUFFERS.search(k)}
 
 
 def _count(state, pattern):
@@ -107,9 +105,8 @@ def load_tinyvit_state(backbone, state, what):
     state = _state(state)
     model = backbone
     plan = []
-    for variable in backbone.weights:
-        plan.append((variable, *_official_key(variable.path.split("/", 1)[1],
-                                              len(variable.shape))))
+    for path, variable in weights_by_path(backbone).items():
+        plan.append((variable, *_official_key(path, len(variable.shape))))
     if "head.weight" in state:
         model = ImageClassifier(backbone, int(state["head.weight"].shape[0]), pooling="cls")
         plan += [(model.head.kernel, "head.weight", "linear"),

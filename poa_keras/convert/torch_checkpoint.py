@@ -62,13 +62,28 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
     if not isinstance(storage, _Storage):
         raise ValueError("a tensor in this checkpoint is not backed by a storage of the archive")
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    offset = int(offset)
     values = storage.values
+    where = f"a tensor of size {size} and stride {stride} at offset {offset}"
+    if len(size) != len(stride) or offset < 0 or any(n < 0 for n in size) or \
+            any(s < 0 for s in stride):
+        raise ValueError(f"{where}: negative or mismatched sizes, strides or offset; the file "
+                         "is damaged or crafted")
+    count = int(np.prod(size, dtype=np.int64)) if size else 1
+    if count > max(len(values), 1):
+        # no weight of a checkpoint is a broadcast view larger than its storage; refusing it
+        # bounds the memory a crafted file can ask for by the size of the file itself
+        raise ValueError(f"{where} has {count} elements, more than its storage's "
+                         f"{len(values)}: refused (the file is damaged or crafted)")
     if not size:
-        return np.array(values[int(offset)])
-    last = int(offset) + sum((n - 1) * s for n, s in zip(size, stride) if n > 0)
-    if min(size) > 0 and last >= len(values):
-        raise ValueError(f"a tensor of size {size} and stride {stride} at offset {offset} "
-                         f"overruns its storage of {len(values)} elements: the file is damaged")
+        if offset >= len(values):
+            raise ValueError(f"{where} overruns its storage of {len(values)} elements: the "
+                             "file is damaged")
+        return np.array(values[offset])
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride) if n > 0)
+    if count > 0 and last >= len(values):
+        raise ValueError(f"{where} overruns its storage of {len(values)} elements: the file "
+                         "is damaged")
     view = np.lib.stride_tricks.as_strided(
         values[int(offset):], shape=size, strides=[s * values.itemsize for s in stride],
         writeable=False)
@@ -126,10 +141,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if key not in self.storages:
             entry = f"{self.prefix}data/{key}"
             try:
-                raw = self.archive.read(entry)
+                info = self.archive.getinfo(entry)
             except KeyError:
                 raise ValueError(f"{self.path}: the archive lacks {entry}: the file is "
                                  "truncated or damaged") from None
+            if info.compress_type != zipfile.ZIP_STORED:
+                # torch.save stores tensors uncompressed; a compressed entry could expand to
+                # any size (a zip bomb)
+                raise ValueError(f"{self.path}: {entry} is compressed, which torch.save never "
+                                 "does; refused")
+            raw = self.archive.read(entry)
             self.storages[key] = _Storage(raw, pid[1].name)
         return self.storages[key]
 
@@ -164,6 +185,9 @@ def read_torch_checkpoint(path):
             if len(pickles) != 1:
                 raise ValueError(f"{path}: expected one <name>/data.pkl in the archive, found "
                                  f"{pickles or 'none'}")
+            if archive.getinfo(pickles[0]).compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: {pickles[0]} is compressed, which torch.save never "
+                                 "does; refused")
             prefix = pickles[0][:-len("data.pkl")]
             unpickler = _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, path)
             try:

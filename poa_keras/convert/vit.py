@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from poa_keras.convert.state import NORM_KEYS, assign_state
+from poa_keras.elastic import weights_by_path
 from poa_keras.elastic.position import sincos_position_embedding
 
 _SKIPPED = ("range",)   # fake-quantizer ranges: our state, not the checkpoint's
@@ -52,8 +53,7 @@ def official_key(path, ndim):
 def layer_plan(layer):
     """[(variable, official key, layout)] of every weight of an ElasticViT or MAEDecoder."""
     plan = []
-    for variable in layer.weights:
-        path = variable.path.split("/", 1)[1]
+    for path, variable in weights_by_path(layer).items():
         if path.rsplit("/", 1)[-1] in _SKIPPED:
             continue
         plan.append((variable, *official_key(path, len(variable.shape))))

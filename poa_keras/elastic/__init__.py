@@ -2,7 +2,8 @@
 from poa_keras.elastic.layers import (ElasticAttention, ElasticBlock, ElasticDense,
                                       ElasticLayerNorm, ElasticLayerScale, ElasticMLP,
                                       ElasticPatchEmbed, StochasticDepth, alpha,
-                                      block_boundaries, fold_alpha, set_block_boundaries)
+                                      assign_by_path, block_boundaries, fold_alpha,
+                                      set_block_boundaries, weights_by_path)
 from poa_keras.elastic.conv import ElasticBottleneck, ElasticConv2D, ElasticGroupNorm
 from poa_keras.elastic.sampler import SubnetSampler
 from poa_keras.elastic.spec import (IntactSubnet, ResNetSubnet, SwinSubnet, ViTSubnet, block_ids,
@@ -13,6 +14,6 @@ __all__ = [
     "ElasticGroupNorm", "ElasticLayerNorm", "ElasticLayerScale",
     "ElasticMLP", "ElasticPatchEmbed", "IntactSubnet", "ResNetSubnet", "StochasticDepth",
     "SubnetSampler", "SwinSubnet", "ViTSubnet",
-    "alpha", "block_boundaries", "block_ids", "fold_alpha", "grid_values", "selection_weights",
-    "set_block_boundaries",
+    "alpha", "assign_by_path", "block_boundaries", "block_ids", "fold_alpha", "grid_values",
+    "selection_weights", "set_block_boundaries", "weights_by_path",
 ]

@@ -121,6 +121,33 @@ def read_weight(variable, on_host):
     return np.asarray(keras.ops.convert_to_numpy(variable)) if on_host else variable
 
 
+def weights_by_path(layer):
+    """{path below the layer's own name: variable} of every weight of a layer or model
+    (``"blocks_3/attn/qkv/dense/kernel"``): the names weights keep whatever the model is
+    called (converters, ``copy_weights_from``, saved decoders)."""
+    return {v.path.split("/", 1)[1]: v for v in layer.weights}
+
+
+def assign_by_path(layer, arrays, where, partial=False):
+    """Writes ``{relative path: value}`` (``weights_by_path``'s keys) into ``layer``'s weights,
+    after checking every key and shape (nothing is written if one is wrong). ``partial``: the
+    layer may have weights ``arrays`` lacks (they keep their values); otherwise the keys must
+    be exactly the layer's. Returns the paths not written."""
+    mine = weights_by_path(layer)
+    extra = sorted(set(arrays) - set(mine))
+    missing = sorted(set(mine) - set(arrays))
+    if extra or (missing and not partial):
+        raise ValueError(f"{where}: weights that {layer.name} lacks {extra[:6]}, weights it "
+                         f"has and the source lacks {[] if partial else missing[:6]}")
+    for path, value in arrays.items():
+        if tuple(value.shape) != tuple(mine[path].shape):
+            raise ValueError(f"{where}: {path} has shape {tuple(value.shape)}, "
+                             f"{layer.name}'s is {tuple(mine[path].shape)}")
+    for path, value in arrays.items():
+        mine[path].assign(value)
+    return missing
+
+
 def check_not_quantized(layer, owner):
     if getattr(layer, "quantization_mode", None) is not None:
         raise ValueError(
