@@ -15,13 +15,16 @@ shapes data:
 * ``poa``: the demo POA recipe (recipes/demo.py) for ``--poa_epochs`` epochs with
   ``backbone.init`` = the release (student and EMA teacher start from it; the grid is the
   demo's, widths 48..96, depths 3..6; fresh projection heads), once per seed of ``--seeds``;
-  its EMA teacher's subnets are extracted.
+  its EMA teacher's subnets are extracted;
+* ``dino_continued`` (the control for the extra training): the dense DINO recipe for the same
+  epochs from the same release (``backbone.init``; fresh head, same schedule shape), then
+  elastified and sliced like ``slice``: what continuing WITHOUT POA's elastic student gives.
 
 Metric: weighted k-NN top-1 (k = 20, T = 0.07, L2-normalised CLS) with the TRAIN split of the
 shapes data as the bank and its held-out VAL split as the queries (never trained on, used for
 no choice). Subnets: (48, 3) smallest, (64, 4), (80, 5), (96, 6) intact. The POA arm gets MORE
-compute than the slice arm (its continued training): the question is what continuing with POA
-buys over slicing the release, not a same-compute comparison.
+compute than the slice arm (its continued training); ``dino_continued`` gets the same epochs
+and steps as POA (fewer FLOPs: no elastic student).
 
 Writes JSON lines to stdout (and ``RUNS/results.jsonl``) and a summary at the end.
 """
@@ -37,7 +40,9 @@ from absl import app, flags
 
 flags.DEFINE_string("runs", "runs/elastify", "Where the runs go (a rerun reuses finished ones).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the POA arm.")
-flags.DEFINE_integer("poa_epochs", 2, "Epochs of POA from the release.")
+flags.DEFINE_integer("poa_epochs", 2, "Epochs of POA (and of the DINO control) from the "
+                     "release.")
+flags.DEFINE_list("arms", ["slice", "poa", "dino_continued"], "Arms to run.")
 flags.DEFINE_multi_string("dense_override", [], "Overrides of the dense DINO recipe.")
 flags.DEFINE_multi_string("poa_override", [], "Overrides of the POA recipe.")
 FLAGS = flags.FLAGS
@@ -137,19 +142,30 @@ def main(argv):
     released.save_to_preset(release_dir)
 
     # 2. slicing the release
-    sliced = ElasticViT.elastify(release_dir, min_width=48, min_depth=3)
-    results = {"slice": [evaluate("slice", 0, sliced, data, pixel_normalization)]}
-    # 3. POA from the release
-    results["poa"] = []
-    for seed in FLAGS.seeds:
+    results = {}
+    if "slice" in FLAGS.arms:
+        sliced = ElasticViT.elastify(release_dir, min_width=48, min_depth=3)
+        results["slice"] = [evaluate("slice", 0, sliced, data, pixel_normalization)]
+    # 3. POA from the release, and the dense DINO control
+    for seed in FLAGS.seeds if "dino_continued" in FLAGS.arms else ():
+        recipe = load_recipe("demo_dino", DENSE + [
+            f"backbone.init={release_dir!r}", f"train.epochs={FLAGS.poa_epochs}",
+            f"seed={seed}"] + list(FLAGS.dense_override))
+        result = run(recipe, os.path.join(FLAGS.runs, f"dino_continued_seed{seed}"))
+        continued = os.path.join(FLAGS.runs, f"dino_continued_seed{seed}", "teacher")
+        results.setdefault("dino_continued", []).append(evaluate(
+            "dino_continued", int(seed), ElasticViT.elastify(continued, min_width=48,
+                                                              min_depth=3),
+            data, pixel_normalization))
+    for seed in FLAGS.seeds if "poa" in FLAGS.arms else ():
         recipe = load_recipe("demo", [
             f"backbone.init={release_dir!r}", "backbone.layer_scale_init=None",
             "backbone.pos_embed_resize='dino'",
             f"train.epochs={FLAGS.poa_epochs}", f"seed={seed}", f"train.sampler_seed={seed}"]
             + list(FLAGS.poa_override))
         result = run(recipe, os.path.join(FLAGS.runs, f"poa_seed{seed}"))
-        results["poa"].append(evaluate("poa", int(seed), result.trainer.teacher_backbone, data,
-                                       pixel_normalization))
+        results.setdefault("poa", []).append(evaluate(
+            "poa", int(seed), result.trainer.teacher_backbone, data, pixel_normalization))
     summary = {}
     for arm, runs in results.items():
         for spec in SUBNETS:

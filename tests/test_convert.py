@@ -154,22 +154,14 @@ def test_a_compressed_entry_is_refused(tmp_path):
 def test_tinyvit_from_an_official_state_dict_equals_the_numpy_reference(tmp_path):
     # the state dict in the official layout comes from test_tinyvit's own mapping, whose numpy
     # forward of the reference code checks it; it goes through a .pth file and the reader
-    import keras
-    from conftest import randomize, randomize_bn_variances, to_np
-    from test_tinyvit import numpy_tinyvit, state_dict
+    from conftest import to_np
+    from test_tinyvit import numpy_tinyvit, official_classifier_state
 
-    from poa_keras import TinyViT
     from poa_keras.backbones.tinyvit import CONFIGS
     from poa_keras.convert import tinyvit_config, tinyvit_from_state_dict
 
-    keras.utils.set_random_seed(0)
-    source = TinyViT.from_config_name("tinyvit_test", name="source")
-    randomize(source, seed=1)
-    randomize_bn_variances(source, seed=2)
-    sd = state_dict(source)
+    _, sd = official_classifier_state("tinyvit_test", 7)
     rng = np.random.default_rng(4)
-    sd["head.weight"] = rng.normal(0, 0.2, (7, 24)).astype("float32")
-    sd["head.bias"] = rng.normal(0, 0.2, 7).astype("float32")
     sd["layers.1.blocks.0.attn.attention_bias_idxs"] = np.zeros((9, 9), np.int64)   # dropped
     path = tmp_path / "tiny_vit.pth"
     torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},

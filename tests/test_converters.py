@@ -519,21 +519,12 @@ def test_full_size_vits_equal_transformers(tmp_path, source):
 @pytest.mark.slow
 @_ONE_BACKEND
 def test_full_size_tinyvit_5m_equals_the_numpy_reference(tmp_path):
-    import keras
-    from conftest import randomize, randomize_bn_variances
-    from test_tinyvit import numpy_tinyvit, state_dict
+    from test_tinyvit import numpy_tinyvit, official_classifier_state
 
-    from poa_keras import TinyViT
     from poa_keras.backbones.tinyvit import CONFIGS
 
-    keras.utils.set_random_seed(0)
-    source = TinyViT.from_config_name("tinyvit_5m", name="source")
-    randomize(source, seed=1)
-    randomize_bn_variances(source, seed=2)
-    sd = state_dict(source)
+    _, sd = official_classifier_state("tinyvit_5m", 1000, head_scale=0.05)
     rng = np.random.default_rng(3)
-    sd["head.weight"] = rng.normal(0, 0.05, (1000, 320)).astype("float32")
-    sd["head.bias"] = rng.normal(0, 0.05, 1000).astype("float32")
     checkpoint = _save(tmp_path / "tiny_vit_5m_1k.pth", {"model": sd})
     model, _, _ = convert_checkpoint(checkpoint, _card("tinyvit_5m_1k", "tinyvit_5m",
                                                        "tinyvit_pth", class_name="TinyViT"))

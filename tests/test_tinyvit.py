@@ -63,6 +63,22 @@ def state_dict(model):
     return out
 
 
+def official_classifier_state(config_name, num_classes, seed=0, head_scale=0.2):
+    """(source TinyViT with random weights and BatchNorm statistics, its state dict in the
+    official layout with a random ``head.*`` of ``num_classes``): what a released file of
+    that configuration holds."""
+    keras.utils.set_random_seed(seed)
+    source = TinyViT.from_config_name(config_name, name="source")
+    randomize(source, seed=seed + 1)
+    randomize_bn_variances(source, seed=seed + 2)
+    sd = state_dict(source)
+    rng = np.random.default_rng(seed + 3)
+    dim = CONFIGS[config_name]["embed_dims"][-1]
+    sd["head.weight"] = rng.normal(0, head_scale, (num_classes, dim)).astype("float32")
+    sd["head.bias"] = rng.normal(0, head_scale, num_classes).astype("float32")
+    return source, sd
+
+
 # ----- an independent numpy forward (NCHW, as the reference) ------------------------------------
 def gelu(x):
     return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))

@@ -159,19 +159,10 @@ def test_an_unreachable_url_says_how_to_provide_the_file(registered):
 
 def test_a_converted_classifier_loads_with_its_head(tmp_path, monkeypatch):
     """TinyViT's 1k / 22k files hold a head: the converted preset is a task preset."""
-    import keras
-    from conftest import randomize
-    from test_tinyvit import state_dict
+    from test_tinyvit import official_classifier_state
 
-    from poa_keras import TinyViT
-
-    keras.utils.set_random_seed(0)
-    source = TinyViT.from_config_name("tinyvit_test", name="source")
-    randomize(source, seed=1)
-    sd = state_dict(source)
+    source, sd = official_classifier_state("tinyvit_test", 7)
     rng = np.random.default_rng(4)
-    sd["head.weight"] = rng.normal(0, 0.2, (7, 24)).astype("float32")
-    sd["head.bias"] = rng.normal(0, 0.2, 7).astype("float32")
     path = tmp_path / "tiny_vit.pth"
     torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}},
                path)
