@@ -143,7 +143,7 @@ def _save(path, obj):
     return read_torch_checkpoint(path)
 
 
-def _run(model, x, **kwargs):
+def run_inference(model, x, **kwargs):
     """The model's forward in inference: one jitted program on JAX (eager JAX compiles op by
     op: minutes for a ViT-B), eager elsewhere."""
     import keras
@@ -197,7 +197,7 @@ def test_dino_vit_equals_transformers_at_every_size(tmp_path, config_name, dim, 
         with torch.no_grad():
             ref = hf(pixel_values=_torch_nchw(x), interpolate_pos_encoding=True)
         ref = ref.last_hidden_state.numpy()
-        out = _run(model, x)
+        out = run_inference(model, x)
         np.testing.assert_allclose(to_np(out["cls"]), ref[:, 0], atol=1e-4, rtol=0,
                                    err_msg=f"{h}x{w}")
         np.testing.assert_allclose(to_np(out["patch_tokens"]), ref[:, 1:], atol=1e-4, rtol=0,
@@ -249,7 +249,7 @@ def test_dinov2_equals_transformers_with_layerscale_mask_token_and_resize(tmp_pa
         with torch.no_grad():
             ref = hf(pixel_values=_torch_nchw(x),
                      bool_masked_pos=torch.from_numpy(masks)).last_hidden_state.numpy()
-        out = _run(model, x, masks=masks)
+        out = run_inference(model, x, masks=masks)
         np.testing.assert_allclose(to_np(out["cls"]), ref[:, 0], atol=1e-4, rtol=0,
                                    err_msg=f"{h}x{w}")
         np.testing.assert_allclose(to_np(out["patch_tokens"]), ref[:, 1:], atol=1e-4, rtol=0,
@@ -340,7 +340,7 @@ def test_mae_encoder_and_decoder_equal_transformers(tmp_path, fmt, config_name, 
         ref = hf.vit(pixel_values=_torch_nchw(x),
                      noise=torch.arange(n, dtype=torch.float32).repeat(2, 1)
                      ).last_hidden_state.numpy()
-    out = _run(model, x)
+    out = run_inference(model, x)
     np.testing.assert_allclose(to_np(out["cls"]), ref[:, 0], atol=1e-4, rtol=0)
     np.testing.assert_allclose(to_np(out["patch_tokens"]), ref[:, 1:], atol=1e-4, rtol=0)
     # the pretraining forward (encoder on the visible patches + decoder) at mask ratio 0.75
@@ -429,7 +429,7 @@ def test_dino_resnet50_equals_torchvisions_forward(tmp_path):
         x = _images(rng, h, w)
         with torch.no_grad():
             ref = torch_resnet50(sd, _torch_nchw(x)).numpy()
-        got = to_np(_run(model, x)["pooled"])
+        got = to_np(run_inference(model, x)["pooled"])
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4, err_msg=f"{h}x{w}")
 
 
@@ -511,7 +511,7 @@ def test_full_size_vits_equal_transformers(tmp_path, source):
         kwargs["interpolate_pos_encoding"] = True
     with torch.no_grad():
         ref = hf(pixel_values=_torch_nchw(x), **kwargs).last_hidden_state.numpy()
-    out = _run(model, x)
+    out = run_inference(model, x)
     np.testing.assert_allclose(to_np(out["cls"]), ref[:, 0], atol=1e-4, rtol=0)
     np.testing.assert_allclose(to_np(out["patch_tokens"]), ref[:, 1:], atol=1e-4, rtol=0)
 
@@ -531,4 +531,4 @@ def test_full_size_tinyvit_5m_equals_the_numpy_reference(tmp_path):
     x = _images(rng, 96, 96, batch=1)
     ref = numpy_tinyvit(sd, CONFIGS["tinyvit_5m"], x)
     want = ref["pooled"] @ sd["head.weight"].T + sd["head.bias"]
-    np.testing.assert_allclose(to_np(_run(model, x)), want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(to_np(run_inference(model, x)), want, atol=1e-4, rtol=1e-4)
