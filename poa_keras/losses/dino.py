@@ -147,7 +147,8 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3):
       n_iterations >= 1) and each column sums to about B / K.
 
     B is this call's batch: the reference all-reduces the sums over devices, so its B is the
-    global batch; a multi-device caller must do the same.
+    global batch. Under keras.distribution (JAX SPMD) this call sees the global batch, so the
+    sums are the reference's (tests/test_distribution.py).
     """
     if int(n_iterations) != n_iterations or n_iterations < 0:
         raise ValueError(f"n_iterations={n_iterations!r} must be an integer >= 0")

@@ -61,8 +61,21 @@ Precision: float32, or ``mixed_bfloat16`` (build the models under that policy: v
 EMA teacher's and the optimizer's state stay float32, the losses compute in float32); float16
 computation (``mixed_float16``) is refused, since it needs loss scaling.
 
+Several devices (JAX): under a ``keras.distribution.DataParallel`` distribution (built, with the
+trainer, its teacher and its optimizer, inside ``distribution.scope()``), ``fit`` and
+``train_on_batch`` shard every batch over the devices and keep the weights replicated; the
+steps equal the single-device ones (batch statistics become global-batch statistics, as
+SPMD computes them). Multi-crop batches hold their views first, ``(views, B, ...)`` (the
+``VIEW_MAJOR_KEYS`` of a dict batch), and Keras shards the first axis of every leaf: the
+views are moved behind the batch axis on the host and back at the start of the step. Each
+plan's program is compiled with the state's shardings as its output shardings (as Keras' own
+JAX trainer does), so the state never moves. The per-step scalars are a separate argument,
+never part of the sharded batch. A batch that does not divide the data axis is refused
+before any step. ModelParallel layouts (sharded weights) are not set up yet (issue 18).
+
 Not supported: loss scaling (LossScaleOptimizer / ``loss_scale_factor``), gradient accumulation,
-multi-replica tf.distribute strategies, ``torch.compile``.
+multi-replica tf.distribute strategies, ``torch.compile``; ``keras.distribution`` on the
+TensorFlow and PyTorch backends (refused: Keras distributes through JAX's partitioner only).
 """
 from __future__ import annotations
 
@@ -79,6 +92,34 @@ from poa_keras.optimizers import scaled_update
 
 # PyTorch's clip_grad_norm_ divides by (norm + 1e-6); the reference recipes clip with it.
 _CLIP_EPS = 1e-6
+
+
+#: Leaves of a multi-crop batch (data/multicrop.py) whose first axis is the view, (V, B, ...).
+VIEW_MAJOR_KEYS = ("global", "local", "masks")
+
+
+def swap_views(data, swap):
+    """``data`` with axes 0 and 1 of its ``VIEW_MAJOR_KEYS`` leaves exchanged by ``swap(leaf)``
+    (view-major <-> batch-major); anything but a dict is returned as it is."""
+    if not isinstance(data, dict):
+        return data
+    return {k: swap(v) if k in VIEW_MAJOR_KEYS and v is not None else v
+            for k, v in data.items()}
+
+
+def batch_sizes(data, shape_of):
+    """{leaf name: batch size} of a batch (``shape_of(leaf)`` -> its shape): axis 1 of the
+    view-major leaves, axis 0 of the others; None where unknown."""
+    leaves = data.items() if isinstance(data, dict) else enumerate(
+        data if isinstance(data, (tuple, list)) else [data])
+    sizes = {}
+    for name, leaf in leaves:
+        if leaf is None:
+            continue
+        shape = tuple(shape_of(leaf))
+        axis = 1 if isinstance(data, dict) and name in VIEW_MAJOR_KEYS else 0
+        sizes[str(name)] = shape[axis] if len(shape) > axis else None
+    return sizes
 
 
 def _strip_trailing_none(data):
@@ -103,6 +144,7 @@ class _PlanState:
         self.step_values = None                   # dict of scalars while a step runs/traces
         self.last_plan = None
         self.update_scales = ()                   # (index, factor, step value name or None)
+        self.batch_major = False                  # views moved behind the batch (distributed)
 
 
 class PlannedTrainer(keras.Model):
@@ -231,11 +273,57 @@ class PlannedTrainer(keras.Model):
 
     def fit(self, *args, **kwargs):
         self._prepare_fit()
+        args, kwargs = self._distributed_input(args, kwargs)
         return super().fit(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
         self._prepare_fit()
+        args, kwargs = self._distributed_input(args, kwargs)
         return super().train_on_batch(*args, **kwargs)
+
+    # -------------------------------------------------------------- several devices (JAX)
+    def _distributed_input(self, args, kwargs):
+        """Under a ``keras.distribution`` distribution: checks the backend and the batch size
+        against the data axis, and moves the views of multi-crop batches behind the batch axis
+        (Keras shards axis 0). Without one: unchanged."""
+        distribution = keras.distribution.distribution()
+        self._plans.batch_major = distribution is not None
+        if distribution is None:
+            return args, kwargs
+        backend = keras.backend.backend()
+        if backend != "jax":
+            raise ValueError(f"{type(self).__name__} trains under a keras.distribution "
+                             f"distribution on the JAX backend only, not {backend!r} (Keras "
+                             "distributes through JAX's SPMD partitioner); unset it with "
+                             "keras.distribution.set_distribution(None)")
+        mesh = distribution.device_mesh
+        data_axis = mesh.shape[list(mesh.axis_names).index(distribution.batch_dim_name)]
+        if args:
+            args = (self._batch_major(args[0], data_axis, mesh),) + tuple(args[1:])
+        elif "x" in kwargs:
+            kwargs = dict(kwargs, x=self._batch_major(kwargs["x"], data_axis, mesh))
+        return args, kwargs
+
+    def _batch_major(self, x, data_axis, mesh):
+        if hasattr(x, "element_spec") and type(x).__module__.startswith("tensorflow"):
+            import tensorflow as tf
+
+            spec = x.element_spec
+            self._check_batch(batch_sizes(spec, lambda s: s.shape), data_axis, mesh)
+            return x.map(lambda *d: swap_views(d[0] if len(d) == 1 else d,
+                                              lambda v: tf.experimental.numpy.swapaxes(v, 0,
+                                                                                       1)))
+        self._check_batch(batch_sizes(x, np.shape), data_axis, mesh)
+        return swap_views(x, lambda v: np.swapaxes(np.asarray(v), 0, 1))
+
+    @staticmethod
+    def _check_batch(sizes, data_axis, mesh):
+        for name, size in sizes.items():
+            if size is not None and int(size) % data_axis:
+                raise ValueError(f"a batch of {int(size)} (data leaf {name!r}) does not divide "
+                                 f"the data axis of {data_axis} devices (device mesh "
+                                 f"{tuple(mesh.shape)}); use a batch size that is a multiple "
+                                 f"of {data_axis}")
 
     def _prepare_fit(self):
         # Keras builds an unbuilt model by tracing call() on a symbolic batch; a trainer has no
@@ -569,13 +657,36 @@ class PlannedTrainer(keras.Model):
 
         if self.run_eagerly or not self.jit_compile:
             program = step
-        else:
+        elif keras.distribution.distribution() is None:
             program = jax.jit(step, donate_argnums=0)
+        else:
+            program = self._sharded_program(step)
         programs[plan] = program
+        return program
+
+    @staticmethod
+    def _sharded_program(step):
+        """``step`` jitted with the state's shardings as its output shardings (Keras' JAX
+        trainer does the same), taken from the first state it gets: Keras empties the
+        variables during fit, so their values cannot be read when a plan first runs."""
+        import jax
+
+        compiled = []
+
+        def program(state, data, values):
+            if not compiled:
+                shardings = jax.tree.map(lambda a: a.sharding, state)
+                compiled.append(jax.jit(step, donate_argnums=0,
+                                        out_shardings=(None, shardings)))
+            return compiled[0](state, data, values)
+
         return program
 
     def _jax_stateless_step(self, plan, state, data, values):
         import jax
+
+        if self._plans.batch_major:   # the views were moved behind the batch axis for sharding
+            data = swap_views(data, lambda v: ops.swapaxes(v, 0, 1))
 
         trainable, non_trainable, optimizer_values, metrics_values = (list(s) for s in state)
         t_vars = self.trainable_variables

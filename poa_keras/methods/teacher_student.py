@@ -49,7 +49,9 @@ Per-variable optimisation (both DINO and POA, through PlannedTrainer's hooks):
   ``lr * multiplier`` for AdamW. Computed when the train function is made: change the recipe
   before ``compile``.
 
-Not implemented here: multi-device center/Sinkhorn sums.
+Several devices: under a keras.distribution DataParallel distribution (JAX) the step sees the
+global batch (SPMD), so the center and the Sinkhorn-Knopp sums are the reference's all-reduced
+ones (methods/base.py).
 """
 from __future__ import annotations
 
