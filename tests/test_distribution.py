@@ -109,5 +109,28 @@ def test_a_distribution_on_another_backend_is_refused():
                  "local": np.zeros((2, 8, 16, 16, 3), "float32")}
         with pytest.raises(ValueError, match="on the JAX backend only, not 'tensorflow'"):
             trainer.train_on_batch(batch)
+        keras.distribution.set_distribution(None)
+        assert np.isfinite(trainer.train_on_batch(batch, return_dict=True)["loss"])
+    finally:
+        keras.distribution.set_distribution(None)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax",
+                    reason="a distribution can be set on JAX only (the other backends refuse "
+                           "it first, tested above)")
+def test_a_generator_under_a_distribution_is_refused():
+    from poa_keras.pretrain import build_trainer, load_recipe, validate_recipe
+
+    trainer = build_trainer(validate_recipe(load_recipe("demo", TINY)), steps=1)
+    batch = {"global": np.zeros((2, 8, 32, 32, 3), "float32")}
+
+    def batches():
+        yield batch
+
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    try:
+        with pytest.raises(ValueError, match="takes a tf.data.Dataset or arrays .*not "
+                                             "generator"):
+            trainer.fit(batches(), epochs=1, steps_per_epoch=1, verbose=0)
     finally:
         keras.distribution.set_distribution(None)

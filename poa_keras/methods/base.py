@@ -313,6 +313,13 @@ class PlannedTrainer(keras.Model):
             return x.map(lambda *d: swap_views(d[0] if len(d) == 1 else d,
                                               lambda v: tf.experimental.numpy.swapaxes(v, 0,
                                                                                        1)))
+        leaves = list(x.values()) if isinstance(x, dict) else (
+            list(x) if isinstance(x, (tuple, list)) else [x])
+        if not all(leaf is None or hasattr(leaf, "shape") for leaf in leaves):
+            raise ValueError(f"under a keras.distribution distribution {type(self).__name__} "
+                             "takes a tf.data.Dataset or arrays (a dict, tuple or array), "
+                             f"not {type(x).__name__}: the views of its batches must be moved "
+                             "behind the batch axis before Keras shards them")
         self._check_batch(batch_sizes(x, np.shape), data_axis, mesh)
         return swap_views(x, lambda v: np.swapaxes(np.asarray(v), 0, 1))
 
