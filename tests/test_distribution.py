@@ -109,8 +109,6 @@ def test_a_distribution_on_another_backend_is_refused():
                  "local": np.zeros((2, 8, 16, 16, 3), "float32")}
         with pytest.raises(ValueError, match="on the JAX backend only, not 'tensorflow'"):
             trainer.train_on_batch(batch)
-        keras.distribution.set_distribution(None)
-        assert np.isfinite(trainer.train_on_batch(batch, return_dict=True)["loss"])
     finally:
         keras.distribution.set_distribution(None)
 
