@@ -567,7 +567,7 @@ def cmd_convert():
                                  "damaged one)")
         start = time.perf_counter()
         try:
-            convert.convert_file(path, card, output)
+            convert.convert_file(path, card, output, sha256=digest)
         except Exception:
             if first_use:   # never trusted: a later load downloads it again
                 os.remove(path)

@@ -824,7 +824,7 @@ def load_decoder_from_preset(decoder, preset):
     import json
 
     from poa_keras import presets
-    from poa_keras.elastic import assign_by_path, weights_by_path
+    from poa_keras.elastic import assign_by_path
 
     where = f"head.init={os.fspath(preset)!r}"
     directory = presets.resolve(preset).directory
@@ -836,15 +836,14 @@ def load_decoder_from_preset(decoder, preset):
     metadata = json.loads((directory / presets.METADATA_FILE).read_text())
     arrays = presets.load_variables(directory / presets.DECODER_WEIGHTS_FILE,
                                     (metadata.get("decoder") or {}).get("weights_sha256"), where)
-    mine = weights_by_path(decoder)
-    if set(arrays) != set(mine) or any(tuple(arrays[k].shape) != tuple(mine[k].shape)
-                                       for k in arrays):
+    try:   # every key and shape checked before anything is written
+        assign_by_path(decoder, arrays, where)
+    except ValueError as error:
         saved = json.loads((directory / presets.DECODER_FILE).read_text())["config"]
         theirs = ", ".join(f"{k} {saved.get(k)}" for k in ("dim", "depth", "num_heads"))
         raise ValueError(f"{where}: its decoder ({theirs}) does not fit the recipe's head "
                          f"(dim {decoder.dim}, depth {decoder.depth}, num_heads "
-                         f"{decoder.num_heads})")
-    assign_by_path(decoder, arrays, where)
+                         f"{decoder.num_heads})") from error
 
 
 def distillation_teacher(recipe, output_dir, verbose="auto"):

@@ -156,9 +156,10 @@ def _decoder_writer(decoder):
     return write
 
 
-def convert_file(path, card, output_dir):
+def convert_file(path, card, output_dir, sha256=None):
     """Converts the official checkpoint at ``path`` into the preset of ``card`` at
     ``output_dir`` (atomically; an existing preset there is replaced). Returns the directory.
+    ``sha256``: the file's digest when the caller computed it already (else it is hashed).
     Registered for every format of ``FORMATS`` (``register``)."""
     path = Path(path)
     checkpoint = read_torch_checkpoint(path)
@@ -166,7 +167,7 @@ def convert_file(path, card, output_dir):
     metadata = {"converted_from": {
         "preset": card["name"], "format": card["weights"]["format"],
         "url": card["weights"].get("url"), "file": path.name,
-        "sha256": presets.sha256_of(path), "dropped": dropped}}
+        "sha256": sha256 or presets.sha256_of(path), "dropped": dropped}}
     if getattr(model, "backbone", None) is not None:   # a classifier: backbone + task files
         model.save_to_preset(output_dir, metadata=metadata)
         return Path(output_dir)
